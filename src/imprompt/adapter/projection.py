@@ -1,0 +1,141 @@
+"""Image projections: encoder features -> image tokens in the UNet's cross-attention width.
+
+Module and parameter names follow the official checkpoints' ``image_proj.*`` keys exactly, so that
+loading is a checked ``load_state_dict`` and saving needs no translation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .variants import RESAMPLER_HEAD_DIM, AdapterVariant
+
+
+class LinearProjection(nn.Module):
+    """Base / light / SDXL / vit-G: pooled embedding -> ``num_tokens`` tokens (paper section 3.2.1).
+
+    One linear layer produces all tokens at once, then each token is layer-normed.
+    Keys: ``proj``, ``norm``.
+    """
+
+    def __init__(self, embed_dim: int, cross_attention_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)
+
+
+class MLPProjection(nn.Module):
+    """Full-face: every penultimate hidden state becomes a token through a two-layer MLP.
+
+    Keys ``proj.0`` (Linear), ``proj.2`` (Linear), ``proj.3`` (LayerNorm); ``proj.1`` is the GELU.
+    """
+
+    def __init__(self, embed_dim: int, cross_attention_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim),
+            nn.GELU(),
+            nn.Linear(embed_dim, cross_attention_dim),
+            nn.LayerNorm(cross_attention_dim),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [features; latents] (Flamingo's Perceiver Resampler, Alayrac et al. 2022).
+
+    Keys: ``norm1`` (features), ``norm2`` (latents), ``to_q``, ``to_kv`` (keys and values stacked),
+    ``to_out``; no biases.
+    """
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, inner, bias=False)
+        self.to_kv = nn.Linear(width, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, width, bias=False)
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        features, latents = self.norm1(features), self.norm2(latents)
+        batch, length, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.view(batch, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # The official code scales q and k by d**-1/4 each before the product (more stable in fp16)
+        # and takes the softmax in float32; the result is standard scaled dot-product attention.
+        scale = 1.0 / math.sqrt(math.sqrt(self.head_dim))
+        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
+        out = (weight @ v).transpose(1, 2).reshape(batch, length, -1)
+        return self.to_out(out)
+
+
+def _feed_forward(width: int, mult: int) -> nn.Sequential:
+    # Keys layers.N.1.{0,1,3}: LayerNorm, Linear (no bias), GELU, Linear (no bias).
+    return nn.Sequential(
+        nn.LayerNorm(width),
+        nn.Linear(width, width * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(width * mult, width, bias=False),
+    )
+
+
+class Resampler(nn.Module):
+    """Plus / plus-face: ``num_tokens`` learned queries read the encoder's penultimate hidden states.
+
+    Keys: ``latents``, ``proj_in``, ``layers.N.0`` (attention), ``layers.N.1`` (feed-forward),
+    ``proj_out``, ``norm_out``.
+    """
+
+    def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
+                 num_tokens: int, cross_attention_dim: int, ff_mult: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, width) / width**0.5)
+        self.proj_in = nn.Linear(embed_dim, width)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(width, heads, head_dim), _feed_forward(width, ff_mult)])
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(width, cross_attention_dim)
+        self.norm_out = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.expand(hidden_states.shape[0], -1, -1)
+        features = self.proj_in(hidden_states)
+        for attention, feed_forward in self.layers:
+            latents = attention(features, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+def build_projection(variant: AdapterVariant) -> nn.Module:
+    """The projection module for a variant (the registry of projection kinds)."""
+    if variant.projection == "linear":
+        return LinearProjection(variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens)
+    if variant.projection == "mlp":
+        return MLPProjection(variant.image_embed_dim, variant.cross_attention_dim)
+    if variant.projection == "resampler":
+        return Resampler(
+            embed_dim=variant.image_embed_dim,
+            width=variant.resampler_width,
+            depth=variant.resampler_depth,
+            heads=variant.resampler_heads,
+            head_dim=RESAMPLER_HEAD_DIM,
+            num_tokens=variant.num_tokens,
+            cross_attention_dim=variant.cross_attention_dim,
+            ff_mult=variant.resampler_ff_mult,
+        )
+    raise ValueError(f"unknown projection kind {variant.projection!r}")

@@ -1,0 +1,151 @@
+"""Adapter variants as data, and their detection from checkpoint keys and shapes.
+
+Every released IP-Adapter (Ye et al., 2023, arXiv 2308.06721) is the same decoupled cross-attention
+fed by one of three image projections. What differs between ``ip-adapter_sd15``, ``_light``,
+``_plus``, ``_plus-face``, ``_full-face``, ``_sdxl`` and ``_vit-h`` is only the projection kind, which
+encoder output it reads and a handful of widths. So a variant is a frozen dataclass, read off the
+checkpoint's own shapes; there are no per-variant classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import torch
+
+ProjectionKind = Literal["linear", "resampler", "mlp"]
+EncoderOutput = Literal["image_embeds", "penultimate_hidden"]
+
+# The official Resampler uses 64-wide heads everywhere (heads = width // 64); the width itself is
+# not stored anywhere else in the checkpoint, so this is the one assumption detection makes.
+RESAMPLER_HEAD_DIM = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, incomplete, unsupported or for another model."""
+
+
+@dataclass(frozen=True)
+class AdapterVariant:
+    """What a checkpoint is, in the terms needed to build and validate it.
+
+    ``num_tokens`` is None for the MLP projection (full-face), whose token count is the image
+    encoder's sequence length (257 for ViT-H/14 at 224 px).
+    """
+
+    projection: ProjectionKind
+    image_embed_dim: int  # width of the encoder output the projection reads
+    cross_attention_dim: int  # width of the image tokens = the UNet's cross_attention_dim
+    num_tokens: int | None
+    # Resampler only (paper's "plus" variants; Perceiver of Alayrac et al. 2022)
+    resampler_width: int = 0
+    resampler_depth: int = 0
+    resampler_ff_mult: int = 0
+
+    @property
+    def encoder_output(self) -> EncoderOutput:
+        # Linear variants read CLIP's pooled, projected embedding; plus and full-face read the
+        # penultimate hidden states (official code: ``hidden_states[-2]``).
+        return "image_embeds" if self.projection == "linear" else "penultimate_hidden"
+
+    @property
+    def resampler_heads(self) -> int:
+        return self.resampler_width // RESAMPLER_HEAD_DIM
+
+    @property
+    def name(self) -> str:
+        kind = {"linear": "base", "resampler": "plus", "mlp": "full-face"}[self.projection]
+        return f"{kind} ({unet_family(self.cross_attention_dim)}, {encoder_family(self)})"
+
+
+def unet_family(cross_attention_dim: int) -> str:
+    return {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}.get(
+        cross_attention_dim, f"cross_attention_dim {cross_attention_dim}"
+    )
+
+
+# (encoder output, width) -> the encoder that produces it and where the official repo keeps it.
+_ENCODERS = {
+    ("image_embeds", 768): "CLIP ViT-L/14",
+    ("image_embeds", 1024): "CLIP ViT-H/14 (official models/image_encoder)",
+    ("image_embeds", 1280): "OpenCLIP ViT-bigG/14 (official sdxl_models/image_encoder)",
+    ("penultimate_hidden", 1024): "CLIP ViT-L/14",
+    ("penultimate_hidden", 1280): "CLIP ViT-H/14 (official models/image_encoder)",
+    ("penultimate_hidden", 1664): "OpenCLIP ViT-bigG/14 (official sdxl_models/image_encoder)",
+}
+
+
+def encoder_family_of(output: EncoderOutput, width: int) -> str:
+    return _ENCODERS.get((output, width), f"an image encoder with {output} width {width}")
+
+
+def encoder_family(variant: AdapterVariant) -> str:
+    return encoder_family_of(variant.encoder_output, variant.image_embed_dim)
+
+
+_IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+
+
+def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[str, torch.Tensor]) -> AdapterVariant:
+    """Read the variant off the keys and shapes of the two halves of an official checkpoint."""
+    keys = set(image_proj)
+    lora = sorted(k for k in ip_adapter if "lora" in k)
+    if lora or any(k.startswith("perceiver_resampler.") for k in keys):
+        raise CheckpointError(
+            "this is an IP-Adapter FaceID checkpoint (found "
+            + (f"LoRA keys such as 'ip_adapter.{lora[0]}'" if lora else "'image_proj.perceiver_resampler.*'")
+            + "). FaceID needs an insightface face-ID embedding and LoRA weights merged into the UNet, "
+            "which imprompt does not support yet; use ip-adapter-plus-face or full-face instead."
+        )
+    if not ip_adapter:
+        raise CheckpointError("the checkpoint has no 'ip_adapter' weights (to_k_ip / to_v_ip); it is empty or truncated")
+    bad = sorted(k for k in ip_adapter if not _IP_KEY.match(k))
+    if bad:
+        raise CheckpointError(f"unexpected key 'ip_adapter.{bad[0]}'; expected 'ip_adapter.N.to_k_ip.weight' / 'to_v_ip.weight'")
+    cross_dim = next(iter(ip_adapter.values())).shape[1]
+
+    if "latents" in keys:
+        latents = image_proj["latents"]
+        _require(image_proj, "proj_in.weight", "proj_out.weight", "norm_out.weight")
+        depth = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.", k)))
+        width = latents.shape[-1]
+        _require(image_proj, "layers.0.1.1.weight")
+        return AdapterVariant(
+            projection="resampler",
+            image_embed_dim=image_proj["proj_in.weight"].shape[1],
+            cross_attention_dim=image_proj["proj_out.weight"].shape[0],
+            num_tokens=latents.shape[1],
+            resampler_width=width,
+            resampler_depth=depth,
+            resampler_ff_mult=image_proj["layers.0.1.1.weight"].shape[0] // width,
+        )
+    if "proj.weight" in keys:
+        _require(image_proj, "norm.weight")
+        out_dim = image_proj["norm.weight"].shape[0]
+        total, embed_dim = image_proj["proj.weight"].shape
+        if total % out_dim:
+            raise CheckpointError(
+                f"image_proj.proj.weight has {total} rows, not a multiple of the token width {out_dim}"
+            )
+        return AdapterVariant("linear", embed_dim, out_dim, total // out_dim)
+    if "proj.0.weight" in keys and "proj.3.weight" in keys:
+        return AdapterVariant(
+            "mlp", image_proj["proj.0.weight"].shape[1], image_proj["proj.3.weight"].shape[0], None
+        )
+    raise CheckpointError(
+        "unrecognised image projection: expected 'image_proj.proj.weight' (base), 'image_proj.latents' "
+        f"(plus) or 'image_proj.proj.0/.3' (full-face); found {sorted(keys)[:6]}"
+    )
+
+
+def _require(state: Mapping[str, torch.Tensor], *names: str) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise CheckpointError(f"image projection is incomplete: missing 'image_proj.{missing[0]}' (truncated file?)")
+
+
+def layer_ids(ip_adapter: Mapping[str, torch.Tensor]) -> list[int]:
+    """The official positional layer indices present in an ``ip_adapter`` state, sorted."""
+    return sorted({int(_IP_KEY.match(k).group(1)) for k in ip_adapter})

@@ -1,0 +1,70 @@
+"""``imprompt`` command line: thin subcommands that build a typed request and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .args import add_arguments, from_namespace
+
+
+def _generate(namespace: argparse.Namespace) -> int:
+    from ..generation.request import GenerateRequest, run
+
+    run(from_namespace(GenerateRequest, namespace))
+    return 0
+
+
+def _info(namespace: argparse.Namespace) -> int:
+    from ..generation.pnginfo import parse_parameters, read_png_parameters
+
+    text = read_png_parameters(namespace.image)
+    if text is None:
+        print(f"{namespace.image}: no generation parameters (no 'parameters' PNG text chunk)", file=sys.stderr)
+        return 1
+    if namespace.json:
+        print(json.dumps(parse_parameters(text), indent=2, ensure_ascii=False))
+    else:
+        for key, value in parse_parameters(text).items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..generation.request import GenerateRequest
+
+    parser = argparse.ArgumentParser(prog="imprompt", description="Image prompts (IP-Adapter) for Stable Diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate images from image + text prompts",
+                         description="Generate images with IP-Adapter image prompts. Per-adapter options take "
+                                     "VALUE (all adapters) or N=VALUE (adapter N, in --adapter order).")
+    add_arguments(gen, GenerateRequest)
+    gen.set_defaults(func=_generate)
+    info = sub.add_parser("info", help="show the generation parameters stored in a PNG")
+    info.add_argument("image", help="a PNG written by imprompt or AUTOMATIC1111")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))
+    from ..adapter.variants import CheckpointError
+    from ..encoding import ImageInputError
+    from ..generation.pipelines import ModelNotFoundError
+
+    try:
+        return namespace.func(namespace)
+    except (CheckpointError, ImageInputError, ModelNotFoundError, ValueError) as err:
+        # Expected user errors: one clear line, no traceback.
+        print(f"imprompt {namespace.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

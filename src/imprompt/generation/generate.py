@@ -1,0 +1,159 @@
+"""Generation with image prompts through diffusers' own pipelines.
+
+We do not rewrite the denoising loop: the pipeline runs as it is, our processors read the image
+prompts prepared once before the loop, and a step callback opens and closes each prompt's step
+window. Works with any Stable Diffusion / SDXL pipeline whose UNet the adapters are attached to:
+text-to-image, img2img, inpainting and their ControlNet forms (the ControlNet keeps its own,
+untouched attention processors, so it never sees image-prompt tokens).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from ..adapter.attach import Attachment
+from ..encoding import ImageEncoder, ImageInputError
+from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
+from .schedulers import make_scheduler
+
+
+@dataclass
+class GenerationSettings:
+    """The text and sampling side of a generation (the image side is a list of ImagePrompt)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance: float = 7.5  # the paper's setting
+    seed: int | None = None
+    width: int | None = None  # None: the model's default size (or the init image's)
+    height: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None  # None: the scheduler saved with the model
+    strength: float = 0.8  # img2img / inpainting: how much of the init image is re-noised
+    controlnet_scale: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the pipeline call as is
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {self.num_images}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+
+def uses_guidance(pipe, guidance: float) -> bool:
+    # Same rule as the SD / SDXL pipelines' ``do_classifier_free_guidance``.
+    return guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+def latent_size(pipe, settings: GenerationSettings, init_image: Image.Image | None) -> tuple[int, int]:
+    scale = pipe.vae_scale_factor
+    if init_image is not None and settings.height is None:
+        return init_image.height // scale, init_image.width // scale
+    size = pipe.unet.config.sample_size * scale
+    return (settings.height or size) // scale, (settings.width or size) // scale
+
+
+@contextmanager
+def _scheduler(pipe, name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(name, original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, control_image) -> dict[str, Any]:
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = dict(
+        prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt or None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        num_images_per_prompt=settings.num_images,
+    )
+    if settings.seed is not None:
+        # A CPU generator gives the same noise on every device, as diffusers' docs recommend.
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(settings.seed)
+    if "height" in params:
+        kwargs.update(height=settings.height, width=settings.width)
+    takes_init = "strength" in params
+    if takes_init:
+        if init_image is None:
+            raise ImageInputError(f"{type(pipe).__name__} needs an init image (img2img / inpainting)")
+        kwargs.update(image=init_image, strength=settings.strength)
+    elif init_image is not None:
+        raise ImageInputError(f"an init image was given, but {type(pipe).__name__} is a text-to-image pipeline")
+    if "mask_image" in params:
+        if mask_image is None:
+            raise ImageInputError("inpainting needs a mask image (white = repaint)")
+        if init_image is not None and mask_image.size != init_image.size:
+            raise ImageInputError(f"the inpainting mask is {mask_image.size[0]}x{mask_image.size[1]}, the image "
+                                  f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size")
+        kwargs["mask_image"] = mask_image
+    if getattr(pipe, "controlnet", None) is not None:
+        if control_image is None:
+            raise ImageInputError(f"{type(pipe).__name__} has a ControlNet and needs a control image")
+        kwargs["control_image" if "control_image" in params else "image"] = control_image
+        kwargs["controlnet_conditioning_scale"] = settings.controlnet_scale
+    elif control_image is not None:
+        raise ImageInputError("a control image was given, but the pipeline has no ControlNet")
+    kwargs.update(settings.extra)
+    return kwargs
+
+
+def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
+             image_prompts: Sequence[ImagePrompt] = (), encoders: Sequence[ImageEncoder] = (), *,
+             init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
+             control_image: Image.Image | None = None, output_type: str = "pil", callback=None):
+    """Run ``pipe`` with image prompts; returns the pipeline's images (PIL by default).
+
+    ``encoders[i]`` is the image encoder of ``attachment.adapters[i]``. ``callback`` is a diffusers
+    ``callback_on_step_end`` of your own, chained after ours.
+    """
+    settings.check()
+    if image_prompts and attachment is None:
+        raise ValueError("image prompts need adapters attached to the pipeline's UNet (imprompt.attach)")
+    if attachment is not None:
+        if attachment.unet is not pipe.unet:
+            raise ValueError("the adapters are attached to a different UNet than this pipeline's")
+        if len(encoders) != len(attachment.adapters):
+            raise ValueError(f"give one image encoder per attached adapter: {len(attachment.adapters)} adapters, {len(encoders)} encoders")
+
+    layout = BatchLayout(uses_guidance(pipe, settings.guidance), settings.num_images)
+    size = latent_size(pipe, settings, init_image)
+    prepared = []
+    for prompt in image_prompts:
+        prompt.check(len(attachment.adapters))
+        prepared += prepare_image_prompt(prompt, attachment, encoders[prompt.adapter], layout, size)
+    windows = {id(kv.window): kv.window for p in prepared for kv in p.values()}.values()
+    for window in windows:
+        window.update(0, settings.steps)
+
+    def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
+        for window in windows:
+            window.update(step + 1, pipeline.num_timesteps)
+        return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
+
+    kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image)
+    with _scheduler(pipe, settings.scheduler):
+        if attachment is None:
+            return pipe(**kwargs, output_type=output_type, callback_on_step_end=callback).images
+        with attachment.image_prompts(prepared):
+            return pipe(**kwargs, output_type=output_type, callback_on_step_end=on_step_end).images

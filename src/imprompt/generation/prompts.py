@@ -1,0 +1,178 @@
+"""Image prompts: what a user asks for, and its preparation into per-layer keys and values.
+
+Data flow, one function per arrow:
+reference images -> pixels -> encoder features (+ unconditional features) -> combined features
+-> image tokens (projection, once per generation) -> per-layer ImageKV (once per generation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..adapter.attach import Attachment
+from ..adapter.attention import ImageKV, StepWindow
+from ..adapter.layers import LayerScales, parse_layer_scales
+from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
+
+CombineMode = Literal["concat", "average", "weighted"]
+COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted")
+DEFAULT_SCALE = 0.6
+
+MaskLike = Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class ImagePrompt:
+    """One adapter's image prompt for a generation.
+
+    Several ``images`` are combined by ``combine``: ``concat`` joins their tokens into one sequence
+    (one softmax over all of them, as diffusers does with a list of images), ``average`` averages
+    their encoder features, ``weighted`` averages them with ``weights``. ``masks`` (one per image,
+    white = where the image acts) restrict each image to a region; masked images attend separately.
+    ``negative_images`` replace the unconditional image embedding (averaged if several).
+    """
+
+    images: Sequence[Image.Image]
+    adapter: int = 0
+    scale: float = DEFAULT_SCALE
+    combine: CombineMode = "concat"
+    weights: Sequence[float] | None = None
+    layers: LayerScales | str | None = None
+    start: float = 0.0
+    end: float = 1.0
+    masks: Sequence[MaskLike | None] | None = None
+    negative_images: Sequence[Image.Image] | None = None
+    crop: CropMode = "center"
+
+    def check(self, num_adapters: int) -> None:
+        if not self.images:
+            raise ValueError("an image prompt needs at least one reference image")
+        if not 0 <= self.adapter < num_adapters:
+            raise ValueError(f"image prompt refers to adapter {self.adapter}, but {num_adapters} adapter(s) are attached")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale}")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+        if self.combine == "weighted":
+            if self.weights is None or len(self.weights) != len(self.images):
+                raise ValueError(
+                    f"combine='weighted' needs one weight per image: {len(self.images)} images, "
+                    f"{0 if self.weights is None else len(self.weights)} weights"
+                )
+            if sum(self.weights) == 0:
+                raise ValueError("weights sum to zero; give at least one non-zero weight")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"need 0 <= start < end <= 1 (fractions of the denoising steps), got start={self.start}, end={self.end}")
+        if self.masks is not None:
+            if len(self.masks) != len(self.images):
+                raise ValueError(f"give one mask per reference image (or None): {len(self.images)} images, {len(self.masks)} masks")
+            if self.combine != "concat":
+                raise ValueError("region masks apply per image; use combine='concat' with masks")
+
+
+def combine_features(features: torch.Tensor, mode: CombineMode, weights: Sequence[float] | None) -> torch.Tensor:
+    """(images, ...) -> (units, ...): concat keeps every image; average/weighted fold them into one."""
+    if mode == "concat":
+        return features
+    if mode == "average":
+        return features.mean(dim=0, keepdim=True)
+    w = torch.tensor(list(weights), dtype=features.dtype, device=features.device)
+    w = (w / w.sum()).view(-1, *[1] * (features.ndim - 1))
+    return (features * w).sum(dim=0, keepdim=True)
+
+
+def mask_tensor(mask: MaskLike) -> torch.Tensor:
+    """A mask as a float (H, W) tensor in [0, 1]."""
+    if isinstance(mask, Image.Image):
+        return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask, dtype=torch.float32)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise ImageInputError(f"a region mask must be one channel (H, W); got shape {tuple(m.shape)}")
+    if m.max() > 1:
+        m = m / 255.0
+    return m
+
+
+def region_masks(mask: torch.Tensor, latent_height: int, latent_width: int, levels: int = 6) -> dict[int, torch.Tensor]:
+    """Resize a mask to every resolution the UNet's attention layers run at, keyed by query count.
+
+    Each down-sampling halves the size rounding up (stride-2 convolution with padding 1).
+    """
+    mh, mw = mask.shape
+    if abs(mh / mw - latent_height / latent_width) > 0.02 * (latent_height / latent_width):
+        raise ImageInputError(
+            f"mask is {mw}x{mh} (width x height) but the image is {latent_width * 8}x{latent_height * 8}: "
+            "give a mask with the output's aspect ratio"
+        )
+    out = {}
+    h, w = latent_height, latent_width
+    for _ in range(levels):
+        resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        out[h * w] = resized.reshape(1, h * w, 1)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the pipeline lays out its UNet batch: [unconditional * n, conditional * n] with guidance."""
+
+    guidance: bool
+    images_per_prompt: int
+
+
+def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: ImageEncoder,
+                         layout: BatchLayout, latent_size: tuple[int, int]) -> list[dict[str, ImageKV]]:
+    """Everything the attention layers need from one image prompt, computed once per generation."""
+    prompt.check(len(attachment.adapters))
+    adapter = attachment.adapters[prompt.adapter]
+    variant = adapter.variant
+    check_encoder(variant, encoder)
+    output = variant.encoder_output
+
+    pixels = encoder.pixels(prompt.images, prompt.crop)
+    cond = combine_features(encoder.features(pixels, output), prompt.combine, prompt.weights)
+    if prompt.negative_images:
+        negative = encoder.features(encoder.pixels(prompt.negative_images, prompt.crop), output)
+        uncond = negative.mean(dim=0, keepdim=True).expand_as(cond)
+    else:
+        uncond = combine_features(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
+
+    with torch.no_grad():
+        tokens_cond, tokens_uncond = adapter.project(cond), adapter.project(uncond)  # (units, tokens, dim)
+    layer_scales = prompt.layers if isinstance(prompt.layers, LayerScales) else (
+        parse_layer_scales(prompt.layers, attachment.family) if prompt.layers else LayerScales()
+    )
+    window = StepWindow(prompt.start, prompt.end)
+
+    # Unmasked: all units' tokens form one sequence (a joint softmax). Masked: one entry per image.
+    if prompt.masks is None:
+        groups = [(slice(None), None)]
+    else:
+        groups = [(slice(i, i + 1), m) for i, m in enumerate(prompt.masks)]
+    prepared = []
+    for rows, mask in groups:
+        cond_seq = tokens_cond[rows].reshape(1, -1, tokens_cond.shape[-1])
+        uncond_seq = tokens_uncond[rows].reshape(1, -1, tokens_uncond.shape[-1])
+        rows_tokens = torch.cat([uncond_seq, cond_seq]) if layout.guidance else cond_seq
+        masks = None
+        if mask is not None:
+            param = next(adapter.parameters())
+            masks = {n: m.to(param) for n, m in region_masks(mask_tensor(mask), *latent_size).items()}
+        with torch.no_grad():
+            prepared.append(
+                attachment.layer_kv(
+                    prompt.adapter, rows_tokens, scale=prompt.scale, layer_scales=layer_scales,
+                    window=window, batch_repeat=layout.images_per_prompt, masks=masks,
+                )
+            )
+    return prepared
