@@ -41,8 +41,18 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
 
 
 def unet_family_of(unet) -> str:
+    """The model family for messages, from the cross-attention width (SD1.5: 768, SDXL: 2048)."""
     dim = unet.config.cross_attention_dim
     return unet_family(dim if isinstance(dim, int) else dim[0])
+
+
+def unet_layout(unet) -> str:
+    """Which block layout layer presets use: SDXL's (text_time conditioning) or SD1.5's.
+
+    Read from the architecture, not the width, so that small models of either shape (tests, the
+    toy world) get the presets too.
+    """
+    return "SDXL" if unet.config.addition_embed_type == "text_time" else "SD1.5"
 
 
 def check_compatible(adapter: IPAdapter, layers: Sequence[CrossAttentionLayer], family: str) -> None:
@@ -52,8 +62,8 @@ def check_compatible(adapter: IPAdapter, layers: Sequence[CrossAttentionLayer], 
     if found_dim != variant.cross_attention_dim or len(layers) != len(adapter.layer_ids):
         raise CheckpointError(
             f"this {variant.name} adapter was made for a UNet with cross_attention_dim "
-            f"{variant.cross_attention_dim} and {len(adapter.layer_ids)} cross-attention layers; this UNet "
-            f"({family}) has cross_attention_dim {found_dim} and {len(layers)}. Use an adapter made for "
+            f"{variant.cross_attention_dim} and {len(adapter.layer_ids)} cross-attention layers; this {family} "
+            f"UNet has cross_attention_dim {found_dim} and {len(layers)}. Use an adapter made for "
             f"{family}, or a {unet_family(variant.cross_attention_dim)} model"
         )
     ids = [layer.index for layer in layers]
@@ -89,6 +99,7 @@ class Attachment:
                 "pipe.unload_ip_adapter() before attaching imprompt adapters"
             )
         self.family = unet_family_of(unet)
+        self.layout = unet_layout(unet)
         for adapter in adapters:
             check_compatible(adapter, layers, self.family)
         self.unet = unet
@@ -129,6 +140,7 @@ class Attachment:
         if not self.attached:
             raise RuntimeError("the adapters were detached from this UNet")
         adapter = self.adapters[adapter_index]
+        self.check_layer_scales(layer_scales)
         out: dict[str, ImageKV] = {}
         for layer in self.layers:
             weight = scale * layer_scales.weight(layer.block)
@@ -142,6 +154,17 @@ class Attachment:
             )
             out[layer.block] = ImageKV(key, value, weight, window, dict(masks) if masks is not None else None)
         return out
+
+    def check_layer_scales(self, layer_scales: LayerScales) -> None:
+        """Every named block must exist here: a typo would otherwise silently switch layers off."""
+        blocks = [layer.block for layer in self.layers]
+        for prefix in layer_scales.blocks:
+            if not any(b == prefix or b.startswith(prefix + ".") for b in blocks):
+                names = sorted({b.split(".transformer_blocks")[0] for b in blocks})
+                raise ValueError(
+                    f"layer weights name {prefix!r}, which is not a cross-attention block of this {self.family} "
+                    f"UNet; its blocks are: {', '.join(names)}"
+                )
 
     @contextmanager
     def image_prompts(self, prompts: Sequence[Mapping[str, ImageKV]]) -> Iterator[None]:

@@ -58,11 +58,11 @@ def flatten(nested: Mapping, source: str = "checkpoint") -> dict[str, torch.Tens
         extra = sorted(set(nested) - set(HALVES))
         if extra:
             raise CheckpointError(f"{source} has unexpected top-level entry {extra[0]!r} besides image_proj / ip_adapter")
-        return {f"{h}.{k}": v for h in HALVES for k, v in nested[h].items()}
-    if "state_dict" in nested or "module" in nested:
+        nested = {f"{h}.{k}": v for h in HALVES for k, v in nested[h].items()}
+    elif "state_dict" in nested or "module" in nested:
         raise CheckpointError(
             f"{source} looks like a training checkpoint (accelerate/lightning state), not an adapter file; "
-            "export it with `imprompt train --export` or convert it to the official layout first"
+            "extract its image_proj / ip_adapter weights into the official layout first"
         )
     for k, v in nested.items():
         if not isinstance(v, torch.Tensor):
@@ -99,7 +99,10 @@ def save_adapter(adapter: IPAdapter, path: str | os.PathLike) -> Path:
             save_file(state, tmp, metadata={"format": "pt"})
         else:
             # Fresh storages per tensor, so the pickle does not depend on how the weights were loaded.
-            torch.save(nest({k: v.clone() for k, v in state.items()}), tmp)
+            # Saved through a file object: given a path, torch names the zip's folder after the
+            # (random) temporary file name and the bytes would differ from save to save.
+            with open(tmp, "wb") as f:
+                torch.save(nest({k: v.clone() for k, v in state.items()}), f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -51,18 +51,18 @@ PRESETS: Mapping[str, Mapping[str, LayerScales]] = {
 }
 
 
-def preset(name: str, family: str) -> LayerScales:
+def preset(name: str, layout: str) -> LayerScales:
     if name not in PRESETS:
         raise ValueError(f"unknown layer preset {name!r}; choose one of {sorted(PRESETS)} or give 'block=weight,...'")
-    if family not in PRESETS[name]:
-        raise ValueError(f"layer preset {name!r} is defined for {sorted(PRESETS[name])}, not for a {family} UNet")
-    return PRESETS[name][family]
+    if layout not in PRESETS[name]:
+        raise ValueError(f"layer preset {name!r} is defined for {sorted(PRESETS[name])}, not for a {layout} UNet")
+    return PRESETS[name][layout]
 
 
-def parse_layer_scales(text: str, family: str) -> LayerScales:
+def parse_layer_scales(text: str, layout: str) -> LayerScales:
     """``style`` / ``composition`` / ``all``, or ``up_blocks.0.attentions.1=1,default=0``."""
     if "=" not in text:
-        return preset(text, family)
+        return preset(text, layout)
     blocks: dict[str, float] = {}
     default = 1.0
     for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):

@@ -82,6 +82,11 @@ class IPAdapter(nn.Module):
         missing = [k for k in expected if k not in state]
         if missing:
             raise CheckpointError(f"the {variant.name} checkpoint is missing {missing[0]!r} ({len(missing)} keys missing)")
+        unexpected = [k for k in state if k not in expected]
+        if unexpected:
+            raise CheckpointError(
+                f"unexpected key {unexpected[0]!r} for a {variant.name} adapter ({len(unexpected)} unexpected keys)"
+            )
         for key, param in expected.items():
             if tuple(state[key].shape) != tuple(param.shape):
                 raise CheckpointError(

@@ -104,14 +104,12 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
     bad = sorted(k for k in ip_adapter if not _IP_KEY.match(k))
     if bad:
         raise CheckpointError(f"unexpected key 'ip_adapter.{bad[0]}'; expected 'ip_adapter.N.to_k_ip.weight' / 'to_v_ip.weight'")
-    cross_dim = next(iter(ip_adapter.values())).shape[1]
 
     if "latents" in keys:
         latents = image_proj["latents"]
-        _require(image_proj, "proj_in.weight", "proj_out.weight", "norm_out.weight")
+        _require(image_proj, "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.1.1.weight")
         depth = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.", k)))
         width = latents.shape[-1]
-        _require(image_proj, "layers.0.1.1.weight")
         return AdapterVariant(
             projection="resampler",
             image_embed_dim=image_proj["proj_in.weight"].shape[1],
@@ -130,7 +128,8 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
                 f"image_proj.proj.weight has {total} rows, not a multiple of the token width {out_dim}"
             )
         return AdapterVariant("linear", embed_dim, out_dim, total // out_dim)
-    if "proj.0.weight" in keys and "proj.3.weight" in keys:
+    if "proj.0.weight" in keys and "norm.weight" not in keys:
+        _require(image_proj, "proj.2.weight", "proj.3.weight")
         return AdapterVariant(
             "mlp", image_proj["proj.0.weight"].shape[1], image_proj["proj.3.weight"].shape[0], None
         )

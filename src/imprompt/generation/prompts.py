@@ -147,10 +147,10 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     else:
         uncond = combine_features(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
 
-    with torch.no_grad():
-        tokens_cond, tokens_uncond = adapter.project(cond), adapter.project(uncond)  # (units, tokens, dim)
+    with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
+        tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
     layer_scales = prompt.layers if isinstance(prompt.layers, LayerScales) else (
-        parse_layer_scales(prompt.layers, attachment.family) if prompt.layers else LayerScales()
+        parse_layer_scales(prompt.layers, attachment.layout) if prompt.layers else LayerScales()
     )
     window = StepWindow(prompt.start, prompt.end)
 
