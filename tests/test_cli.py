@@ -1,0 +1,149 @@
+"""The command line end to end on tiny models saved as real folders, as a user would have them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_models as tm
+from imprompt.adapter.checkpoint import save_adapter
+from imprompt.cli import main
+from imprompt.generation.pnginfo import parse_parameters, read_png_parameters
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    pipe = tm.sd15_pipeline()
+    pipe.save_pretrained(root / "sd")
+    encoder = tm.image_encoder()
+    # The official layout: models/ip-adapter_*.safetensors beside models/image_encoder/.
+    encoder.save_pretrained(root / "models" / "image_encoder")
+    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
+    save_adapter(tm.random_adapter(pipe.unet, "resampler", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
+    for i, image in enumerate(tm.reference_images(2)):
+        image.save(root / f"ref{i}.png")
+    return root
+
+
+def _args(files, out, *extra):
+    return ["generate", "--model", str(files / "sd"), "--adapter", str(files / "models" / "ip-base.safetensors"),
+            "--image", str(files / "ref0.png"), "--prompt", "a red star, big", "--steps", "3", "--seed", "7",
+            "--output", str(out), *extra]
+
+
+def test_generate_writes_pngs_that_match_diffusers(files, tmp_path):
+    assert main(_args(files, tmp_path, "--scale", "0.5", "--num-images", "2", "--negative-prompt", "blurry")) == 0
+    written = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in written] == ["00000-7.png", "00001-7.png"]
+
+    # --seed S gives what diffusers gives with torch.Generator("cpu").manual_seed(S).
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(files / "sd", safety_checker=None, requires_safety_checker=False)
+    pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(files / "models" / "image_encoder")
+    pipe.feature_extractor = tm.feature_extractor()
+    pipe.load_ip_adapter(str(files / "models"), subfolder="", weight_name="ip-base.safetensors",
+                         image_encoder_folder=None, local_files_only=True)
+    pipe.set_ip_adapter_scale(0.5)
+    expected = pipe("a red star, big", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5,
+                    num_images_per_prompt=2, ip_adapter_image=[[Image.open(files / "ref0.png").convert("RGB")]],
+                    generator=torch.Generator("cpu").manual_seed(7)).images
+    for path, image in zip(written, expected):
+        got = np.asarray(Image.open(path), dtype=np.int16)
+        assert np.abs(got - np.asarray(image, dtype=np.int16)).max() <= 1
+
+
+def test_png_parameters_in_a1111_format(files, tmp_path, capsys):
+    assert main(_args(files, tmp_path, "--scale", "0.5", "--negative-prompt", "blurry", "--scheduler", "euler",
+                      "--layers", "style")) == 0
+    png = next(tmp_path.glob("*.png"))
+    text = read_png_parameters(png)
+    lines = text.split("\n")
+    assert lines[0] == "a red star, big"
+    assert lines[1] == "Negative prompt: blurry"
+    assert lines[2].startswith("Steps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 16x16, Model: sd")
+    params = parse_parameters(text)
+    assert params["Prompt"] == "a red star, big"
+    assert params["IP-Adapter 0"] == ("Model: ip-base, Weight: 0.5, Images: ref0.png, Combine: concat, "
+                                      "Layers: style, Start: 0, End: 1, Crop: center")
+    capsys.readouterr()
+    assert main(["info", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == params
+
+
+def test_several_adapters_and_per_adapter_options(files, tmp_path):
+    args = _args(files, tmp_path, "--adapter", str(files / "models" / "ip-plus.bin"), "--image", f"1={files / 'ref1.png'}",
+                 "--image", str(files / "ref1.png"), "--scale", "0.4", "--scale", "1=0.9", "--combine", "0=average",
+                 "--start", "1=0.5")
+    assert main(args) == 0
+    params = parse_parameters(read_png_parameters(next(tmp_path.glob("*.png"))))
+    assert params["IP-Adapter 0"].startswith("Model: ip-base, Weight: 0.4, Images: ref0.png+ref1.png, Combine: average")
+    assert params["IP-Adapter 1"].startswith("Model: ip-plus, Weight: 0.9, Images: ref1.png, Combine: concat")
+    assert "Start: 0.5" in params["IP-Adapter 1"]
+
+
+def test_img2img_and_inpainting_from_the_command_line(files, tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    assert main(_args(files, tmp_path / "i2i", "--init-image", str(tmp_path / "init.png"), "--strength", "0.5")) == 0
+    assert main(_args(files, tmp_path / "inp", "--init-image", str(tmp_path / "init.png"),
+                      "--mask-image", str(tmp_path / "mask.png"))) == 0
+    params = parse_parameters(read_png_parameters(next((tmp_path / "i2i").glob("*.png"))))
+    assert params["Denoising strength"] == "0.5"
+    assert len(list((tmp_path / "inp").glob("*.png"))) == 1
+
+
+def test_hub_ids_resolve_offline_from_the_cache(files, tmp_path, monkeypatch):
+    # The huggingface_hub cache layout: models--org--name/snapshots/<commit>/ and refs/main.
+    repo = tmp_path / "cache" / "models--toy--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(files / "sd", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = _args(files, tmp_path / "out")
+    args[args.index("--model") + 1] = "toy/tiny-sd"
+    assert main(args) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "missing.png"], "does not exist"),
+    (["--mask-image", "x.png"], "needs --init-image"),
+    (["--scale", "3=0.5"], "names adapter 3, but 1 adapter"),
+    (["--layers", "up_blocks.9=1"], "not a cross-attention block"),
+    (["--combine", "weighted"], "one weight per image"),
+])
+def test_bad_input_gives_one_clear_line(files, tmp_path, capsys, extra, message):
+    assert main(_args(files, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_corrupt_reference_and_wrong_encoder(files, tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(_args(files, tmp_path, "--image", str(tmp_path / "bad.png"))) == 2
+    assert "cannot read image bad.png" in capsys.readouterr().err
+    tm.image_encoder(projection=40).save_pretrained(tmp_path / "other_encoder")
+    assert main(_args(files, tmp_path, "--image-encoder", str(tmp_path / "other_encoder"))) == 2
+    assert "reads image_embeds of width 24" in capsys.readouterr().err
+
+
+def test_info_on_a_png_without_parameters(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert main(["info", str(tmp_path / "plain.png")]) == 1
+    assert "no generation parameters" in capsys.readouterr().err
