@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported
 
 import numpy as np
 import torch

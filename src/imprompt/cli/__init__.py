@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,16 @@ def _generate(namespace: argparse.Namespace) -> int:
     from ..generation.request import GenerateRequest, run
 
     run(from_namespace(GenerateRequest, namespace))
+    return 0
+
+
+def _train(namespace: argparse.Namespace) -> int:
+    from ..training.config import TrainConfig, load_config
+    from ..training.trainer import train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(namespace).items() if k in fields and v is not None}
+    train(load_config(namespace.config, overrides))
     return 0
 
 
@@ -43,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "VALUE (all adapters) or N=VALUE (adapter N, in --adapter order).")
     add_arguments(gen, GenerateRequest)
     gen.set_defaults(func=_generate)
+    from ..training.config import TrainConfig
+
+    trainer = sub.add_parser("train", help="train an IP-Adapter (paper recipe; cached features; resumable)",
+                             description="Train an IP-Adapter. Fields come from CONFIG.yaml; flags override them.")
+    trainer.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
+    add_arguments(trainer, TrainConfig, all_optional=True)
+    trainer.set_defaults(func=_train)
     info = sub.add_parser("info", help="show the generation parameters stored in a PNG")
     info.add_argument("image", help="a PNG written by imprompt or AUTOMATIC1111")
     info.add_argument("--json", action="store_true", help="print as JSON")

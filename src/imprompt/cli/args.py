@@ -26,7 +26,8 @@ def _base_type(annotation) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type, all_optional: bool = False) -> None:
+    """Add a flag per field. ``all_optional``: no flag is required (values may come from a file)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         meta = field.metadata
@@ -43,10 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             if is_list:
                 kwargs["action"] = "append"
             kwargs["metavar"] = meta.get("metavar", field.name.upper())
-        if meta.get("required", not has_default):
+        if not all_optional and meta.get("required", not has_default):
             kwargs["required"] = True
         default = field.default if field.default is not dataclasses.MISSING else None
-        kwargs["default"] = None if is_list else default
+        # With all_optional, unset flags stay None so they do not override a config file's values.
+        kwargs["default"] = None if (is_list or all_optional) else default
         if default not in (None, "") and kwargs["help"] and not is_list:
             kwargs["help"] += f" (default: {default})"
         names = [flag] + ([meta["short"]] if "short" in meta else [])

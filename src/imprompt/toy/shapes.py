@@ -1,0 +1,302 @@
+"""Toy shapes: seeded 32x32 images of one coloured shape on a plain background, with ground truth.
+
+Why this world looks the way it does:
+
+* **32x32 pixels.** A 4x-downsampling VAE turns them into 8x8x4 latents, and a UNet on 8x8x4 latents
+  is what a 2-core CPU can train in about an hour (~0.65 s per batch-64 step; see
+  ``shared/notes/toy-world-measurements.md``). A pixel-space model at 32x32 learned too little.
+* **Few, far-apart values.** Six saturated shape colours, six backgrounds, five shapes with distinct
+  silhouettes, two sizes, and only four placements (large shapes are always centred; small ones sit
+  left, centre or right). Every free position a model has to learn costs training time, and colour and
+  background are learned long before shape, so the world spends its variety on attributes with
+  ground truth rather than on jitter.
+* **Style is separate from content.** Four fills (solid, striped, dotted, outline) change only the
+  inside of a shape. Striped and dotted shapes keep a 1-pixel contour, because a small dotted shape
+  without one is a handful of dots whose silhouette neither a person nor a reader can recover.
+* **Patterns on the pixel grid.** Stripes and dots repeat every 4 pixels, aligned to the image grid
+  (not to the shape), so every 4x4 latent cell inside a striped or dotted shape looks the same and the
+  4x VAE can encode the fill as a per-cell code. They sit on even rows/columns so JPEG's 2x2 chroma
+  subsampling keeps their colour.
+* **Held-out pairs.** ``HELDOUT_PAIRS`` (five shape/colour pairs, one per shape) never occur in the
+  train, val or test splits, only in ``heldout``: a model that draws a "blue circle" from an image
+  prompt has to compose, not recall.
+
+Rendering is pure numpy float64 (signed distances, 4x4 supersampling, ``np.rint``) so the same
+attributes give the same pixels on every machine. Splits draw from separate ``random.Random`` streams
+seeded with a string naming the split, which Python hashes with SHA-512 (independent of
+``PYTHONHASHSEED``). The world is finite (2,640 attribute combinations), so test images may repeat
+train images; the held-out split is the one that measures generalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 32
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
+BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "red", "green", "blue")
+STYLES: tuple[str, ...] = ("solid", "striped", "dotted", "outline")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("left", "center", "right")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
+
+# Every pair of colours is at least ~120 apart in RGB, so a blurred, noisy or JPEG'd pixel is still
+# nearest to its own colour. No colour lies on the line between two others (no orange between red
+# and yellow), so a shape pixel blended with its background is never mistaken for a third colour.
+RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "magenta": (200, 50, 200),
+    "cyan": (40, 200, 210),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+
+# One pair per shape, five different colours: each shape and each colour still occurs in training.
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("circle", "blue"),
+    ("square", "yellow"),
+    ("triangle", "magenta"),
+    ("diamond", "red"),
+    ("cross", "cyan"),
+)
+
+SIZE_PIXELS = {"small": 12, "large": 22}  # bounding-box width of the shape
+CENTER_X = {"left": 8.0, "center": 16.0, "right": 24.0}  # on latent-cell boundaries (multiples of 4)
+CENTER_Y = 16.0
+PERIOD = 4  # stripes and dots repeat every 4 pixels = one latent cell of a 4x VAE
+CONTOUR = 1.0  # contour width of striped and dotted shapes, pixels
+OUTLINE = 2.0  # line width of the outline style, pixels
+SUPERSAMPLE = 4  # 4x4 samples per pixel for anti-aliased edges
+
+# Silhouettes as polygons in a unit box [-1, 1]^2 (y down); the circle is handled by its distance.
+_A = 0.4  # half-width of the cross's arms: at the small size they are still ~5 px wide
+_POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
+    "square": ((-0.84, -0.84), (0.84, -0.84), (0.84, 0.84), (-0.84, 0.84)),
+    "triangle": ((0.0, -0.95), (1.0, 0.85), (-1.0, 0.85)),
+    "diamond": ((0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)),
+    "cross": ((-_A, -1), (_A, -1), (_A, -_A), (1, -_A), (1, _A), (_A, _A), (_A, 1), (-_A, 1),
+              (-_A, _A), (-1, _A), (-1, -_A), (-_A, -_A)),
+}
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """Everything that decides a toy image's pixels (the caption adds wording, not content)."""
+
+    shape: str
+    color: str
+    background: str
+    style: str
+    size: str
+    position: str
+
+    def __post_init__(self):
+        for field, allowed in (("shape", SHAPES), ("color", COLORS), ("background", BACKGROUNDS),
+                               ("style", STYLES), ("size", SIZES), ("position", POSITIONS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not one of {allowed}")
+        if self.color == self.background:
+            raise ValueError(f"a {self.color} shape on a {self.background} background would be invisible")
+        if self.size == "large" and self.position != "center":
+            raise ValueError(f"large shapes are always centred (got position={self.position!r}); "
+                             "only small shapes sit left or right")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    attributes: Attributes
+    caption: str
+
+
+def placements() -> tuple[tuple[str, str], ...]:
+    """The (size, position) pairs that occur: large shapes centred, small ones at any position."""
+    return tuple(("large", p) for p in POSITIONS if p == "center") + tuple(("small", p) for p in POSITIONS)
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+def _polygon_distance(x: np.ndarray, y: np.ndarray, vertices: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Signed distance from points to a polygon's boundary: negative inside (crossing-number test)."""
+    distance = np.full(x.shape, np.inf)
+    inside = np.zeros(x.shape, dtype=bool)
+    for (ax, ay), (bx, by) in zip(vertices, vertices[1:] + vertices[:1]):
+        ex, ey, wx, wy = bx - ax, by - ay, x - ax, y - ay
+        h = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+        distance = np.minimum(distance, np.hypot(wx - ex * h, wy - ey * h))
+        if ay != by:  # horizontal edges never cross a horizontal ray
+            crosses = ((ay > y) != (by > y)) & (x < ax + (y - ay) * ex / ey)
+            inside ^= crosses
+    return np.where(inside, -distance, distance)
+
+
+def _signed_distance(shape: str, size: str, position: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Signed distance in pixels from sample points to the shape's edge (negative inside)."""
+    half = SIZE_PIXELS[size] / 2
+    cx = CENTER_X[position]
+    if shape == "circle":
+        return np.hypot(x - cx, y - CENTER_Y) - half
+    vertices = [(cx + half * u, CENTER_Y + half * v) for u, v in _POLYGONS[shape]]
+    return _polygon_distance(x, y, vertices)
+
+
+@lru_cache(maxsize=None)
+def alpha(shape: str, size: str, position: str, style: str) -> np.ndarray:
+    """Coverage of each pixel by the shape's colour, in [0, 1] (a read-only 32x32 float64 array).
+
+    Every toy image is ``background + alpha * (colour - background)``; there are only 80 distinct
+    alpha maps, so they are cached, and the reader matches images against these same maps.
+    """
+    Attributes(shape, "red", "white", style, size, position)  # validates the names
+    s, n = SUPERSAMPLE, IMAGE_SIZE
+    coords = (np.arange(n * s) + 0.5) / s
+    x, y = np.meshgrid(coords, coords)
+    distance = _signed_distance(shape, size, position, x, y)
+    inside = distance < 0
+    # Pattern membership is decided per pixel (floor), so stripes and dots are whole pixels.
+    col, row = np.floor(x).astype(int) % PERIOD, np.floor(y).astype(int) % PERIOD
+    if style == "solid":
+        covered = inside
+    elif style == "outline":
+        covered = inside & (distance > -OUTLINE)
+    elif style == "striped":
+        covered = inside & ((distance > -CONTOUR) | (row < PERIOD // 2))
+    else:  # dotted: 2x2 dots on a 4-pixel grid
+        covered = inside & ((distance > -CONTOUR) | ((row < PERIOD // 2) & (col < PERIOD // 2)))
+    coverage = covered.reshape(n, s, n, s).mean(axis=(1, 3))
+    coverage.setflags(write=False)
+    return coverage
+
+
+def render(attrs: Attributes) -> Image.Image:
+    """Draw the image for these attributes; the same attributes always give the same pixels."""
+    a = alpha(attrs.shape, attrs.size, attrs.position, attrs.style)[..., None]
+    background = np.array(RGB[attrs.background], dtype=np.float64)
+    color = np.array(RGB[attrs.color], dtype=np.float64)
+    pixels = np.rint(background + a * (color - background)).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+# ------------------------------------------------------------------------------------------ captions
+
+_STYLE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outline": "outlined"}
+_POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_TEMPLATES = (
+    "a {thing} on a {background} background",
+    "{background} background, {thing}",
+    "a {thing} on {background}",
+    "{thing}, {background} background",
+    "a {thing} against a {background} background",
+    "{background} backdrop with a {thing}",
+)
+
+
+def caption(attrs: Attributes, rng: random.Random) -> str:
+    """A caption from varied templates; always names shape, colour, background and style.
+
+    Size is mentioned half the time and position a third of the time, so a text-conditioned model
+    learns them but also learns to fill them in when a prompt leaves them out.
+    """
+    words = [_STYLE_WORDS[attrs.style], attrs.color]
+    if rng.random() < 0.5:
+        words.reverse()  # "striped red" and "red striped" are both natural
+    if rng.random() < 0.5:
+        words.insert(0, attrs.size)
+    thing = " ".join(words + [attrs.shape])
+    if rng.random() < 1 / 3:
+        thing += " " + _POSITION_PHRASES[attrs.position]
+    text = rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background)
+    return text.replace("a outlined", "an outlined")
+
+
+# -------------------------------------------------------------------------------------------- splits
+
+def allowed_pairs(split: str) -> tuple[tuple[str, str], ...]:
+    """The (shape, colour) pairs a split draws from: only the held-out ones, or all the others."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    if split == "heldout":
+        return HELDOUT_PAIRS
+    return tuple((s, c) for s in SHAPES for c in COLORS if (s, c) not in HELDOUT_PAIRS)
+
+
+def _draw(rng: random.Random, pairs: Sequence[tuple[str, str]]) -> Attributes:
+    shape, color = rng.choice(pairs)
+    background = rng.choice([b for b in BACKGROUNDS if b != color])
+    style = rng.choice(STYLES)
+    size, position = rng.choice(placements())
+    return Attributes(shape, color, background, style, size, position)
+
+
+def sample(split: str, n: int, seed: int = 0) -> list[Sample]:
+    """``n`` samples of a split; the same (split, n, seed) always gives the same samples.
+
+    Each split has its own random stream (seeded with ``"imprompt-toy/<split>/<seed>"``), and the
+    first ``k`` samples of ``sample(split, n, seed)`` do not depend on ``n``. Placements are drawn
+    uniformly over the four (size, position) pairs, so half the shapes are large and centred.
+    """
+    pairs = allowed_pairs(split)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = random.Random(f"imprompt-toy/{split}/{seed}")
+    samples = []
+    for _ in range(n):
+        attrs = _draw(rng, pairs)
+        samples.append(Sample(render(attrs), attrs, caption(attrs, rng)))
+    return samples
+
+
+def write_folder(samples: Iterable[Sample], folder: str | os.PathLike) -> Path:
+    """Write ``000000.png`` + ``000000.txt`` (caption) pairs and ``metadata.jsonl`` into ``folder``.
+
+    ``metadata.jsonl`` has one line per image with ``file_name``, ``text`` and the attributes, the
+    layout Hugging Face ``datasets``' imagefolder loader reads. Files are written to a temporary
+    folder beside ``folder`` and renamed into place, so an interrupted run leaves no half dataset.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with open(staging / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+            for i, item in enumerate(samples):
+                name = f"{i:06d}"
+                item.image.save(staging / f"{name}.png")
+                (staging / f"{name}.txt").write_text(item.caption + "\n", encoding="utf-8")
+                record = {"file_name": f"{name}.png", "text": item.caption, **asdict(item.attributes)}
+                metadata.write(json.dumps(record) + "\n")
+        os.rename(staging, folder)
+    except BaseException:
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()
+        raise
+    return folder
+
+
+def read_metadata(folder: str | os.PathLike) -> list[tuple[str, str, Attributes]]:
+    """``(file_name, caption, attributes)`` for each line of a folder's ``metadata.jsonl``."""
+    rows = []
+    with open(Path(folder) / "metadata.jsonl", encoding="utf-8") as metadata:
+        for line in metadata:
+            record = json.loads(line)
+            file_name, text = record.pop("file_name"), record.pop("text")
+            rows.append((file_name, text, Attributes(**record)))
+    return rows

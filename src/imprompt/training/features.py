@@ -1,0 +1,198 @@
+"""The frozen encoders of training, and the on-disk cache of what they compute.
+
+A training step of IP-Adapter only needs the UNet: the VAE latents, the text-encoder states and the
+image-encoder features of an image never change, since those models are frozen. So they are
+computed once and stored as safetensors shards; each step reads them back. The VAE's latent
+*distribution* (mean, std) is stored, not a sample, so every step still draws a fresh latent sample
+exactly as ``latent_dist.sample()`` would. The cache key hashes the frozen models' configs and
+weights fingerprints, the resolution and the crop: changing any of them makes a new cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..encoding import ImageEncoder
+from .data import Prepared, Record, SkipCounter, prepare_pixels, try_decode
+
+SHARD_SIZE = 256
+
+
+@dataclass
+class FrozenModels:
+    """The frozen parts of a Stable Diffusion pipeline plus the image encoder."""
+
+    pipe: object  # a diffusers StableDiffusion(XL)Pipeline: vae, text encoder(s), unet, scheduler
+    encoder: ImageEncoder
+    encoder_output: str  # "image_embeds" or "penultimate_hidden"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return hasattr(self.pipe, "text_encoder_2")
+
+    def fingerprint(self, resolution: int, center_crop: bool) -> str:
+        """Hash of everything the cached features depend on."""
+        digest = hashlib.sha256()
+        modules = [self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None), self.encoder.model]
+        for module in filter(None, modules):
+            digest.update(json.dumps(dict(module.config.to_dict() if hasattr(module.config, "to_dict") else module.config),
+                                     sort_keys=True, default=str).encode())
+            params = list(module.parameters())
+            for p in (params[0], params[len(params) // 2], params[-1]):
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        digest.update(json.dumps([resolution, center_crop, self.encoder_output, self.encoder.processor.to_dict()],
+                                 sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = self.pipe.unet.device
+        if self.is_sdxl:
+            states, _, pooled, _ = self.pipe.encode_prompt(list(captions), device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+            return {"text": states.float().cpu(), "pooled": pooled.float().cpu()}
+        states, _ = self.pipe.encode_prompt(list(captions), device, 1, False)
+        return {"text": states.float().cpu()}
+
+    @torch.no_grad()
+    def encode_images(self, images, prepared: Sequence[Prepared]) -> dict[str, torch.Tensor]:
+        vae = self.pipe.vae
+        pixels = torch.stack([p.pixels for p in prepared]).to(vae.device, vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        out = {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
+        out["image"] = self.encoder.features(self.encoder.pixels(images), self.encoder_output).float().cpu()
+        if self.is_sdxl:
+            res = prepared[0].pixels.shape[-1]
+            out["time_ids"] = torch.tensor([[*p.original_size, *p.crop_top_left, res, res] for p in prepared], dtype=torch.float32)
+        return out
+
+    @torch.no_grad()
+    def unconditional(self) -> dict[str, torch.Tensor]:
+        """Dropped-text and dropped-image features (empty caption; official 'no image')."""
+        text = self.encode_text([""])
+        size = self.encoder.model.config.image_size
+        param = next(self.encoder.model.parameters())
+        zeros = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        image = self.encoder.unconditional(zeros, self.encoder_output).float().cpu()
+        return {**{f"empty_{k}": v[0] for k, v in text.items()}, "uncond_image": image[0]}
+
+    def encode(self, records: Sequence[Record], resolution: int, center_crop: bool, seed: int,
+               counter: SkipCounter) -> dict[str, torch.Tensor] | None:
+        """Features of a batch of records; unreadable images are skipped (and counted)."""
+        images, prepared, captions, keys = [], [], [], []
+        for record in records:
+            image = try_decode(record, counter)
+            if image is None:
+                continue
+            # A random crop is drawn from a per-image generator, so it is the same on every run.
+            rng = np.random.default_rng([seed, int(hashlib.md5(record.key.encode()).hexdigest()[:8], 16)])
+            prepared.append(prepare_pixels(image, resolution, center_crop, rng))
+            images.append(image)
+            captions.append(record.caption)
+            keys.append(record.key)
+        if not keys:
+            return None
+        return {**self.encode_images(images, prepared), **self.encode_text(captions), "_keys": keys}
+
+
+class FeatureCache:
+    """Cached features in ``root/<fingerprint>/``: shards plus an index written last (atomic)."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.folder = Path(root) / fingerprint
+        self.index_file = self.folder / "index.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.index_file.is_file()
+
+    def build(self, models: FrozenModels, records: Iterable[Record], resolution: int, center_crop: bool,
+              seed: int, counter: SkipCounter, batch_size: int = 16, progress: bool = True) -> None:
+        """Encode every record once. Resumable: finished shards are kept, the index comes last."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shard_keys: list[list[str]] = []
+        pending: list[Record] = []
+        bar = tqdm(desc="caching features", unit="img", disable=not progress)
+
+        def flush(batch: list[Record]) -> None:
+            number = len(shard_keys)
+            path = self.folder / f"shard-{number:05d}.safetensors"
+            keys_path = path.with_suffix(".keys.json")
+            if path.is_file() and keys_path.is_file():  # done by an earlier, interrupted run
+                shard_keys.append(json.loads(keys_path.read_text()))
+                bar.update(len(batch))
+                return
+            parts = [models.encode(batch[i:i + batch_size], resolution, center_crop, seed, counter)
+                     for i in range(0, len(batch), batch_size)]
+            parts = [p for p in parts if p is not None]
+            keys = [k for p in parts for k in p["_keys"]]
+            tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0] if name != "_keys"} if parts else {}
+            _atomic_save(tensors, path)
+            _atomic_write(keys_path, json.dumps(keys))
+            shard_keys.append(keys)
+            bar.update(len(batch))
+
+        for record in records:
+            pending.append(record)
+            if len(pending) == SHARD_SIZE:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
+        bar.close()
+        _atomic_save(models.unconditional(), self.folder / "unconditional.safetensors")
+        index = {"shards": [len(k) for k in shard_keys], "keys": [k for keys in shard_keys for k in keys],
+                 "skipped": sorted(set(counter.skipped))}
+        _atomic_write(self.index_file, json.dumps(index))
+
+    def open(self) -> "CachedFeatures":
+        return CachedFeatures(self.folder, json.loads(self.index_file.read_text()))
+
+
+class CachedFeatures:
+    """Random access to cached items; shards are memory-mapped, not loaded whole."""
+
+    def __init__(self, folder: Path, index: dict):
+        self.keys: list[str] = index["keys"]
+        self.skipped: list[str] = index["skipped"]
+        self._where = [(s, i) for s, n in enumerate(index["shards"]) for i in range(n)]
+        self._shards = [safe_open(folder / f"shard-{s:05d}.safetensors", "pt") for s, n in enumerate(index["shards"]) if n]
+        self._shard_of = {s: j for j, s in enumerate(s for s, n in enumerate(index["shards"]) if n)}
+        with safe_open(folder / "unconditional.safetensors", "pt") as f:
+            self.unconditional = {k: f.get_tensor(k) for k in f.keys()}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self._where[i] for i in indices]
+        names = self._shards[0].keys()
+        return {name: torch.stack([self._shards[self._shard_of[s]].get_slice(name)[i] for s, i in rows]) for name in names}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def clear(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
