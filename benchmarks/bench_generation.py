@@ -154,8 +154,8 @@ def with_diffusers_adapter(pipe, adapter, encoder_model) -> StableDiffusionPipel
     return other
 
 
-def measure(runners: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Warm each runner up once (its images are kept), then ``repeats`` interleaved rounds; medians."""
+def measure(runners: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Warm each runner up once (its images are kept), then ``repeats`` interleaved rounds of timings."""
     images = {name: run() for name, run in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
@@ -163,7 +163,7 @@ def measure(runners: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, images
+    return times, images
 
 
 def main() -> None:
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender after one warm-up (default 3)")
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 steps: a smoke run of a few seconds")
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--steps and --repeats must be at least 1")
     steps = 2 if args.quick else args.steps
     shape = QUICK if args.quick else FULL
 
@@ -210,19 +212,23 @@ def main() -> None:
                 "diffusers": lambda: theirs(**call, ip_adapter_image=[[ref]],
                                             generator=torch.Generator("cpu").manual_seed(SEED)).images,
             }
-            seconds, images = measure(runners, args.repeats)
+            times, images = measure(runners, args.repeats)
         del ours_pipe, theirs
-        rows.append((kind, seconds, float(np.abs(images["ours"] - images["diffusers"]).max()),
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        noise = max((max(t) - min(t)) / statistics.median(t) for t in times.values())
+        rows.append((kind, seconds, noise, float(np.abs(images["ours"] - images["diffusers"]).max()),
                      float(np.abs(images["ours"] - images["plain"]).max())))
         print(f"  {kind} done ({time.perf_counter() - wall:.0f} s so far)", flush=True)
 
     print(f"\nseconds per generation (median of {args.repeats}, after one warm-up)")
     print(f"{'adapter':8} {'plain':>8} {'ours':>8} {'diffusers':>10} {'ours/plain':>11} {'ours/diffusers':>15}"
-          f" {'max|ours-diffusers|':>20} {'max|ours-plain|':>16}")
-    for kind, s, diff, effect in rows:
+          f" {'max|ours-diffusers|':>20} {'max|ours-plain|':>16} {'noise':>6}")
+    for kind, s, noise, diff, effect in rows:
         print(f"{kind:8} {s['plain']:8.3f} {s['ours']:8.3f} {s['diffusers']:10.3f} {s['ours'] / s['plain']:11.3f}"
-              f" {s['ours'] / s['diffusers']:15.3f} {diff:20.2e} {effect:16.3f}")
-    worst = max(diff for _, _, diff, _ in rows)
+              f" {s['ours'] / s['diffusers']:15.3f} {diff:20.2e} {effect:16.3f} {noise:6.0%}")
+    print("noise: the largest (max - min) / median over the three contenders' timed runs; other load on the\n"
+          "machine shows up there, and ratios within that band are not distinguishable")
+    worst = max(diff for _, _, _, diff, _ in rows)
     print(f"\nparity with diffusers' IP-Adapter: max abs difference {worst:.2e} "
           f"({'OK' if worst < 1e-4 else 'FAILED'}: threshold 1e-4; images in [0, 1])")
     print(f"total wall time {time.perf_counter() - wall:.1f} s")

@@ -157,11 +157,13 @@ def _signed_distance(shape: str, size: str, position: str, x: np.ndarray, y: np.
 
 
 @lru_cache(maxsize=None)
-def alpha(shape: str, size: str, position: str, style: str) -> np.ndarray:
+def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Coverage of each pixel by the shape's colour, in [0, 1] (a read-only 32x32 float64 array).
 
     Every toy image is ``background + alpha * (colour - background)``; there are only 80 distinct
     alpha maps, so they are cached, and the reader matches images against these same maps.
+    ``phase`` (rows, columns) shifts the stripes and dots; the dataset always uses (0, 0), the reader
+    also tries the other phases so a pattern drawn off the grid still reads as a pattern.
     """
     Attributes(shape, "red", "white", style, size, position)  # validates the names
     s, n = SUPERSAMPLE, IMAGE_SIZE
@@ -170,7 +172,8 @@ def alpha(shape: str, size: str, position: str, style: str) -> np.ndarray:
     distance = _signed_distance(shape, size, position, x, y)
     inside = distance < 0
     # Pattern membership is decided per pixel (floor), so stripes and dots are whole pixels.
-    col, row = np.floor(x).astype(int) % PERIOD, np.floor(y).astype(int) % PERIOD
+    row = (np.floor(y).astype(int) - phase[0]) % PERIOD
+    col = (np.floor(x).astype(int) - phase[1]) % PERIOD
     if style == "solid":
         covered = inside
     elif style == "outline":

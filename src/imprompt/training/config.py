@@ -33,6 +33,7 @@ class TrainConfig:
     resampler_depth: int = field(default=4, metadata=_m("Resampler layers (plus)"))
     resampler_width: int | None = field(default=None, metadata=_m("Resampler width, a multiple of 64 (default: the UNet's cross-attention width, at most 1280, as the official plus models)"))
     lr_warmup_steps: int = field(default=0, metadata=_m("linear learning-rate warm-up steps (then constant, as the official scripts)"))
+    cpu: bool = field(default=False, metadata=_m("train on the CPU even if an accelerator is present"))
     record_data: bool = field(default=False, metadata=_m("write the keys each process trained on to OUTPUT_DIR (audit / tests)"))
     resolution: int = field(default=512, metadata=_m("training resolution (square)"))
     center_crop: bool = field(default=True, metadata=_m("centre crop (else a random crop, chosen once per image when caching)"))

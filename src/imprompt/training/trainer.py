@@ -144,8 +144,11 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         log_with = "tensorboard"
+    # On a machine without an accelerator, say so to accelerate: that is what turns several
+    # processes (torchrun / accelerate launch) into multi-CPU DDP over gloo.
+    cpu = config.cpu or not torch.accelerator.is_available()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
-                              log_with=log_with, project_dir=str(out / "logs"))
+                              log_with=log_with, project_dir=str(out / "logs"), cpu=cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     pipe = load_pipeline(config.model, "text2img", device=accelerator.device)
