@@ -128,6 +128,42 @@ def save_checkpoint(folder: Path, step: int, micro_step: int, adapter: IPAdapter
     return final
 
 
+@dataclass
+class StepInputs:
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    added: dict | None
+    target: torch.Tensor
+
+
+def step_inputs(batch: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], generator: torch.Generator,
+                config: TrainConfig, noise_scheduler, scaling: float) -> StepInputs:
+    """One micro-batch of features -> the UNet's inputs and target, all randomness from ``generator``."""
+    device = batch["latent_mean"].device
+    n = batch["latent_mean"].shape[0]
+    # A fresh sample of the cached latent distribution, as ``latent_dist.sample()`` would draw.
+    eps = torch.randn(batch["latent_mean"].shape, generator=generator).to(device)
+    latents = (batch["latent_mean"] + batch["latent_std"] * eps) * scaling
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+    drop_image, drop_text = (m.to(device) for m in dropout_masks(
+        torch.rand(n, generator=generator), config.drop_image, config.drop_text, config.drop_both))
+    added = None
+    if "pooled" in batch:  # SDXL: pooled text embedding and size/crop conditioning
+        added = {"text_embeds": apply_dropout(batch["pooled"], uncond["empty_pooled"], drop_text),
+                 "time_ids": batch["time_ids"]}
+    return StepInputs(
+        noisy=noise_scheduler.add_noise(latents, noise, timesteps),
+        timesteps=timesteps,
+        text=apply_dropout(batch["text"], uncond["empty_text"], drop_text),
+        image=apply_dropout(batch["image"], uncond["uncond_image"], drop_image),
+        added=added,
+        target=diffusion_target(noise_scheduler, latents, noise, timesteps),
+    )
+
+
 def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -209,24 +245,12 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
         if config.record_data:
             seen_keys += [features.keys[i] for i in indices]
         n = len(indices)
-        latents = (batch["latent_mean"] + batch["latent_std"] * torch.randn(batch["latent_mean"].shape, generator=generator).to(accelerator.device)) * scaling
-        noise = torch.randn(latents.shape, generator=generator).to(accelerator.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(accelerator.device)
-        drop_image, drop_text = (m.to(accelerator.device) for m in dropout_masks(
-            torch.rand(n, generator=generator), config.drop_image, config.drop_text, config.drop_both))
-        text = apply_dropout(batch["text"], uncond["empty_text"], drop_text)
-        image = apply_dropout(batch["image"], uncond["uncond_image"], drop_image)
-        added = None
-        if "pooled" in batch:  # SDXL: pooled text embedding and size/crop conditioning
-            added = {"text_embeds": apply_dropout(batch["pooled"], uncond["empty_pooled"], drop_text),
-                     "time_ids": batch["time_ids"]}
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+        inputs = step_inputs(batch, uncond, generator, config, noise_scheduler, scaling)
 
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                prediction = model(noisy, timesteps, text, image, added)
-            loss = F.mse_loss(prediction.float(), target.float())
+                prediction = model(inputs.noisy, inputs.timesteps, inputs.text, inputs.image, inputs.added)
+            loss = F.mse_loss(prediction.float(), inputs.target.float())
             accelerator.backward(loss)
             optimizer.step()
             if accelerator.sync_gradients:
