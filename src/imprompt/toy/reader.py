@@ -12,13 +12,18 @@ no learned model:
    nearest colour of each pixel, is what keeps thin stripes, dots and soft edges (half shape, half
    background) from being read as a third colour.
 3. **Alpha**: each pixel's position along that segment, in [0, 1].
-4. **Shape, size, position and style together**: the nearest of the 80 alpha maps in squared error,
-   each also compared blurred (sigma 0.7 and 1.2 px) and with its stripes or dots shifted to every
-   phase, so a soft diffusion output or a pattern drawn off the pixel grid still matches its own map.
+4. **Shape, size, position and style together**: the nearest of the 80 alpha maps in squared error.
+   Each map is also tried blurred (sigma 0.7 and 1.2 px) and with its stripes or dots at every phase,
+   the image is tried shifted by up to one pixel, and the map may be scaled by a gain of 0.8-1.0, so a
+   soft, slightly misplaced or slightly pale diffusion output still matches its own map. These
+   tolerances are limited on purpose: a free gain would read a blurred striped shape as a pale solid
+   one, a larger shift would let a small shape drift to the next position (8 px away).
 
-Colours are classified by nearest palette colour, never by exact match, so colours a little off,
-noise and JPEG artefacts do not matter. An image with no shape at all still gets an answer (the
-nearest map): the reader judges toy-world images, it does not detect whether there is one.
+Colours are classified by nearest palette colour (or blend line), never by exact match, so colours a
+little off and noise do not matter. JPEG is harder than blur: its 4:2:0 chroma subsampling smears
+shapes whose contrast with the background is mostly chroma (a green or magenta shape on gray), so
+small dotted shapes there can read as striped. An image with no shape at all still gets an answer
+(the nearest map): the reader judges toy-world images, it does not detect whether there is one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import io
 from dataclasses import fields
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -38,18 +43,22 @@ ATTRIBUTE_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Attributes))
 BORDER = 2  # pixels of border used for the background; the nearest shape edge is 2 px in
 TEMPLATE_BLURS = (0.0, 0.7, 1.2)  # gaussian sigmas, pixels
 MAX_SHIFT = 1  # pixels a shape may be off its place and still match
-GAIN_RANGE = (0.7, 1.0)  # how much paler than the palette a shape may be and still match
+GAIN_RANGE = (0.8, 1.0)  # how much paler than the palette a shape may be and still match (x alpha)
 
 
 def _as_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A 32x32x3 float64 array in 0..255 from a PIL image or a uint8/float array (0..255)."""
+    """A 32x32x3 float64 array in 0..255 from a PIL image or a uint8 HxWx3 array."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    pixels = np.asarray(image, dtype=np.float64)
-    if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        # A float array could be 0..1 or 0..255; guessing would silently misread every colour.
+        raise TypeError(f"the toy reader needs PIL images or uint8 arrays, got dtype {image.dtype}; "
+                        "convert with (x * 255).round().clip(0, 255).astype(np.uint8) for 0..1 floats")
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise ValueError(f"the toy reader needs {IMAGE_SIZE}x{IMAGE_SIZE} RGB images, got an array of shape "
-                         f"{pixels.shape}; resize generations to {IMAGE_SIZE}x{IMAGE_SIZE} first")
-    return pixels
+                         f"{image.shape}; resize generations to {IMAGE_SIZE}x{IMAGE_SIZE} first")
+    return image.astype(np.float64)
 
 
 def _gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -134,15 +143,16 @@ def _match(alpha: np.ndarray) -> np.ndarray:
     offsets = range(-MAX_SHIFT, MAX_SHIFT + 1)
     # np.roll wraps around, which is harmless: the 2-pixel border is background (alpha ~ 0).
     shifted = np.stack([np.roll(maps, (dy, dx), axis=(1, 2)) for dy in offsets for dx in offsets], axis=1)
-    shifted = shifted.reshape(n, -1, IMAGE_SIZE * IMAGE_SIZE).astype(np.float32)  # (N, S, P)
-    dots = shifted @ matrix.T  # (N, S, K)
+    shifted = shifted.reshape(-1, IMAGE_SIZE * IMAGE_SIZE).astype(np.float32)  # (N * S, P)
+    dots = shifted @ matrix.T  # (N * S, K), one matrix product
     gain = np.clip(dots / norms, *GAIN_RANGE)
     distance = gain * gain * norms - 2 * gain * dots  # ||a||^2 is the same for every shift and template
     return distance.reshape(n, -1).argmin(axis=1) % len(norms)
 
 
-def read_many(images: Sequence[Image.Image | np.ndarray], batch_size: int = 128) -> list[Attributes]:
-    """Attributes of each 32x32 image (PIL images or HxWx3 arrays in 0..255)."""
+def read_many(images: Iterable[Image.Image | np.ndarray], batch_size: int = 128) -> list[Attributes]:
+    """Attributes of each 32x32 image (PIL images or 32x32x3 uint8 arrays), in batches for speed."""
+    images = list(images)
     _, _, labels = _templates()
     results = []
     for start in range(0, len(images), batch_size):
@@ -155,7 +165,7 @@ def read_many(images: Sequence[Image.Image | np.ndarray], batch_size: int = 128)
 
 
 def read(image: Image.Image | np.ndarray) -> Attributes:
-    """Attributes of one 32x32 image; see the module docstring for how each is read."""
+    """Attributes of one 32x32 image (PIL or uint8 array); the module docstring says how."""
     return read_many([image])[0]
 
 

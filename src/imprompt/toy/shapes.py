@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -52,8 +53,8 @@ SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "center", "right")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
 
-# Every pair of colours is at least ~120 apart in RGB, so a blurred, noisy or JPEG'd pixel is still
-# nearest to its own colour. No colour lies on the line between two others (no orange between red
+# Every pair of colours is at least 118 apart in RGB (green-gray), so a blurred, noisy or JPEG'd
+# pixel is still nearest to its own colour. No colour lies on the line between two others (no orange between red
 # and yellow), so a shape pixel blended with its background is never mistaken for a third colour.
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -252,7 +253,8 @@ def sample(split: str, n: int, seed: int = 0) -> list[Sample]:
 
     Each split has its own random stream (seeded with ``"imprompt-toy/<split>/<seed>"``), and the
     first ``k`` samples of ``sample(split, n, seed)`` do not depend on ``n``. Placements are drawn
-    uniformly over the four (size, position) pairs, so half the shapes are large and centred.
+    uniformly over the four (size, position) pairs, so every placement is equally well trained: a
+    quarter of the shapes are large (and centred), three quarters small.
     """
     pairs = allowed_pairs(split)
     if not isinstance(n, int) or n < 0:
@@ -287,9 +289,7 @@ def write_folder(samples: Iterable[Sample], folder: str | os.PathLike) -> Path:
                 metadata.write(json.dumps(record) + "\n")
         os.rename(staging, folder)
     except BaseException:
-        for path in staging.iterdir():
-            path.unlink()
-        staging.rmdir()
+        shutil.rmtree(staging)
         raise
     return folder
 
