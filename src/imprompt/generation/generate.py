@@ -140,7 +140,6 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     size = latent_size(pipe, settings, init_image)
     prepared = []
     for prompt in image_prompts:
-        prompt.check(len(attachment.adapters))
         prepared += prepare_image_prompt(prompt, attachment, encoders[prompt.adapter], layout, size)
     windows = {id(kv.window): kv.window for p in prepared for kv in p.values()}.values()
     for window in windows:
