@@ -304,3 +304,16 @@ def test_two_processes_see_different_data(world, tmp_path):
     assert len(seen[0]) == len(seen[1]) == 8  # 2 steps x batch 4 per process: one epoch together
     assert set(seen[0]).isdisjoint(seen[1]) and len(set(seen[0]) | set(seen[1])) == 16
     assert load_adapter(out / "ip_adapter.safetensors").variant.projection == "linear"
+
+
+def test_sample_sheets_during_training(world, tmp_path):
+    from imprompt.generation.pnginfo import read_png_parameters
+
+    out = tmp_path / "samples"
+    train(config(world, out, max_steps=2, sample_every=1, sample_steps=2,
+                 sample_images=[str(world / "data" / "img01.png"), str(world / "data" / "img02.png")]))
+    sheets = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in sheets] == ["step-00000001.png", "step-00000002.png"]
+    sheet = Image.open(sheets[0])
+    assert sheet.height == 16 + 2 * (128 + 4) + 4  # header + two rows (one per reference), 128 px cells
+    assert "training samples" in read_png_parameters(sheets[0])
