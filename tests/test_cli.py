@@ -147,3 +147,22 @@ def test_info_on_a_png_without_parameters(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     assert main(["info", str(tmp_path / "plain.png")]) == 1
     assert "no generation parameters" in capsys.readouterr().err
+
+
+def test_without_model_the_bundled_toy_world_is_used(files, tmp_path, monkeypatch, capsys):
+    import imprompt.toy as toy
+
+    # A stand-in for the shipped toy package: the same layout, tiny random models.
+    package = tmp_path / "package"
+    shutil.copytree(files / "sd", package / "pipeline")
+    shutil.copytree(files / "models" / "image_encoder", package / "pipeline" / "image_encoder")
+    shutil.copy(files / "models" / "ip-base.safetensors", package / "ip_adapter.safetensors")
+    monkeypatch.setattr(toy, "PACKAGE_DIR", package)
+    assert main(["generate", "--image", str(files / "ref0.png"), "--steps", "2", "--seed", "1",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert "bundled toy model" in capsys.readouterr().out
+    params = parse_parameters(read_png_parameters(next((tmp_path / "out").glob("*.png"))))
+    assert params["Model"] == "pipeline" and params["IP-Adapter 0"].startswith("Model: ip_adapter, Weight: 0.6")
+    monkeypatch.setattr(toy, "PACKAGE_DIR", tmp_path / "nowhere")
+    assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "out")]) == 2
+    assert "pass --model" in capsys.readouterr().err

@@ -10,6 +10,7 @@ for adapter N (0-based, in ``--adapter`` order); ``image`` and ``negative_image`
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ def _m(help: str, **extra) -> dict:
 
 @dataclass
 class GenerateRequest:
-    model: str = field(metadata=_m("Stable Diffusion model: a diffusers folder or a hub id (cached hub ids work offline)", required=True))
+    model: str = field(default="", metadata=_m("Stable Diffusion model: a diffusers folder or a hub id (cached hub ids work "
+                                                "offline); default: imprompt's bundled toy model"))
     prompt: str = field(default="", metadata=_m("text prompt"))
     adapter: list[str] = field(default_factory=list, metadata=_m("IP-Adapter checkpoint (.safetensors or .bin, official format); repeat for several", metavar="FILE"))
     image: list[str] = field(default_factory=list, metadata=_m("reference image, PATH or N=PATH for adapter N; repeat for several", metavar="REF"))
@@ -175,8 +177,26 @@ def next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> GenerateRequest:
+    """No --model: the bundled toy world (tiny SD, its CLIP image encoder and IP-Adapter)."""
+    if request.model:
+        return request
+    from .. import toy
+
+    if not toy.toy_available():
+        raise ValueError(f"no --model given and the bundled toy model is missing from {toy.PACKAGE_DIR}; "
+                         "pass --model PATH_OR_HUB_ID, or build the toy world with `imprompt toy build`")
+    paths = toy.toy_paths()
+    log("note: no --model given, using imprompt's bundled toy model (32x32 shapes world); "
+        "pass --model PATH_OR_HUB_ID (and --adapter) for Stable Diffusion")
+    adapters = request.adapter or ([str(paths["adapter"])] if request.image else [])
+    encoders = request.image_encoder or ([str(paths["image_encoder"])] if not request.adapter else [])
+    return dataclasses.replace(request, model=str(paths["model"]), adapter=adapters, image_encoder=encoders)
+
+
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
     """Load the model, adapters and encoders; generate; write PNGs with A1111 parameters."""
+    request = with_toy_defaults(request, log)
     request.check()
     dtype = DTYPES[request.dtype]
     adapter_files = [resolve_file(a) for a in request.adapter]
