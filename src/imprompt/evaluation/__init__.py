@@ -1,0 +1,1 @@
+"""Evaluation: CLIP-I, CLIP-T and attribute accuracy for adapters and baselines (paper Table 1)."""
