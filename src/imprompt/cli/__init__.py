@@ -44,6 +44,18 @@ def _info(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _toy(namespace: argparse.Namespace) -> int:
+    from ..toy.build import main
+
+    return main(namespace.args)
+
+
+def _eval(namespace: argparse.Namespace) -> int:
+    from ..evaluation.cli import main
+
+    return main(namespace.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..generation.request import GenerateRequest
 
@@ -65,10 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", help="a PNG written by imprompt or AUTOMATIC1111")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(func=_info)
+    evaluate = sub.add_parser("eval", help="evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)",
+                              add_help=False)
+    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml and options")
+    evaluate.set_defaults(func=_eval)
+    toy = sub.add_parser("toy", help="build the toy world's models (imprompt toy build --help)", add_help=False)
+    toy.add_argument("args", nargs=argparse.REMAINDER, help="toy subcommand and its options")
+    toy.set_defaults(func=_toy)
     return parser
 
 
+# Subcommands with parsers of their own get the rest of the command line untouched (argparse's
+# REMAINDER would not pass a leading option such as --help through).
+DELEGATED = {"eval": _eval, "toy": _toy}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     namespace = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))

@@ -1,0 +1,123 @@
+"""The toy world's model configurations: a tiny CLIP, a tiny VAE, a tiny SD1.5-shaped UNet, a scheduler.
+
+All are the standard classes (transformers ``CLIPModel``, diffusers ``AutoencoderKL`` /
+``UNet2DConditionModel`` / ``DPMSolverMultistepScheduler``), so the built models save and load with
+``from_pretrained`` like any Stable Diffusion. Widths follow the CPU costs measured in
+``shared/notes/toy-world-measurements.md``: the UNet works on 8x8x4 latents at (64, 128, ...)
+channels, about 0.7 s per batch-64 training step on 2 cores.
+
+* **CLIP**: 128 wide in both towers, so the UNet's ``cross_attention_dim`` is 128. The vision tower
+  sees 32x32 images in 8x8 patches (16 patches + CLS).
+* **VAE**: three blocks (two 2x downsamplings), 32x32x3 -> 8x8x4. ``scaling_factor`` is measured on
+  the training latents after the VAE is trained (:func:`imprompt.toy.build`), as SD's 0.18215 was.
+* **UNet**: SD1.5's block layout (three cross-attention down blocks and a plain one, mirrored up
+  blocks, a cross-attention mid block), one layer per block, so ``down_blocks.2`` / ``up_blocks.1``
+  (the layer presets' composition / style blocks) exist and sit at 1/4 of the latent resolution as
+  in SD1.5. At 8x8 latents the deeper blocks run at 2x2 and 1x1, which costs little.
+* **Scheduler**: the DDPM linear schedule (beta 1e-4 to 0.02, Ho et al. 2020) rather than SD's
+  scaled-linear one: at 8x8 latents SD's schedule leaves ~7% of the signal at t=T, enough for the
+  low-frequency background colour to leak through training noise but not sampling noise. Sampling uses
+  DPM-Solver++ (2M), which samples well in 20-25 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from .shapes import IMAGE_SIZE
+
+# OpenAI CLIP's normalisation, kept so CLIPImageProcessor's defaults describe our encoder.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    width: int = 128  # both towers; also the UNet's cross_attention_dim
+    text_layers: int = 3
+    vision_layers: int = 4
+    heads: int = 4
+    projection_dim: int = 128
+    patch_size: int = 8  # 16 patches + CLS: 4x cheaper than 4x4 patches; stripes and dots still fit in a patch
+    max_length: int = 24  # token positions, = the tokenizer's model_max_length
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    block_out_channels: tuple[int, ...] = (64, 128, 128, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8  # diffusers' (misnamed) head count, as in SD1.5's config
+    norm_num_groups: int = 32
+    latent_size: int = IMAGE_SIZE // 4
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    vae: VaeSpec = field(default_factory=VaeSpec)
+    unet: UNetSpec = field(default_factory=UNetSpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip(spec: ClipSpec, vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPModel:
+    """A randomly initialised tiny CLIP; the tokenizer pads with EOS, as CLIP's does."""
+    text = dict(vocab_size=vocab_size, hidden_size=spec.width, intermediate_size=4 * spec.width,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.heads,
+                max_position_embeddings=spec.max_length, projection_dim=spec.projection_dim,
+                bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    vision = dict(hidden_size=spec.width, intermediate_size=4 * spec.width, num_hidden_layers=spec.vision_layers,
+                  num_attention_heads=spec.heads, image_size=IMAGE_SIZE, patch_size=spec.patch_size,
+                  projection_dim=spec.projection_dim)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.projection_dim)
+    return CLIPModel(config)
+
+
+def image_processor() -> CLIPImageProcessor:
+    """Resize / centre-crop to 32 and CLIP's mean and std: what the vision tower was trained on."""
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+
+
+def vae(spec: VaeSpec, scaling_factor: float = 1.0) -> AutoencoderKL:
+    n = len(spec.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
+                         norm_num_groups=spec.norm_num_groups, sample_size=IMAGE_SIZE, scaling_factor=scaling_factor)
+
+
+def unet(spec: UNetSpec, cross_attention_dim: int) -> UNet2DConditionModel:
+    n = len(spec.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=spec.latent_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block, attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=spec.norm_num_groups, cross_attention_dim=cross_attention_dim)
+
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                        lower_order_final=True, timestep_spacing="leading", steps_offset=1)
+
+
+def scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+
+
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

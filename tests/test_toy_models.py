@@ -1,0 +1,114 @@
+"""Toy world models: tokenizer, model configurations, and a smoke run of every build stage (tiny sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from imprompt.toy import build, models, quality, shapes
+from imprompt.toy import tokenizer as toy_tokenizer
+
+torch.set_flush_denormal(True)
+
+
+def _world_words() -> list[str]:
+    captions = [s.caption for split in shapes.SPLITS for s in shapes.sample(split, 300, 0)]
+    return toy_tokenizer.words(captions)
+
+
+def test_every_caption_word_is_one_token(tmp_path):
+    words = _world_words()
+    for name in shapes.SHAPES + shapes.COLORS + shapes.BACKGROUNDS + ("striped", "dotted", "outlined", "solid"):
+        assert name in words
+    tok = toy_tokenizer.build(words)
+    tok.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == len(tok) > 512  # the vocabulary really loaded (not the 2-token fallback)
+    toy_tokenizer.check(loaded, words, len(tok))
+    ids = loaded("a red circle on a blue background")["input_ids"]
+    assert ids[0] == loaded.bos_token_id and ids[-1] == loaded.eos_token_id and len(ids) == 9
+    assert loaded.model_max_length == toy_tokenizer.MAX_LENGTH
+
+
+def test_model_configurations_build_and_fit_together():
+    spec = models.ToySpec()
+    clip = models.clip(spec.clip, 624, 622, 623)
+    vae = models.vae(spec.vae)
+    unet = models.unet(spec.unet, spec.clip.width)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
+        assert latents.shape == (1, 4, 8, 8)
+        text = clip.text_model(input_ids=torch.tensor([[622, 1, 623]])).last_hidden_state
+        assert unet(latents, 10, text).sample.shape == latents.shape
+    names = [n for n, _ in unet.attn_processors.items() if "attn2" in n]
+    assert any(n.startswith("down_blocks.2.") for n in names) and any(n.startswith("up_blocks.1.") for n in names)
+    assert any(n.startswith("mid_block.") for n in names)
+    assert models.parameter_count(unet) < 10_000_000  # fp16 weights must fit the 25 MB package
+
+
+def test_edits_are_valid_attribute_changes():
+    truth = [s.attributes for s in shapes.sample("test", 40, 0)]
+    for (changed, text, expected), a in zip(quality.edits(truth), truth):
+        assert getattr(expected, changed) != getattr(a, changed) and getattr(expected, changed) in text
+        assert dataclasses.replace(expected, **{changed: getattr(a, changed)}) == a
+
+
+def test_build_stages_smoke(tmp_path):
+    cfg = build.BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
+                            clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
+                            quality_samples=2, quality_steps=2, progress=False)
+    results = build.run(cfg, until="quality")
+    assert set(results) == set(build.STAGES[:build.STAGES.index("quality") + 1])
+    assert results["tokenizer"]["longest_caption_tokens"] <= toy_tokenizer.MAX_LENGTH
+    assert set(results["clip"]["zero_shot"]) == {"shape", "color", "background", "style"}
+    assert results["unet"]["steps"] == 2
+    for part in ("text_to_image", "unconditional", "image_only", "multimodal"):
+        assert part in results["quality"]
+    # A second run skips every finished stage.
+    assert build.run(cfg, until="quality") == results
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.work / "pipeline")
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    vision = CLIPVisionModelWithProjection.from_pretrained(cfg.work / "pipeline" / "image_encoder")
+    processor = CLIPImageProcessor.from_pretrained(cfg.work / "pipeline" / "image_encoder")
+    assert vision.config.image_size == 32 and processor.crop_size["height"] == 32
+    assert list(processor.image_mean) == list(models.CLIP_MEAN)
+
+    dest = tmp_path / "package" / "data"
+    info = build.stage_package(cfg, dest)
+    assert info["total_bytes"] <= 25 * 2 ** 20
+    assert (dest / "MODEL_CARD.md").is_file() and (dest / "ip_adapter.safetensors").is_file()
+    assert json.loads((dest / "references" / "attributes.json").read_text())
+    shipped = StableDiffusionPipeline.from_pretrained(dest / "pipeline", torch_dtype=torch.float32)
+    assert shipped.unet.dtype == torch.float32
+
+
+def test_loop_resumes_from_checkpoint(tmp_path):
+    cfg = build.BuildConfig(work=tmp_path, checkpoint_seconds=0.0, progress=False)
+    (tmp_path / "toy").mkdir()
+    layer = torch.nn.Linear(2, 2)
+    calls = []
+    info = build._Loop(cfg, "toy", 3, {"model": layer}).run(lambda i: calls.append(i) or 0.0)
+    assert info["steps"] == 3 and calls == [0, 1, 2]
+    resumed = build._Loop(cfg, "toy", 5, {"model": layer})
+    assert resumed.step == 3
+    resumed.run(lambda i: calls.append(i) or 0.0)
+    assert calls == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("argv", [["toy", "build", "--help"]])
+def test_cli_has_toy_subcommand(argv, capsys):
+    from imprompt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "--until" in capsys.readouterr().out
