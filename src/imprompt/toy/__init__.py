@@ -14,7 +14,8 @@ def toy_paths(package: Path | None = None) -> dict[str, Path]:
     """Where the shipped toy models live (standard folders; MODEL_CARD.md there says how they were made)."""
     package = package or PACKAGE_DIR
     return {"model": package / "pipeline", "adapter": package / "ip_adapter.safetensors",
-            "image_encoder": package / "pipeline" / "image_encoder", "references": package / "references"}
+            "image_encoder": package / "pipeline" / "image_encoder", "references": package / "references",
+            "clip": package / "clip"}
 
 
 def toy_available(package: Path | None = None) -> bool:

@@ -344,6 +344,7 @@ def stage_vae(cfg: BuildConfig) -> dict:
         scaling = float(1.0 / latents.std())
         test = _load_images(cfg, "test")
         recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in _vae_pixels(test).split(250)])
+    make_deterministic(vae)
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(cfg.work / "vae" / "model")
     images = _to_uint8(recon)
@@ -352,6 +353,19 @@ def stage_vae(cfg: BuildConfig) -> dict:
                 psnr_db=round(10 * math.log10(255 ** 2 / max(mse, 1e-9)), 2),
                 reader_accuracy_on_reconstructions=accuracy(read_many(list(images)), [a for _, _, a in _load_meta(cfg, "test")]))
     return info
+
+
+@torch.no_grad()
+def make_deterministic(vae) -> None:
+    """Fix the posterior's log-variance at -30 (std 3e-7), so ``latent_dist.sample()`` is its mean.
+
+    The decoder is trained on the mean, so nothing trains the log-variance but the KL term, which pulls
+    the std towards 1: left alone, every consumer that samples the posterior (the adapter trainer's
+    feature cache, as SD training does) would get latents buried in noise. The mean is unchanged.
+    """
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0.0
+    vae.quant_conv.bias[channels:] = -30.0
 
 
 def _frozen_text_encoder(cfg: BuildConfig):

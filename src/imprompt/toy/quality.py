@@ -116,7 +116,7 @@ def multimodal_scores(predicted: Sequence[Attributes], plan: Sequence[tuple[str,
 
 
 def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: str | Path, n: int = 200,
-            steps: int = 20, guidance: float = 5.0, scales: Sequence[float] = (0.5, 0.7, 1.0),
+            steps: int = 20, guidance: float = 3.0, scales: Sequence[float] = (0.5, 0.7, 1.0),
             progress: bool = True, multimodal_n: int | None = None, parts: Sequence[str] = ("text_to_image", "unconditional", "image_only", "multimodal")) -> dict:
     """All quality numbers on the first ``n`` test samples; a JSON-ready dict."""
     rows = shapes.read_metadata(test_folder)[:n]
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", default="build/toy/data/test")
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--multimodal-n", type=int, default=None, help="references for the multimodal part (default: -n)")
     parser.add_argument("--scales", default="0.5,0.7,1.0", help="adapter scales of the multimodal part")
     parser.add_argument("--parts", default="text_to_image,unconditional,image_only,multimodal")
