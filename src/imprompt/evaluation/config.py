@@ -254,8 +254,8 @@ def with_toy_defaults(config: EvalConfig) -> EvalConfig:
         elif m.kind == "shared":
             m = dataclasses.replace(m, image_encoder=m.image_encoder or str(paths["image_encoder"]))
         methods.append(m)
-    clip = config.clip_model or (str(paths["clip"]) if "clip" in paths else "")
+    clip = config.clip_model or (str(paths["clip"]) if paths["clip"].is_dir() else "")
     if not clip:
-        raise ValueError(f"the toy package at {toy.PACKAGE_DIR} ships no scoring CLIP (imprompt.toy.toy_paths() has no "
-                         "'clip'); pass --clip-model FOLDER with the toy build's CLIPModel, tokenizer and image processor")
+        raise ValueError(f"the toy package at {toy.PACKAGE_DIR} ships no scoring CLIP (no {paths['clip']}); pass "
+                         "--clip-model FOLDER with the toy build's CLIPModel, tokenizer and image processor")
     return dataclasses.replace(config, model=str(paths["model"]), methods=methods, clip_model=clip)

@@ -1,0 +1,49 @@
+"""The shipped toy models: they load offline through the standard classes, and image prompts work."""
+
+from __future__ import annotations
+
+import torch
+
+from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_pipeline
+from imprompt.evaluation.metrics import proportion
+from imprompt.toy import shapes, toy_paths
+from imprompt.toy.reader import read
+
+
+def test_shipped_models_load_with_the_standard_classes():
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
+
+    paths = toy_paths()
+    pipe = StableDiffusionPipeline.from_pretrained(paths["model"], local_files_only=True)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae_scale_factor == 4
+    tokenizer = CLIPTokenizer.from_pretrained(paths["model"] / "tokenizer")
+    assert len(tokenizer) > 50 and len(tokenizer("a red circle on a blue background").input_ids) == 9
+    assert CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).config.image_size == 32
+    assert load_adapter(paths["adapter"]).variant.projection == "linear"
+
+
+def test_image_prompts_carry_the_reference_far_above_unconditional():
+    torch.set_flush_denormal(True)
+    paths = toy_paths()
+    pipe = load_pipeline(paths["model"])
+    encoder = ImageEncoder.from_pretrained(paths["image_encoder"])
+    samples = shapes.sample("test", 24, seed=5)
+    ip_hits, uncond_hits = {a: [] for a in ("shape", "background")}, {a: [] for a in ("shape", "background")}
+    with attach(pipe.unet, load_adapter(paths["adapter"])) as attachment:
+        for i, sample in enumerate(samples):
+            settings = GenerationSettings(prompt="", steps=15, guidance=3.0, seed=i, num_images=2)
+            with_image = generate(pipe, attachment, settings, [ImagePrompt([sample.image], scale=1.0)], [encoder])
+            without = generate(pipe, attachment, settings, [], [encoder])
+            for image in with_image:
+                got = read(image)
+                for a in ip_hits:
+                    ip_hits[a].append(getattr(got, a) == getattr(sample.attributes, a))
+            for image in without:
+                got = read(image)
+                for a in uncond_hits:
+                    uncond_hits[a].append(getattr(got, a) == getattr(sample.attributes, a))
+    for attribute in ip_hits:
+        ip, uncond = proportion(ip_hits[attribute]), proportion(uncond_hits[attribute])
+        # Measured on 200 test references: shape 68.5% vs 16.5%, background 77% vs 15%.
+        assert ip.low > uncond.high, (attribute, ip, uncond)
