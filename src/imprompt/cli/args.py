@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from pathlib import Path
 import types
 import typing
 from typing import Any, TypeVar
@@ -63,3 +65,21 @@ def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
             continue  # keep the dataclass default (list defaults come from default_factory)
         values[field.name] = value
     return config_cls(**values)
+
+
+def config_values(config_cls: type, path: str | os.PathLike | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Field values from a YAML file (optional), command-line values taking precedence; unknown fields are errors."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, found {type(loaded).__name__}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+    return values

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+
+from ..cli.args import config_values
 
 from ..generation.request import DTYPES as TORCH_DTYPES
 from ..generation.schedulers import SCHEDULERS
@@ -200,17 +201,7 @@ class EvalConfig:
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> EvalConfig:
     """A config from a YAML file (optional), with command-line values taking precedence."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, found {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+    values = config_values(EvalConfig, path, overrides)
     methods = values.get("methods", [])
     if not isinstance(methods, list):
         raise ValueError(f"methods must be a list, found {type(methods).__name__}")

@@ -6,10 +6,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+
+from ..cli.args import config_values
 
 VARIANTS = ("linear", "plus", "full", "shared")
 
@@ -84,15 +84,5 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A config from a YAML file (optional), with command-line values taking precedence."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, found {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known fields: {', '.join(sorted(known))}")
+    values = config_values(TrainConfig, path, overrides)
     return TrainConfig(**values)
