@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import random
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +102,42 @@ def test_captions_name_the_attributes():
         for word in (a.shape, a.color, a.background, a.style):
             assert word in s.caption, (word, s.caption)
     assert len({s.caption for s in samples}) > 150  # varied templates, not one sentence per attribute set
+
+
+def test_articles_do_not_change_words():
+    # "a magenta outlined ..." once became "a magentan outlined ..." (the article fix matched mid-word)
+    captions = [s.caption for s in shapes.sample("train", 3000, seed=0)]
+    words = {w for c in captions for w in re.findall("[a-z]+", c)}
+    assert "magentan" not in words and "an" in words
+    assert all(" a outlined" not in f" {c}" for c in captions)
+    assert any("magenta outlined" in c for c in captions)
+
+
+def test_partial_captions_name_only_true_attributes_in_caption_words():
+    samples = shapes.sample("train", 400, seed=0)
+    vocabulary = {w for s in samples for w in re.findall("[a-z]+", s.caption)}
+    rng = random.Random(3)
+    named = {a: 0 for a in shapes.PARTIAL_ATTRIBUTES}
+    texts = []
+    for s in samples:
+        text = shapes.partial_caption(s.attributes, rng)
+        texts.append(text)
+        words = set(re.findall("[a-z]+", text))
+        assert words <= vocabulary, text  # the toy tokenizer knows these words only
+        a = s.attributes
+        values = {"shape": a.shape, "color": a.color, "style": {"outline": "outlined"}.get(a.style, a.style),
+                  "background": a.background}
+        for attribute, value in values.items():
+            named[attribute] += value in words
+        others = {"shape": shapes.SHAPES, "color": shapes.COLORS}
+        for attribute, options in others.items():  # never a wrong value (colour words are also backgrounds)
+            wrong = [o for o in options if o != getattr(a, attribute) and o in words and o != a.background]
+            assert not wrong, (text, a)
+    assert "" in texts and len(set(texts)) > 200
+    for attribute, count in named.items():  # each named about half the time
+        assert 150 < count < 250, (attribute, count)
+    assert shapes.partial_caption(samples[0].attributes, random.Random(0), p_name=1.0).count(samples[0].attributes.shape) == 1
+    assert shapes.partial_caption(samples[0].attributes, random.Random(0), p_name=0.0) == ""
 
 
 def test_write_folder(tmp_path):

@@ -47,3 +47,32 @@ def test_image_prompts_carry_the_reference_far_above_unconditional():
         ip, uncond = proportion(ip_hits[attribute]), proportion(uncond_hits[attribute])
         # Measured on 200 test references: shape 68.5% vs 16.5%, background 77% vs 15%.
         assert ip.low > uncond.high, (attribute, ip, uncond)
+
+
+def test_shipped_scoring_clip_shares_the_pipeline_towers_and_reads_the_references():
+    import json
+
+    from safetensors.torch import load_file
+    from PIL import Image
+
+    from imprompt.evaluation.scoring import ClipScorer
+
+    paths = toy_paths()
+    assert set(load_file(paths["clip"] / "model.safetensors")) == {"text_projection.weight", "logit_scale"}
+    scorer = ClipScorer.from_pretrained(paths["clip"])
+    encoder = ImageEncoder.from_pretrained(paths["image_encoder"])
+    vision = scorer.model.vision_model.state_dict()
+    assert all(torch.equal(vision[k], v.float()) for k, v in encoder.model.vision_model.state_dict().items())
+    picked = [p for p in json.loads((paths["references"] / "attributes.json").read_text()) if p["split"] == "test"]
+    assert len(picked) >= 4  # (held-out shape/colour pairs are left out: CLIP never saw them captioned)
+    images = [Image.open(paths["references"] / p["file"]) for p in picked]
+    image_embeds = torch.nn.functional.normalize(scorer.image_embeds(images), dim=-1)
+    style_word = {"outline": "outlined"}
+    for attribute, values in (("shape", shapes.SHAPES), ("color", shapes.COLORS), ("background", shapes.BACKGROUNDS)):
+        for image_embed, p in zip(image_embeds, picked):  # zero-shot: the caption with one attribute varied
+            options = [v for v in values if attribute == "shape" or v != p["background" if attribute == "color" else "color"]]
+            texts = [" ".join([style_word.get(p["style"], p["style"]), v if attribute == "color" else p["color"],
+                               v if attribute == "shape" else p["shape"]])
+                     + f", {v if attribute == 'background' else p['background']} background" for v in options]
+            text_embeds = torch.nn.functional.normalize(scorer.text_embeds(texts), dim=-1)
+            assert options[int((text_embeds @ image_embed).argmax())] == p[attribute], (attribute, p, texts)

@@ -35,13 +35,18 @@ class ClipScorer:
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ClipScorer":
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+        from ..toy.models import TOWERS_FILE, load_shared_tower_clip
+
         folder = Path(path)
         missing = [name for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json")
                    if not (folder / name).is_file()]
         if missing:
             raise ValueError(f"scoring CLIP {str(folder)!r} lacks {', '.join(missing)}; it must hold a transformers "
                              "CLIPModel saved with its CLIPImageProcessor and tokenizer (save_pretrained of all three)")
-        model = CLIPModel.from_pretrained(folder, torch_dtype=dtype).to(device)
+        if (folder / TOWERS_FILE).is_file():  # the toy package's CLIP, sharing the pipeline's towers
+            model = load_shared_tower_clip(folder, dtype).to(device)
+        else:
+            model = CLIPModel.from_pretrained(folder, torch_dtype=dtype).to(device)
         return cls(model, CLIPImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
     @property

@@ -12,7 +12,8 @@ resumes where it stopped::
     latents    VAE latents of the train images and text-encoder states of their captions, cached once
     unet       UNet, epsilon prediction, 10% caption dropout (classifier-free guidance), EMA weights
     pipeline   diffusers StableDiffusionPipeline folder + image_encoder/ (the CLIP vision tower)
-    adapter    linear IP-Adapter trained with imprompt.training (resumable, checkpoints every 200 steps)
+    adapter    linear IP-Adapter trained with imprompt.training on the train split with partial captions
+               (shapes.partial_caption; resumable, checkpoints every 200 steps)
     quality    the issue's quality targets on the test split (imprompt.toy.quality)
     package    fp16 safetensors + tokenizer + configs + example references + MODEL_CARD.md -> toy/data/
 
@@ -27,8 +28,10 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +69,9 @@ class BuildConfig:
     unet_warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    adapter_steps: int = 1200
+    adapter_steps: int = 3000
     adapter_lr: float = 5e-4
+    adapter_caption_p: float = 0.5  # chance each content attribute is named in the adapter's captions
     quality_samples: int = 200
     quality_steps: int = 20
     quality_multimodal_samples: int = 100
@@ -87,6 +91,7 @@ def _atomic_json(path: Path, data) -> None:
 
 
 def _atomic_torch(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(data, tmp)
     os.replace(tmp, path)
@@ -395,6 +400,19 @@ def stage_latents(cfg: BuildConfig) -> dict:
             "latent_mean": round(float(latents.mean()), 4), "n": len(latents)}
 
 
+def denoising_step(unet, opt, x0: torch.Tensor, cond: torch.Tensor, alphas: torch.Tensor, g: torch.Generator) -> float:
+    """One epsilon-prediction step (DDPM noising at uniform timesteps, gradient norm clipped at 1)."""
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, len(alphas), (len(x0),), generator=g)
+    a = alphas[t].view(-1, 1, 1, 1)
+    loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def stage_unet(cfg: BuildConfig) -> dict:
     from diffusers import DDPMScheduler
 
@@ -418,20 +436,12 @@ def stage_unet(cfg: BuildConfig) -> dict:
         cond = text[idx].float()
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         cond[drop] = empty
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        loss = denoising_step(unet, opt, x0, cond, alphas, g)
         decay = min(cfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        return loss.item()
+        return loss
 
     info = loop.run(step)
     ema.save_pretrained(cfg.work / "unet" / "model")
@@ -467,12 +477,40 @@ def stage_pipeline(cfg: BuildConfig) -> dict:
     return {"seconds": round(time.perf_counter() - started, 1)}
 
 
+def adapter_data(cfg: BuildConfig) -> Path:
+    """The train split with partial captions (``shapes.partial_caption``), images hard-linked.
+
+    Written once, atomically; the captions are drawn from their own seeded stream, so a rebuild gives
+    the same folder.
+    """
+    folder = cfg.work / "adapter" / "data"
+    if folder.is_dir():
+        return folder
+    rng = random.Random(f"imprompt-toy/adapter-captions/{cfg.seed}")
+    source = cfg.work / "data" / "train"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".data.", dir=folder.parent))
+    try:
+        for file_name, _, attrs in shapes.read_metadata(source):
+            try:
+                os.link(source / file_name, staging / file_name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source / file_name, staging / file_name)
+            text = shapes.partial_caption(attrs, rng, cfg.adapter_caption_p)
+            (staging / file_name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
 def stage_adapter(cfg: BuildConfig) -> dict:
     from ..training.config import TrainConfig
     from ..training.trainer import train
 
     pipeline = cfg.work / "pipeline"
-    config = TrainConfig(model=str(pipeline), image_encoder=str(pipeline / "image_encoder"), data=str(cfg.work / "data" / "train"),
+    config = TrainConfig(model=str(pipeline), image_encoder=str(pipeline / "image_encoder"), data=str(adapter_data(cfg)),
                          output_dir=str(cfg.work / "adapter" / "run"), variant="linear", resolution=shapes.IMAGE_SIZE,
                          batch_size=64, max_steps=cfg.adapter_steps, learning_rate=cfg.adapter_lr,
                          checkpoint_every=200, resume="latest", seed=cfg.seed, progress=cfg.progress, cpu=True)
@@ -504,6 +542,15 @@ def _half_copy(component, folder: Path) -> None:
     component.to(torch.float32)
 
 
+def _package_clip(cfg: BuildConfig, folder: Path) -> None:
+    """The scoring CLIP (imprompt eval's --clip-model), sharing the pipeline's text and vision towers."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    models.save_shared_tower_clip(CLIPModel.from_pretrained(cfg.work / "clip" / "model"), folder, dtype=torch.float16)
+    CLIPTokenizer.from_pretrained(cfg.work / "pipeline" / "tokenizer").save_pretrained(folder)
+    CLIPImageProcessor.from_pretrained(cfg.work / "pipeline" / "image_encoder").save_pretrained(folder)
+
+
 def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -520,6 +567,7 @@ def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
     CLIPImageProcessor.from_pretrained(cfg.work / "pipeline" / "image_encoder").save_pretrained(staging / "pipeline" / "image_encoder")
     save_adapter(load_adapter(cfg.work / "adapter" / "run" / "ip_adapter.safetensors", dtype=torch.float16),
                  staging / "ip_adapter.safetensors")
+    _package_clip(cfg, staging / "clip")
     (staging / "references").mkdir()
     picked, seen = [], set()
     for name, _, a in _load_meta(cfg, "test") + _load_meta(cfg, "heldout"):
@@ -620,8 +668,14 @@ def run(cfg: BuildConfig, only: str | None = None, until: str | None = None, for
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["derive"]:
+        from .derivative import main as derive_main
+
+        return derive_main(argv[1:])
     parser = argparse.ArgumentParser(prog="imprompt toy", description="Build the toy world's models")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("derive", help="fine-tune the toy UNet on one style: a derivative model (imprompt toy derive --help)")
     build = sub.add_parser("build", help="regenerate the toy models in resumable stages")
     build.add_argument("--work", type=Path, default=BuildConfig.work, help="work folder (default: build/toy)")
     build.add_argument("--stage", choices=STAGES, help="run only this stage")

@@ -121,3 +121,60 @@ def scheduler() -> DPMSolverMultistepScheduler:
 
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------- the scoring CLIP, sharing the pipeline's towers
+#
+# The package ships the CLIP text tower as the pipeline's text_encoder and the vision tower (with its
+# projection) as pipeline/image_encoder. A full CLIPModel beside them would store both towers twice and
+# push the package over its 25 MB budget, so the scoring CLIP's folder holds only what the towers lack
+# (text_projection, logit_scale), the CLIPConfig, tokenizer and image processor, and ``towers.json``
+# naming the two tower folders; ``load_shared_tower_clip`` assembles the CLIPModel.
+
+TOWERS_FILE = "towers.json"
+_OWN_WEIGHTS = ("text_projection.weight", "logit_scale")
+
+
+def save_shared_tower_clip(model: CLIPModel, folder, text_encoder: str = "../pipeline/text_encoder",
+                           image_encoder: str = "../pipeline/image_encoder", dtype=None) -> None:
+    """Write ``folder`` with the CLIP's own weights only; the tower folders are relative to it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    state = model.state_dict()
+    own = {k: state[k].detach().to(dtype or state[k].dtype).contiguous() for k in _OWN_WEIGHTS}
+    save_file(own, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / TOWERS_FILE).write_text(json.dumps({"text_model": text_encoder, "vision_model": image_encoder}, indent=2) + "\n")
+
+
+def load_shared_tower_clip(folder, dtype=None) -> CLIPModel:
+    """The CLIPModel saved by ``save_shared_tower_clip``: every weight accounted for, or a clear error."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    towers = json.loads((folder / TOWERS_FILE).read_text())
+    model = CLIPModel(CLIPConfig.from_pretrained(folder))
+    text = CLIPTextModel.from_pretrained(folder / towers["text_model"])
+    vision = CLIPVisionModelWithProjection.from_pretrained(folder / towers["vision_model"])
+    for name, tower, part in (("text", text, model.text_model), ("vision", vision.vision_model, model.vision_model)):
+        result = part.load_state_dict(tower.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"the {name} tower in {folder / towers[name + '_model']} does not fit the CLIPConfig in "
+                             f"{folder}: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    model.visual_projection.load_state_dict(vision.visual_projection.state_dict())
+    own = load_file(str(folder / "model.safetensors"))
+    missing = [k for k in _OWN_WEIGHTS if k not in own]
+    if missing:
+        raise ValueError(f"{folder / 'model.safetensors'} lacks {missing}; rewrite it with save_shared_tower_clip")
+    model.load_state_dict(own, strict=False)
+    return model.to(dtype or torch.float32).eval()

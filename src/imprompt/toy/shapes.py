@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -225,8 +226,38 @@ def caption(attrs: Attributes, rng: random.Random) -> str:
     thing = " ".join(words + [attrs.shape])
     if rng.random() < 1 / 3:
         thing += " " + _POSITION_PHRASES[attrs.position]
-    text = rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background)
-    return text.replace("a outlined", "an outlined")
+    return _with_articles(rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background))
+
+
+def _with_articles(text: str) -> str:
+    # word boundaries: a plain replace would also turn "magenta outlined" into "magentan outlined"
+    return re.sub(r"\ba outlined\b", "an outlined", text)
+
+
+PARTIAL_ATTRIBUTES = ("shape", "color", "style", "background")
+
+
+def partial_caption(attrs: Attributes, rng: random.Random, p_name: float = 0.5) -> str:
+    """A caption that names each of shape, colour, style and background with probability ``p_name``.
+
+    Real alt-texts describe part of an image; the toy captions name every content attribute, so with
+    them a text-conditioned UNet needs nothing from an image prompt except on the few training steps
+    whose text is dropped (5% in the paper's recipe). Training the toy adapter on partial captions
+    makes the image carry the attributes the text leaves out on every step. Only caption words are
+    used (the toy tokenizer knows no others); naming nothing gives the empty caption.
+    """
+    named = {a for a in PARTIAL_ATTRIBUTES if rng.random() < p_name}
+    words = [w for a, w in (("style", _STYLE_WORDS[attrs.style]), ("color", attrs.color)) if a in named]
+    if len(words) == 2 and rng.random() < 0.5:
+        words.reverse()
+    if "shape" in named:
+        words.append(attrs.shape)
+    thing = " ".join(words)
+    if "background" not in named:
+        return _with_articles(f"a {thing}") if thing else ""
+    if not thing:
+        return f"{attrs.background} background"
+    return _with_articles(rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background))
 
 
 # -------------------------------------------------------------------------------------------- splits
