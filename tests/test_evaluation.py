@@ -18,13 +18,13 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import tiny_models as tm
-from imprompt.adapter.checkpoint import save_adapter
+from imprompt.adapter.checkpoint import load_shared_adapter, save_adapter
 from imprompt.adapter.model import IPAdapter
 from imprompt.adapter.variants import AdapterVariant, CheckpointError
 from imprompt.evaluation import metrics
 from imprompt.evaluation.cli import main
 from imprompt.evaluation.config import EvalConfig, MethodSpec, load_config, parse_method, with_toy_defaults
-from imprompt.evaluation.methods import load_shared_adapter, shared_prompt_embeds
+from imprompt.evaluation.methods import shared_prompt_embeds
 from imprompt.evaluation.run import evaluate, summarize_samples
 from imprompt.evaluation.scoring import attribute_hits, edit_hits
 from imprompt.generation.pipelines import ModelNotFoundError
@@ -216,7 +216,7 @@ def test_toy_defaults(tmp_path, monkeypatch):
     import imprompt.toy
 
     monkeypatch.setattr(imprompt.toy, "PACKAGE_DIR", tmp_path)
-    methods = [MethodSpec("ip", "ip_adapter"), MethodSpec("t", "text_only")]
+    methods = [MethodSpec("ip", "ip_adapter"), MethodSpec("t", "text_only"), MethodSpec("s", "shared")]
     with pytest.raises(ValueError, match="shipped toy models are missing"):
         with_toy_defaults(EvalConfig(methods=methods))
     (tmp_path / "ip_adapter.safetensors").write_bytes(b"")
@@ -225,6 +225,7 @@ def test_toy_defaults(tmp_path, monkeypatch):
     cfg = with_toy_defaults(EvalConfig(methods=methods, clip_model="clip"))
     assert cfg.model == str(tmp_path / "pipeline") and cfg.methods[0].adapter == str(tmp_path / "ip_adapter.safetensors")
     assert cfg.methods[0].image_encoder == str(tmp_path / "pipeline" / "image_encoder") and cfg.methods[1].adapter == ""
+    assert cfg.methods[2].adapter == str(tmp_path / "simple_adapter.safetensors")
     given = EvalConfig(model="mine", methods=methods, data="toy:heldout")
     assert with_toy_defaults(given) is given  # an explicit model gets no toy defaults
 

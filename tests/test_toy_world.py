@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_pipeline
+from imprompt.adapter.checkpoint import load_shared_adapter
 from imprompt.evaluation.metrics import proportion
 from imprompt.toy import shapes, toy_paths
 from imprompt.toy.reader import read
@@ -21,6 +22,8 @@ def test_shipped_models_load_with_the_standard_classes():
     assert len(tokenizer) > 50 and len(tokenizer("a red circle on a blue background").input_ids) == 9
     assert CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).config.image_size == 32
     assert load_adapter(paths["adapter"]).variant.projection == "linear"
+    simple = load_shared_adapter(paths["simple_adapter"])  # the ablation: a projection and no attention layers
+    assert simple.variant.num_tokens == 4 and len(simple.ip_adapter) == 0
 
 
 def test_image_prompts_carry_the_reference_far_above_unconditional():
@@ -29,7 +32,7 @@ def test_image_prompts_carry_the_reference_far_above_unconditional():
     pipe = load_pipeline(paths["model"])
     encoder = ImageEncoder.from_pretrained(paths["image_encoder"])
     samples = shapes.sample("test", 24, seed=5)
-    ip_hits, uncond_hits = {a: [] for a in ("shape", "background")}, {a: [] for a in ("shape", "background")}
+    ip_hits, uncond_hits = ({a: [] for a in ("shape", "color", "background")} for _ in range(2))
     with attach(pipe.unet, load_adapter(paths["adapter"])) as attachment:
         for i, sample in enumerate(samples):
             settings = GenerationSettings(prompt="", steps=15, guidance=3.0, seed=i, num_images=2)
@@ -45,7 +48,8 @@ def test_image_prompts_carry_the_reference_far_above_unconditional():
                     uncond_hits[a].append(getattr(got, a) == getattr(sample.attributes, a))
     for attribute in ip_hits:
         ip, uncond = proportion(ip_hits[attribute]), proportion(uncond_hits[attribute])
-        # Measured on 200 test references: shape 68.5% vs 16.5%, background 77% vs 15%.
+        # Measured on 200 test references (toy build, stage quality): shape 94.5% vs 16.5%, colour 90.5% vs 15%,
+        # background 99% vs 15%.
         assert ip.low > uncond.high, (attribute, ip, uncond)
 
 
@@ -76,3 +80,29 @@ def test_shipped_scoring_clip_shares_the_pipeline_towers_and_reads_the_reference
                      + f", {v if attribute == 'background' else p['background']} background" for v in options]
             text_embeds = torch.nn.functional.normalize(scorer.text_embeds(texts), dim=-1)
             assert options[int((text_embeds @ image_embed).argmax())] == p[attribute], (attribute, p, texts)
+
+
+def test_toy_evaluation_end_to_end_adapter_beats_unconditional(tmp_path):
+    """`imprompt eval` on the shipped toy world: the expected tables, and the adapter far above chance."""
+    import json
+    import re
+
+    from imprompt.evaluation.cli import main
+
+    torch.set_flush_denormal(True)
+    out = tmp_path / "eval"
+    code = main(["--data", "toy:test", "--references", "16", "--samples", "2", "--steps", "15", "--guidance", "3",
+                 "--method", "ip:ip_adapter", "--method", "uncond:unconditional", "--no-scale-sweep", "--no-multimodal",
+                 "--sheet-references", "2", "--output-dir", str(out), "--no-progress"])
+    assert code == 0
+    report = (out / "report.md").read_text()
+    for heading in ("Image prompt alone", "Attributes of the generation"):
+        section = report.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+        rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("|")][2:]
+        assert rows == ["ip", "uncond"], heading
+    assert re.search(r"wall time: \d+\.\d s", report)
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    ip, uncond = (methods[m]["passes"]["image_prompt"]["summary"] for m in ("ip", "uncond"))
+    assert ip["clip_i"]["low"] > uncond["clip_i"]["high"], (ip["clip_i"], uncond["clip_i"])
+    for attribute in ("color", "background"):  # 32 generations each; Wilson intervals must not overlap
+        assert ip["hits"][attribute]["low"] > uncond["hits"][attribute]["high"], (attribute, ip["hits"], uncond["hits"])

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import IPAdapter
-from .variants import CheckpointError
+from .variants import AdapterVariant, CheckpointError
 
 HALVES = ("image_proj", "ip_adapter")
 
@@ -82,6 +82,27 @@ def nest(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None) -> IPAdapter:
     """Read, detect and check an official checkpoint; returns the adapter on the CPU."""
     adapter = IPAdapter.from_state_dict(read_state(path))
+    return adapter.to(dtype) if dtype is not None else adapter
+
+
+def load_shared_adapter(path: str | Path, dtype: torch.dtype | None = None) -> IPAdapter:
+    """A shared-attention adapter file (``image_proj.*`` only, linear projection) as an IPAdapter without layers."""
+    state = read_state(path)
+    layers = sorted(k for k in state if not k.startswith("image_proj."))
+    if layers:
+        raise CheckpointError(f"{Path(path).name} has decoupled-attention weights (e.g. {layers[0]!r}): it is an "
+                              "IP-Adapter, not a shared adapter; use kind: ip_adapter")
+    proj = {k[len("image_proj."):]: v for k, v in state.items()}
+    if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        raise CheckpointError(f"{Path(path).name}: a shared adapter holds a linear projection (image_proj.proj.* and "
+                              f"image_proj.norm.*), found {sorted(proj)}")
+    width = proj["norm.weight"].shape[0]
+    total, embed_dim = proj["proj.weight"].shape
+    if total % width:
+        raise CheckpointError(f"image_proj.proj.weight has {total} rows, not a multiple of the token width {width}")
+    with torch.device("meta"):
+        adapter = IPAdapter(AdapterVariant("linear", embed_dim, width, total // width), {})
+    adapter.load_state_dict(state, strict=True, assign=True)
     return adapter.to(dtype) if dtype is not None else adapter
 
 

@@ -239,11 +239,12 @@ def with_toy_defaults(config: EvalConfig) -> EvalConfig:
     paths = toy.toy_paths()
     methods = []
     for m in config.methods:
-        if m.kind == "ip_adapter":  # the toy package ships a decoupled adapter, not a shared one
+        if m.kind == "ip_adapter":
             m = dataclasses.replace(m, adapter=m.adapter or str(paths["adapter"]),
                                     image_encoder=m.image_encoder or str(paths["image_encoder"]))
-        elif m.kind == "shared":
-            m = dataclasses.replace(m, image_encoder=m.image_encoder or str(paths["image_encoder"]))
+        elif m.kind == "shared":  # the simple adapter trained beside it (same data and budget)
+            m = dataclasses.replace(m, adapter=m.adapter or str(paths["simple_adapter"]),
+                                    image_encoder=m.image_encoder or str(paths["image_encoder"]))
         methods.append(m)
     clip = config.clip_model or (str(paths["clip"]) if paths["clip"].is_dir() else "")
     if not clip:

@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageOps
 
 from ..adapter.attach import attach
-from ..adapter.checkpoint import read_state
+from ..adapter.checkpoint import load_shared_adapter, read_state
 from ..adapter.model import IPAdapter
-from ..adapter.variants import AdapterVariant, CheckpointError
+from ..adapter.variants import CheckpointError
 from ..encoding import ImageEncoder, check_encoder
 from ..generation.generate import GenerationSettings, generate
 from ..generation.pipelines import ModelNotFoundError, resolve_file, resolve_model
@@ -56,27 +56,6 @@ class MethodModels:
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def load_shared_adapter(path: str | Path, dtype: torch.dtype | None = None) -> IPAdapter:
-    """A shared-attention adapter file (``image_proj.*`` only, linear projection) as an IPAdapter without layers."""
-    state = read_state(path)
-    layers = sorted(k for k in state if not k.startswith("image_proj."))
-    if layers:
-        raise CheckpointError(f"{Path(path).name} has decoupled-attention weights (e.g. {layers[0]!r}): it is an "
-                              "IP-Adapter, not a shared adapter; use kind: ip_adapter")
-    proj = {k[len("image_proj."):]: v for k, v in state.items()}
-    if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        raise CheckpointError(f"{Path(path).name}: a shared adapter holds a linear projection (image_proj.proj.* and "
-                              f"image_proj.norm.*), found {sorted(proj)}")
-    width = proj["norm.weight"].shape[0]
-    total, embed_dim = proj["proj.weight"].shape
-    if total % width:
-        raise CheckpointError(f"image_proj.proj.weight has {total} rows, not a multiple of the token width {width}")
-    with torch.device("meta"):
-        adapter = IPAdapter(AdapterVariant("linear", embed_dim, width, total // width), {})
-    adapter.load_state_dict(state, strict=True, assign=True)
-    return adapter.to(dtype) if dtype is not None else adapter
 
 
 def _encoder_dir(spec: MethodSpec, adapter_file: Path, model: str) -> Path:

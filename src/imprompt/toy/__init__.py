@@ -15,7 +15,7 @@ def toy_paths(package: Path | None = None) -> dict[str, Path]:
     package = package or PACKAGE_DIR
     return {"model": package / "pipeline", "adapter": package / "ip_adapter.safetensors",
             "image_encoder": package / "pipeline" / "image_encoder", "references": package / "references",
-            "clip": package / "clip"}
+            "clip": package / "clip", "simple_adapter": package / "simple_adapter.safetensors"}
 
 
 def toy_available(package: Path | None = None) -> bool:
