@@ -188,3 +188,19 @@ def test_reader_rejects_what_it_cannot_read():
         reader.read(np.zeros((32, 32, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="equally many"):
         reader.accuracy([], [])
+
+
+def test_edits_change_exactly_one_content_attribute_within_the_split():
+    rng = random.Random(0)
+    changed_counts = {a: 0 for a in shapes.PARTIAL_ATTRIBUTES}
+    allowed = set(shapes.allowed_pairs("train"))
+    for s in shapes.sample("train", 400, seed=1):
+        changed, target = shapes.edited(s.attributes, rng)
+        differs = [f for f in ("shape", "color", "background", "style", "size", "position")
+                   if getattr(target, f) != getattr(s.attributes, f)]
+        assert differs == [changed] and (target.shape, target.color) in allowed
+        changed_counts[changed] += 1
+        text = shapes.partial_caption(target, rng, always=(changed,))
+        word = {"outline": "outlined"}.get(getattr(target, changed), getattr(target, changed))
+        assert word in re.findall("[a-z]+", text), (changed, target, text)  # the change is always named
+    assert all(70 < n < 130 for n in changed_counts.values()), changed_counts

@@ -198,6 +198,9 @@ def test_resume_after_a_kill_is_exact(world, tmp_path):
     assert a.keys() == b.keys()
     differ = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     assert not differ, differ
+    straight_summary, resumed_summary = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("straight", "resumed"))
+    assert straight_summary["images_seen"] == resumed_summary["images_seen"] == 6 * 4  # the killed run's steps count
+    assert resumed_summary["seconds"] > resumed_summary["seconds_this_run"] > 0
 
 
 def test_resume_latest_ignores_unfinished_checkpoints(world, tmp_path):
@@ -273,6 +276,28 @@ def test_json_list_and_webdataset_shards_read_the_same_samples(world, tmp_path):
     result = train(config(world, tmp_path / "wds", data=str(tmp_path / "shard-{000..001}.tar"), max_steps=1,
                           cache_dir=str(tmp_path / "cache")))
     assert result.adapter_file.is_file() and not result.skipped
+
+
+def test_reference_file_is_the_image_prompt_and_the_target_stays_the_image(world, tmp_path):
+    from imprompt.encoding import ImageEncoder
+    from imprompt.generation.pipelines import load_pipeline
+    from imprompt.training.data import json_records
+    from imprompt.training.features import FrozenModels
+
+    folder = world / "data"
+    items = [{"image_file": "img01.png", "text": "a"},
+             {"image_file": "img01.png", "text": "a", "reference_file": "img02.png"},
+             {"image_file": "img02.png", "text": "a"},
+             {"image_file": "img01.png", "text": "a", "reference_file": "corrupt.png"}]
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(i) for i in items))
+    records = json_records(tmp_path / "edits.jsonl", folder)
+    models = FrozenModels(load_pipeline(world / "sd"), ImageEncoder.from_pretrained(world / "encoder"), "image_embeds")
+    counter = SkipCounter()
+    out = models.encode(records, 16, True, 42, counter)
+    assert len(out["_keys"]) == 3 and counter.skipped == ["img01.png"]  # the unreadable reference drops its sample
+    assert torch.equal(out["latent_mean"][0], out["latent_mean"][1])  # same target image...
+    assert torch.allclose(out["image"][1], out["image"][2], atol=1e-6)  # ...whose image prompt is img02
+    assert not torch.allclose(out["image"][0], out["image"][1], atol=1e-3)
 
 
 def test_yaml_config_and_command_line(world, tmp_path):

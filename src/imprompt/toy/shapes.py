@@ -237,16 +237,17 @@ def _with_articles(text: str) -> str:
 PARTIAL_ATTRIBUTES = ("shape", "color", "style", "background")
 
 
-def partial_caption(attrs: Attributes, rng: random.Random, p_name: float = 0.5) -> str:
+def partial_caption(attrs: Attributes, rng: random.Random, p_name: float = 0.5, always: Sequence[str] = ()) -> str:
     """A caption that names each of shape, colour, style and background with probability ``p_name``.
 
     Real alt-texts describe part of an image; the toy captions name every content attribute, so with
     them a text-conditioned UNet needs nothing from an image prompt except on the few training steps
     whose text is dropped (5% in the paper's recipe). Training the toy adapter on partial captions
     makes the image carry the attributes the text leaves out on every step. Only caption words are
-    used (the toy tokenizer knows no others); naming nothing gives the empty caption.
+    used (the toy tokenizer knows no others); naming nothing gives the empty caption. Attributes in
+    ``always`` are named whatever the draw (the draws are made all the same, so the stream does not shift).
     """
-    named = {a for a in PARTIAL_ATTRIBUTES if rng.random() < p_name}
+    named = {a for a in PARTIAL_ATTRIBUTES if rng.random() < p_name or a in always}
     words = [w for a, w in (("style", _STYLE_WORDS[attrs.style]), ("color", attrs.color)) if a in named]
     if len(words) == 2 and rng.random() < 0.5:
         words.reverse()
@@ -258,6 +259,18 @@ def partial_caption(attrs: Attributes, rng: random.Random, p_name: float = 0.5) 
     if not thing:
         return f"{attrs.background} background"
     return _with_articles(rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background))
+
+
+def edited(attrs: Attributes, rng: random.Random, split: str = "train") -> tuple[str, Attributes]:
+    """``attrs`` with one content attribute (drawn uniformly) changed to another value the split allows."""
+    pairs = set(allowed_pairs(split))
+    values = {"shape": SHAPES, "color": COLORS, "style": STYLES, "background": BACKGROUNDS}
+    for attribute in rng.sample(PARTIAL_ATTRIBUTES, len(PARTIAL_ATTRIBUTES)):
+        options = [{**asdict(attrs), attribute: v} for v in values[attribute] if v != getattr(attrs, attribute)]
+        options = [a for a in options if (a["shape"], a["color"]) in pairs and a["background"] != a["color"]]
+        if options:
+            return attribute, Attributes(**rng.choice(options))
+    raise ValueError(f"no valid edit of {attrs} in split {split!r}")
 
 
 # -------------------------------------------------------------------------------------------- splits

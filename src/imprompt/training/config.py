@@ -23,7 +23,9 @@ class TrainConfig:
     model: str = field(default="", metadata=_m("base model: diffusers folder or hub id (frozen)"))
     image_encoder: str = field(default="", metadata=_m("CLIP vision model folder (frozen)"))
     data: str = field(default="", metadata=_m("training data: a folder of name.jpg + name.txt, a JSON/JSONL list "
-                                              "({'image_file', 'text'}), or webdataset tar shards (path or URL, {000..099} braces)"))
+                                              "({'image_file', 'text'}, optionally 'reference_file': the image "
+                                              "prompt if not the image), or webdataset tar shards (path or URL, "
+                                              "{000..099} braces)"))
     data_root: str | None = field(default=None, metadata=_m("folder the JSON list's image_file paths are relative to"))
     output_dir: str = field(default="runs/adapter", metadata=_m("where checkpoints, logs and the exported adapter go"))
     variant: str = field(default="linear", metadata=_m("linear (4 tokens, pooled embedding), plus (Resampler), full (MLP), "

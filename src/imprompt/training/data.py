@@ -30,6 +30,9 @@ class Record:
     key: str
     read: Callable[[], bytes]
     caption: str
+    # The image prompt, when it is not the training image itself (e.g. another view of the subject, or
+    # the image before an edit the caption describes); the official recipe uses the image itself.
+    read_reference: Callable[[], bytes] | None = None
 
 
 @dataclass
@@ -47,11 +50,12 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def try_decode(record: Record, counter: SkipCounter) -> Image.Image | None:
+def try_decode(record: Record, counter: SkipCounter, reference: bool = False) -> Image.Image | None:
+    """The record's image (or its reference image), or None after counting it as skipped."""
     try:
-        return decode_image(record.read())
+        return decode_image((record.read_reference if reference else record.read)())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        counter.skip(record.key, f"{type(err).__name__}: {err}")
+        counter.skip(record.key, f"{'reference: ' if reference else ''}{type(err).__name__}: {err}")
         return None
 
 
@@ -68,7 +72,10 @@ def folder_records(folder: Path) -> list[Record]:
 
 
 def json_records(path: Path, root: Path | None) -> list[Record]:
-    """The official training list: a JSON array (or JSON lines) of {"image_file": ..., "text": ...}."""
+    """The official training list: a JSON array (or JSON lines) of {"image_file": ..., "text": ...}.
+
+    An item may also name ``"reference_file"``: the image prompt for that sample, if not the image itself.
+    """
     text = path.read_text()
     items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
     root = root if root is not None else path.parent
@@ -77,7 +84,9 @@ def json_records(path: Path, root: Path | None) -> list[Record]:
         if "image_file" not in item:
             raise ValueError(f"{path.name} item {i} has no 'image_file' (keys: {sorted(item)})")
         image = root / item["image_file"]
-        records.append(Record(item["image_file"], image.read_bytes, str(item.get("text", ""))))
+        reference = root / item["reference_file"] if item.get("reference_file") else None
+        records.append(Record(item["image_file"], image.read_bytes, str(item.get("text", "")),
+                              reference.read_bytes if reference is not None else None))
     return records
 
 

@@ -96,10 +96,13 @@ class FrozenModels:
             image = try_decode(record, counter)
             if image is None:
                 continue
+            prompt = image if record.read_reference is None else try_decode(record, counter, reference=True)
+            if prompt is None:
+                continue
             # A random crop is drawn from a per-image generator, so it is the same on every run.
             rng = np.random.default_rng([seed, int(hashlib.md5(record.key.encode()).hexdigest()[:8], 16)])
             prepared.append(prepare_pixels(image, resolution, center_crop, rng))
-            images.append(image)
+            images.append(prompt)  # what the image encoder sees; the VAE gets ``prepared``
             captions.append(record.caption)
             keys.append(record.key)
         if not keys:

@@ -111,7 +111,9 @@ def find_resume(config: TrainConfig) -> Path | None:
     return path
 
 
-def save_checkpoint(folder: Path, step: int, micro_step: int, adapter: IPAdapter, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, micro_step: int, adapter: IPAdapter, optimizer, scheduler, keep: int,
+                    totals: dict | None = None) -> Path:
+    """Write ``step-N/`` atomically; ``totals`` (training seconds, images seen) carry over to a resumed run."""
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +121,7 @@ def save_checkpoint(folder: Path, step: int, micro_step: int, adapter: IPAdapter
     save_adapter(adapter, tmp / "adapter.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro_step}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro_step, **(totals or {})}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a checkpoint exists completely or not at all
     for old in checkpoints(folder)[:-keep]:
@@ -212,10 +214,12 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
     uncond = {k: v.to(accelerator.device) for k, v in features.unconditional.items()}
 
     resume = find_resume(config)
-    start_micro = 0
+    start_micro, before = 0, {"seconds": 0.0, "images_seen": 0}  # before: what earlier runs did
     if resume is not None:
         adapter.load_state_dict(load_file(resume / "adapter.safetensors"))
-        start_micro = json.loads((resume / "state.json").read_text())["micro_step"]
+        state = json.loads((resume / "state.json").read_text())
+        start_micro = state["micro_step"]
+        before = {k: state.get(k, v) for k, v in before.items()}
     model = TrainingModel(adapter, unet, shared=config.variant == "shared")
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.lr_warmup_steps
@@ -268,8 +272,10 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                totals = {"seconds": before["seconds"] + time.perf_counter() - started,
+                          "images_seen": before["images_seen"] + images}
                 save_checkpoint(out / "checkpoints", step, micro + 1, accelerator.unwrap_model(model).adapter,
-                                optimizer, lr_scheduler, config.keep_checkpoints)
+                                optimizer, lr_scheduler, config.keep_checkpoints, totals)
         if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
             write_samples(config, pipe, accelerator.unwrap_model(model), encoder, out / "samples" / f"step-{step:08d}.png")
     bar.close()
@@ -284,8 +290,10 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
         save_adapter(final, adapter_file)
         (out / "ip_adapter.json").write_text(config.to_json())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        summary = {"steps": config.max_steps, "images_seen": images, "seconds": round(seconds, 2),
-                   "images_per_second": round(images / seconds, 3) if seconds else None,
+        total_images, total_seconds = before["images_seen"] + images, before["seconds"] + seconds
+        summary = {"steps": config.max_steps, "images_seen": total_images, "seconds": round(total_seconds, 2),
+                   "seconds_this_run": round(seconds, 2),
+                   "images_per_second": round(total_images / total_seconds, 3) if total_seconds else None,
                    "final_loss": losses[-1] if losses else None, "peak_rss_mb": round(peak, 1),
                    "skipped_images": len(features.skipped), "skipped": features.skipped, "variant": variant.name}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
