@@ -17,6 +17,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def option(help: str, **extra) -> dict:
+    """A config field's metadata: ``field(default=..., metadata=option("what it does", choices=[...]))``."""
+    return {"help": help, **extra}
+
+
 def _base_type(annotation) -> tuple[Any, bool]:
     """(element type, is_list) of an annotation such as ``int | None`` or ``list[str]``."""
     origin = typing.get_origin(annotation)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..cli.args import config_values
+from ..cli.args import config_values, option as _m
 
 from ..generation.request import DTYPES as TORCH_DTYPES
 from ..generation.schedulers import SCHEDULERS
@@ -118,10 +118,6 @@ def method_from_mapping(values: dict[str, Any], where: str) -> MethodSpec:
         if converted.get(name) is not None:
             converted[name] = str(converted[name])
     return MethodSpec(**converted)
-
-
-def _m(help: str, **extra) -> dict:
-    return {"help": help, **extra}
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from ..adapter.attach import attach
 from ..adapter.checkpoint import load_adapter
 from ..adapter.layers import PRESETS
+from ..cli.args import option as _m
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
 from .generate import GenerationSettings, generate
 from .pipelines import load_pipeline, resolve_file, resolve_model
@@ -31,10 +32,6 @@ from .schedulers import SCHEDULERS, sampler_name
 
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _m(help: str, **extra) -> dict:
-    return {"help": help, **extra}
 
 
 @dataclass

@@ -8,14 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from ..cli.args import config_values
+from ..cli.args import config_values, option as _m
 
 VARIANTS = ("linear", "plus", "full", "shared")
-
-
-def _m(help: str, **extra) -> dict:
-    return {"help": help, **extra}
 
 
 @dataclass
