@@ -16,7 +16,8 @@ from .adapter.layers import PRESETS, LayerScales
 from .adapter.model import IPAdapter
 from .adapter.variants import AdapterVariant, CheckpointError, detect_variant
 from .encoding import ImageEncoder, ImageInputError, load_image
-from .generation.generate import GenerationSettings, generate
+from .generation.generate import generate
+from .generation.settings import GenerationSettings
 from .generation.pipelines import load_pipeline
 from .generation.prompts import ImagePrompt
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .args import add_arguments, from_namespace
+from ..config import add_arguments, from_namespace
 
 
 def _generate(namespace: argparse.Namespace) -> int:

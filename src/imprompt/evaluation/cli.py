@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..cli.args import add_arguments
+from ..config import add_arguments
 from .config import EvalConfig, MethodSpec, load_config
 
 

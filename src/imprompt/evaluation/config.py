@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..cli.args import config_values, option as _m
+from ..config import config_values, option as _m
 
 from ..generation.request import DTYPES as TORCH_DTYPES
 from ..generation.schedulers import SCHEDULERS

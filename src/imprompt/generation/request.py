@@ -22,7 +22,7 @@ import torch
 from ..adapter.attach import attach
 from ..adapter.checkpoint import load_adapter
 from ..adapter.layers import PRESETS
-from ..cli.args import option as _m
+from ..config import option as _m
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
 from .generate import GenerationSettings, generate
 from .pipelines import load_pipeline, resolve_file, resolve_model

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cli.args import config_values, option as _m
+from ..config import config_values, option as _m
 
 VARIANTS = ("linear", "plus", "full", "shared")
 

@@ -1,4 +1,4 @@
-"""Command-line flags built from typed dataclass configs, so options are declared once.
+"""Typed dataclass configs: command-line flags, YAML files and overrides built from one declaration.
 
 A field's metadata may give ``help``, ``choices``, ``short`` and ``required``; ``list[...]`` fields
 become repeatable flags, ``bool`` fields become ``--flag / --no-flag``.
