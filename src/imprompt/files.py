@@ -173,3 +173,38 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTE
     if len(data) > max_bytes:
         raise UnsafeFileError(f"{what} {str(path)!r} is over the {max_bytes / 2**20:.0f} MiB limit")
     return data
+
+
+class PickleRefusedError(ValueError):
+    """A pickle file that is empty, truncated, or holds more than tensors (refused, never executed)."""
+
+
+def load_torch_weights(path: str | os.PathLike, what: str = "checkpoint", map_location="cpu"):
+    """``torch.load`` with ``weights_only=True`` only: plain containers of tensors and numbers load,
+    anything that would run code is refused. Errors name the file and say what to do instead.
+
+    Nothing in imprompt loads a pickle any other way (a test greps the package for it).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    size = check_regular_file(path, max_bytes=64 * 2**30, what=what)
+    if size == 0:
+        raise PickleRefusedError(f"{what} {path.name} is empty (0 bytes); re-create or re-download it")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message goes on to advise weights_only=False, i.e. running the file's code: never
+        # pass that on. Keep only the first line, which names what the file wanted to load.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PickleRefusedError(
+            f"{what} {path.name} holds more than tensors and was refused without running it ({first[:200]}); "
+            "use a .safetensors file, or re-save the weights as a plain dict of tensors"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as err:
+        raise PickleRefusedError(
+            f"cannot read {what} {path.name}: truncated or not a torch file ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'}); re-create or re-download it"
+        ) from None
