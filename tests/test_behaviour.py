@@ -9,7 +9,7 @@ from PIL import Image
 
 import tiny_models as tm
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, LayerScales, attach, generate
-from imprompt.adapter.attention import DecoupledAttnProcessor
+from imprompt.adapter.attention import IMAGE_PROMPTS_KWARG, DecoupledAttnProcessor
 from imprompt.generation.prompts import BatchLayout, prepare_image_prompt
 
 PROMPT = "a green circle"
@@ -139,12 +139,14 @@ def test_negative_image_replaces_the_unconditional_embedding(world):
 def test_step_window_switches_the_adapter_on_and_off(world):
     pipe, adapter, encoder = world
     seen = []
-    layer = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    name, layer = next((n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
 
-    def spy(module, args):
-        seen.append(bool(module.processor.image_kv) and module.processor.image_kv[0].window.active)
+    def spy(module, args, kwargs):
+        # The image prompts travel with the call: read what this layer receives at each step.
+        call = kwargs.get(IMAGE_PROMPTS_KWARG)
+        seen.append(call is not None and bool(call.active(name)))
 
-    hook = layer.register_forward_pre_hook(spy)
+    hook = layer.register_forward_pre_hook(spy, with_kwargs=True)
     try:
         with attach(pipe.unet, adapter) as attachment:
             _generate(pipe, attachment, [ImagePrompt(tm.reference_images(1), scale=0.7, start=0.25, end=0.75)],

@@ -8,13 +8,12 @@ adapter weights. :func:`cross_attention_layers` is the one place where positions
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from .attention import DecoupledAttnProcessor, ImageKV, StepWindow
+from .attention import DecoupledAttnProcessor, ImageKV, ImagePromptCall, StepWindow
 from .layers import LayerScales
 from .model import IPAdapter
 from .variants import CheckpointError, unet_family
@@ -80,19 +79,53 @@ def check_compatible(adapter: IPAdapter, layers: Sequence[CrossAttentionLayer], 
             )
 
 
+def install_processors(unet, owner: int) -> dict[str, DecoupledAttnProcessor]:
+    """Wrap every attention processor of ``unet`` (once, shared by all attachments), by block name.
+
+    Self-attention layers are wrapped too: diffusers hands ``cross_attention_kwargs`` to every
+    attention layer, and an unwrapped processor would warn at each call about the image prompts it
+    cannot take. The wrappers pass such calls straight to the original processor.
+    """
+    processors = unet.attn_processors
+    ours = [isinstance(p, DecoupledAttnProcessor) for p in processors.values()]
+    if any(ours) and not all(ours):
+        raise RuntimeError(
+            "some of this UNet's attention processors were replaced while imprompt adapters were attached; "
+            "detach every attachment before calling set_attn_processor"
+        )
+    if not all(ours):
+        processors = {name: DecoupledAttnProcessor(p, name.removesuffix(".processor")) for name, p in processors.items()}
+        unet.set_attn_processor(dict(processors))
+    for processor in processors.values():
+        processor.attachments.add(owner)
+    return {name.removesuffix(".processor"): p for name, p in processors.items()}
+
+
+def release_processors(unet, processors: Mapping[str, DecoupledAttnProcessor], owner: int) -> None:
+    """Drop ``owner``'s claim; the last one out puts the very same original processors back."""
+    for processor in processors.values():
+        processor.attachments.discard(owner)
+    if all(not p.attachments for p in processors.values()):
+        modules = dict(unet.named_modules())
+        for name, processor in processors.items():
+            modules[name].set_processor(processor.original)
+
+
 class Attachment:
     """One or more adapters attached to a UNet. Use as a context manager, or call :meth:`detach`.
 
-    Attaching wraps each cross-attention processor in a :class:`DecoupledAttnProcessor`; detaching
-    puts the very same original processor objects back. The UNet's parameters are never touched.
+    Attaching wraps the UNet's attention processors in :class:`DecoupledAttnProcessor` (once per
+    UNet: several attachments share the wrappers); detaching the last attachment puts the very same
+    original processor objects back. The UNet's parameters are never touched, and the wrappers hold
+    nothing per call: a call acts with image prompts only when it brings them
+    (:meth:`prompt_call`), so other callers of the same UNet see the plain UNet and several
+    attachments (different adapters, different requests) can be used side by side.
     """
 
     def __init__(self, unet, adapters: Sequence[IPAdapter]):
         if not adapters:
             raise ValueError("attach needs at least one adapter")
         layers = cross_attention_layers(unet)
-        if any(isinstance(layer.attn.processor, DecoupledAttnProcessor) for layer in layers):
-            raise RuntimeError("imprompt adapters are already attached to this UNet; detach them first, or attach all adapters in one call")
         if getattr(unet, "encoder_hid_proj", None) is not None:
             raise RuntimeError(
                 "this UNet has diffusers' own IP-Adapter (or another image projection) loaded; call "
@@ -106,21 +139,16 @@ class Attachment:
         self.layers = layers
         param = next(unet.parameters())
         self.adapters = [a.to(device=param.device, dtype=param.dtype) for a in adapters]
-        self._processors: dict[str, DecoupledAttnProcessor] = {}
-        for layer in layers:
-            processor = DecoupledAttnProcessor(layer.attn.processor, layer.block)
-            layer.attn.set_processor(processor)
-            self._processors[layer.block] = processor
+        self._processors = install_processors(unet, id(self))
 
     @property
     def attached(self) -> bool:
         return bool(self._processors)
 
     def detach(self) -> None:
-        for layer in self.layers:
-            processor = self._processors.pop(layer.block, None)
-            if processor is not None:
-                layer.attn.set_processor(processor.original)
+        if self._processors:
+            release_processors(self.unet, self._processors, id(self))
+            self._processors = {}
 
     def __enter__(self) -> "Attachment":
         return self
@@ -129,7 +157,7 @@ class Attachment:
         self.detach()
 
     def layer_kv(self, adapter_index: int, image_tokens: torch.Tensor, *, scale: float,
-                 layer_scales: LayerScales, window: StepWindow, batch_repeat: int = 1,
+                 layer_scales: LayerScales, window: StepWindow = StepWindow(), batch_repeat: int = 1,
                  masks: Mapping[int, torch.Tensor] | None = None) -> dict[str, ImageKV]:
         """Per-layer keys and values of one image prompt, computed once for a whole generation.
 
@@ -166,18 +194,16 @@ class Attachment:
                     f"UNet; its blocks are: {', '.join(names)}"
                 )
 
-    @contextmanager
-    def image_prompts(self, prompts: Sequence[Mapping[str, ImageKV]]) -> Iterator[None]:
-        """Make these prepared image prompts act in the UNet for the duration of the block."""
+    def prompt_call(self, prompts: Sequence[Mapping[str, ImageKV]], num_steps: int = 1) -> ImagePromptCall:
+        """The per-call state that makes these prepared image prompts act in one UNet call (or a
+        whole generation): pass ``call.cross_attention_kwargs()`` to the UNet or pipeline."""
         if not self.attached:
             raise RuntimeError("the adapters were detached from this UNet")
-        for name, processor in self._processors.items():
-            processor.image_kv = [p[name] for p in prompts if name in p]
-        try:
-            yield
-        finally:
-            for processor in self._processors.values():
-                processor.image_kv = []
+        layers: dict[str, list[ImageKV]] = {}
+        for prompt in prompts:
+            for name, kv in prompt.items():
+                layers.setdefault(name, []).append(kv)
+        return ImagePromptCall(layers, num_steps=num_steps)
 
 
 def attach(unet, adapters: IPAdapter | Sequence[IPAdapter]) -> Attachment:

@@ -5,31 +5,35 @@
 The first term is the frozen text cross-attention; each attached adapter ``a`` adds its own
 attention over its image tokens, with the *same* query, before the frozen output projection
 ``to_out``. The image keys/values ``K_a, V_a`` do not depend on the latents, so they are computed
-once per generation (:class:`ImageKV`) and handed to the processor, instead of being recomputed by
-``to_k_ip`` / ``to_v_ip`` at every denoising step as the official code and diffusers do.
+once per generation (:class:`ImageKV`) and handed to the processor with the call
+(:class:`ImagePromptCall`), instead of being recomputed by ``to_k_ip`` / ``to_v_ip`` at every
+denoising step as the official code and diffusers do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
+# The key under which a call's image prompts travel in diffusers' ``cross_attention_kwargs``.
+IMAGE_PROMPTS_KWARG = "image_prompts"
+
+
+@dataclass(frozen=True)
 class StepWindow:
-    """Whether an image prompt acts at the current denoising step; updated by a step callback."""
+    """The fractions of the denoising schedule in which an image prompt acts."""
 
     start: float = 0.0
     end: float = 1.0
-    active: bool = True
 
-    def update(self, step: int, num_steps: int) -> None:
-        # Fractions of the schedule, as A1111's ControlNet "guidance start/end": step i of n acts
-        # when start <= i/n < end, so (0, 1) covers every step.
-        self.active = self.start <= step / max(num_steps, 1) < self.end
+    def acts(self, step: int, num_steps: int) -> bool:
+        # As A1111's ControlNet "guidance start/end": step i of n acts when start <= i/n < end, so
+        # (0, 1) covers every step.
+        return self.start <= step / max(num_steps, 1) < self.end
 
 
 @dataclass
@@ -45,6 +49,28 @@ class ImageKV:
     scale: float
     window: StepWindow = field(default_factory=StepWindow)
     masks: dict[int, torch.Tensor] | None = None
+
+
+@dataclass
+class ImagePromptCall:
+    """Everything one UNet call (a generation, a training step) needs from its image prompts.
+
+    It travels with the call through ``cross_attention_kwargs`` (key :data:`IMAGE_PROMPTS_KWARG`), so
+    the attention processors installed on a shared UNet hold nothing per call and two generations
+    can run on one UNet side by side. ``step`` / ``num_steps`` are the progress of *this* call,
+    advanced by its own step callback.
+    """
+
+    layers: Mapping[str, Sequence[ImageKV]]
+    num_steps: int = 1
+    step: int = 0
+
+    def active(self, layer: str) -> list[ImageKV]:
+        return [p for p in self.layers.get(layer, ()) if p.scale != 0 and p.window.acts(self.step, self.num_steps)]
+
+    def cross_attention_kwargs(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``cross_attention_kwargs`` for a pipeline or UNet call, merged with the caller's own."""
+        return {**(extra or {}), IMAGE_PROMPTS_KWARG: self}
 
 
 def image_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -79,21 +105,26 @@ def _mask_for(masks: dict[int, torch.Tensor], length: int) -> torch.Tensor:
 
 
 class DecoupledAttnProcessor:
-    """Wraps a cross-attention layer's original processor and adds the image prompts' attention.
+    """Wraps an attention layer's original processor and adds the image prompts of the call.
 
-    With no active image prompt the original processor runs untouched, so scale 0, a step outside
-    an adapter's window, or a generation without image prompts are bit-identical to the plain UNet.
+    Holds only what is fixed at attach time: the original processor, the layer's name and the
+    attachments relying on it. The image prompts come with each call (:class:`ImagePromptCall` in
+    ``cross_attention_kwargs``); without any for this layer the original processor runs untouched,
+    so scale 0, a step outside a prompt's window, or a call without image prompts are bit-identical
+    to the plain UNet, and other callers of the UNet see the plain UNet.
     Deliberately not an ``nn.Module``: attaching must not add parameters to the UNet's state dict.
     """
 
     def __init__(self, original: Any, layer_name: str):
         self.original = original
         self.layer_name = layer_name
-        self.image_kv: list[ImageKV] = []
+        self.attachments: set[int] = set()  # ids of the Attachment objects that installed / share it
 
+    # ``image_prompts`` must be a named parameter: diffusers passes on only the cross_attention_kwargs
+    # that the processor's signature names.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        active = [p for p in self.image_kv if p.window.active and p.scale != 0]
+                 *args, image_prompts: ImagePromptCall | None = None, **kwargs):
+        active = image_prompts.active(self.layer_name) if image_prompts is not None else []
         if not active or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self._decoupled(attn, hidden_states, encoder_hidden_states, attention_mask, temb, active)

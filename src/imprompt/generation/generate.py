@@ -1,8 +1,9 @@
 """Generation with image prompts through diffusers' own pipelines.
 
-We do not rewrite the denoising loop: the pipeline runs as it is, our processors read the image
-prompts prepared once before the loop, and a step callback opens and closes each prompt's step
-window. Works with any Stable Diffusion / SDXL pipeline whose UNet the adapters are attached to:
+We do not rewrite the denoising loop: the pipeline runs as it is, the image prompts are prepared
+once before the loop and travel with the call in ``cross_attention_kwargs``, and the call's own step
+callback tells them how far the schedule has come. Nothing per call is stored on the shared UNet or
+pipeline, so generations can run side by side on one model. Works with any Stable Diffusion / SDXL pipeline whose UNet the adapters are attached to:
 text-to-image, img2img, inpainting and their ControlNet forms (the ControlNet keeps its own,
 untouched attention processors, so it never sees image-prompt tokens).
 """
@@ -10,8 +11,7 @@ untouched attention processors, so it never sees image-prompt tokens).
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -36,17 +36,24 @@ def latent_size(pipe, settings: GenerationSettings, init_image: Image.Image | No
     return (settings.height or size) // scale, (settings.width or size) // scale
 
 
-@contextmanager
-def _scheduler(pipe, name: str | None) -> Iterator[None]:
-    if name is None:
-        yield
-        return
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(name, original.config)
-    try:
-        yield
-    finally:
-        pipe.scheduler = original
+def call_pipeline(pipe, scheduler: str | None = None):
+    """A pipeline for one call: the same model components, a scheduler of its own.
+
+    diffusers pipelines keep per-call state on themselves (the scheduler's timesteps and step index,
+    ``_guidance_scale``, ``_cross_attention_kwargs``, ...), so two generations on one pipeline object
+    would overwrite each other's. This view shares every model (no copy, a few milliseconds) and gets
+    a fresh scheduler — the model's own, or the one named.
+    """
+    components = dict(pipe.components)
+    config = pipe.scheduler.config
+    components["scheduler"] = make_scheduler(scheduler, config) if scheduler else type(pipe.scheduler).from_config(config)
+    # Non-model constructor arguments (requires_safety_checker, force_zeros_for_empty_prompt, ...)
+    # are saved in the pipeline's config.
+    params = inspect.signature(type(pipe).__init__).parameters
+    options = {k: v for k, v in pipe.config.items() if k in params and k not in components}
+    view = type(pipe)(**components, **options)
+    view.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return view
 
 
 def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, control_image) -> dict[str, Any]:
@@ -110,19 +117,19 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     size = latent_size(pipe, settings, init_image)
     prepared = []
     for prompt in image_prompts:
-        prepared += prepare_image_prompt(prompt, attachment, encoders[prompt.adapter], layout, size)
-    windows = {id(kv.window): kv.window for p in prepared for kv in p.values()}.values()
-    for window in windows:
-        window.update(0, settings.steps)
+        prepared += prepare_image_prompt(prompt, attachment, encoders[prompt.adapter], layout, size,
+                                         vae_scale_factor=pipe.vae_scale_factor)
+    kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image)
+    view = call_pipeline(pipe, settings.scheduler)
+    if attachment is None:
+        return view(**kwargs, output_type=output_type, callback_on_step_end=callback).images
+
+    # This call's image prompts and its progress through the schedule travel with the call.
+    state = attachment.prompt_call(prepared, num_steps=settings.steps)
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
-        for window in windows:
-            window.update(step + 1, pipeline.num_timesteps)
+        state.step, state.num_steps = step + 1, pipeline.num_timesteps
         return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
 
-    kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image)
-    with _scheduler(pipe, settings.scheduler):
-        if attachment is None:
-            return pipe(**kwargs, output_type=output_type, callback_on_step_end=callback).images
-        with attachment.image_prompts(prepared):
-            return pipe(**kwargs, output_type=output_type, callback_on_step_end=on_step_end).images
+    kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
+    return view(**kwargs, output_type=output_type, callback_on_step_end=on_step_end).images

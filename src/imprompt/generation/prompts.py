@@ -102,16 +102,19 @@ def mask_tensor(mask: MaskLike) -> torch.Tensor:
     return m
 
 
-def region_masks(mask: torch.Tensor, latent_height: int, latent_width: int, levels: int = 6) -> dict[int, torch.Tensor]:
+def region_masks(mask: torch.Tensor, latent_height: int, latent_width: int, levels: int = 6,
+                 vae_scale_factor: int = 8) -> dict[int, torch.Tensor]:
     """Resize a mask to every resolution the UNet's attention layers run at, keyed by query count.
 
     Each down-sampling halves the size rounding up (stride-2 convolution with padding 1).
+    ``vae_scale_factor`` (pixels per latent: 8 for SD, 2 for the toy VAE) is only used to report the
+    image size in pixels.
     """
     mh, mw = mask.shape
     if abs(mh / mw - latent_height / latent_width) > 0.02 * (latent_height / latent_width):
         raise ImageInputError(
-            f"mask is {mw}x{mh} (width x height) but the image is {latent_width * 8}x{latent_height * 8}: "
-            "give a mask with the output's aspect ratio"
+            f"mask is {mw}x{mh} (width x height) but the image is {latent_width * vae_scale_factor}x"
+            f"{latent_height * vae_scale_factor}: give a mask with the output's aspect ratio"
         )
     out = {}
     h, w = latent_height, latent_width
@@ -131,7 +134,8 @@ class BatchLayout:
 
 
 def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: ImageEncoder,
-                         layout: BatchLayout, latent_size: tuple[int, int]) -> list[dict[str, ImageKV]]:
+                         layout: BatchLayout, latent_size: tuple[int, int], *,
+                         vae_scale_factor: int = 8) -> list[dict[str, ImageKV]]:
     """Everything the attention layers need from one image prompt, computed once per generation."""
     prompt.check(len(attachment.adapters))
     adapter = attachment.adapters[prompt.adapter]
@@ -167,7 +171,7 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
         masks = None
         if mask is not None:
             param = next(adapter.parameters())
-            masks = {n: m.to(param) for n, m in region_masks(mask_tensor(mask), *latent_size).items()}
+            masks = {n: m.to(param) for n, m in region_masks(mask_tensor(mask), *latent_size, vae_scale_factor=vae_scale_factor).items()}
         with torch.no_grad():
             prepared.append(
                 attachment.layer_kv(

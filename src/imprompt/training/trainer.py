@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter.attach import Attachment, adapter_for_unet, attach
-from ..adapter.attention import StepWindow
 from ..adapter.checkpoint import save_adapter
 from ..adapter.layers import LayerScales
 from ..adapter.model import IPAdapter
@@ -73,9 +72,10 @@ class TrainingModel(nn.Module):
             # The paper's simple adapter (4.4.1): image tokens join the text tokens in the frozen attention.
             return self.unet(noisy, timesteps, torch.cat([text, tokens.to(text.dtype)], dim=1),
                              added_cond_kwargs=added_cond).sample
-        kv = self.attachment.layer_kv(0, tokens, scale=1.0, layer_scales=ALL_LAYERS, window=StepWindow())
-        with self.attachment.image_prompts([kv]):
-            return self.unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
+        kv = self.attachment.layer_kv(0, tokens, scale=1.0, layer_scales=ALL_LAYERS)
+        call = self.attachment.prompt_call([kv])
+        return self.unet(noisy, timesteps, text, added_cond_kwargs=added_cond,
+                         cross_attention_kwargs=call.cross_attention_kwargs()).sample
 
 
 @dataclass
