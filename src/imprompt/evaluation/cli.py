@@ -11,7 +11,7 @@ import dataclasses
 import sys
 
 from ..config import add_arguments
-from .config import EvalConfig, MethodSpec, load_config
+from .config import EvalConfig, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: imprompt eval --data toy:test --references 50 --method ip:ip_adapter "
                "--method text:text_only --method uncond:unconditional --method i2i:img2img:strength=0.6")
     parser.add_argument("config", nargs="?", help="YAML file with EvalConfig fields (methods: a list of mappings)")
-    # --method values stay strings here; load_config parses them, so a bad one gets the same
-    # one-line error as a bad YAML entry.
-    parser.register("type", MethodSpec, str)
+    # --method values stay strings here; load_config parses them (the field's ``parse``), so a bad
+    # one gets the same one-line error as a bad YAML entry.
     add_arguments(parser, EvalConfig, all_optional=True)
     return parser
 

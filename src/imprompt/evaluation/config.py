@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from ..config import config_values, option as _m
+from ..config import load_config as _load_config, option as _m
 
 from ..generation.request import DTYPES as TORCH_DTYPES
 from ..generation.schedulers import SCHEDULERS
@@ -47,10 +46,6 @@ class MethodSpec:
     @property
     def init_strength(self) -> float:
         return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
-
-    @property
-    def takes_image(self) -> bool:
-        return self.kind in ("ip_adapter", "shared", "img2img")
 
     def check(self) -> None:
         where = f"method {self.name!r}"
@@ -120,6 +115,18 @@ def method_from_mapping(values: dict[str, Any], where: str) -> MethodSpec:
     return MethodSpec(**converted)
 
 
+def method_entry(entry: Any, where: str) -> MethodSpec:
+    """One entry of ``methods``: a MethodSpec, ``NAME:KIND[:key=value,...]`` or a mapping."""
+    if isinstance(entry, MethodSpec):
+        return entry
+    if isinstance(entry, str):
+        return parse_method(entry)
+    if isinstance(entry, dict):
+        return method_from_mapping(entry, where)
+    raise ValueError(f"{where}: expected a mapping (name, kind, ...) or 'NAME:KIND[:key=value,...]', "
+                     f"found {type(entry).__name__}")
+
+
 @dataclass
 class EvalConfig:
     model: str = field(default="", metadata=_m("Stable Diffusion model: a diffusers folder or hub id (default for "
@@ -127,7 +134,7 @@ class EvalConfig:
     methods: list[MethodSpec] = field(default_factory=list, metadata=_m(
         "a method to evaluate, NAME:KIND[:key=value,...]; KIND is one of " + ", ".join(KINDS) + "; keys: adapter, "
         "image_encoder, scale (ip_adapter), strength (img2img); repeat for several (replaces the file's list)",
-        short="--method", metavar="NAME:KIND[:key=value,...]"))
+        short="--method", metavar="NAME:KIND[:key=value,...]", parse=method_entry))
     data: str = field(default="toy:test", metadata=_m("evaluation set: a folder of name.png + name.txt (caption), "
                                                       "or toy:test / toy:heldout (the toy world's splits)"))
     references: int = field(default=100, metadata=_m("number of reference images (the first N; folders sorted by name)"))
@@ -196,26 +203,9 @@ class EvalConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> EvalConfig:
-    """A config from a YAML file (optional), with command-line values taking precedence."""
-    values = config_values(EvalConfig, path, overrides)
-    methods = values.get("methods", [])
-    if not isinstance(methods, list):
-        raise ValueError(f"methods must be a list, found {type(methods).__name__}")
-    values["methods"] = [_method(m, i) for i, m in enumerate(methods)]
-    if "scales" in values:
-        values["scales"] = [float(s) for s in values["scales"]]
-    return EvalConfig(**values)
-
-
-def _method(entry: Any, index: int) -> MethodSpec:
-    if isinstance(entry, MethodSpec):
-        return entry
-    if isinstance(entry, str):
-        return parse_method(entry)
-    if isinstance(entry, dict):
-        return method_from_mapping(entry, f"methods[{index}]")
-    raise ValueError(f"methods[{index}]: expected a mapping (name, kind, ...) or 'NAME:KIND[:key=value,...]', "
-                     f"found {type(entry).__name__}")
+    """A config from a YAML file (optional), with command-line values taking precedence (every value
+    coerced to its field's type, methods parsed: :func:`imprompt.config.load_config`)."""
+    return _load_config(EvalConfig, path, overrides)
 
 
 def with_toy_defaults(config: EvalConfig) -> EvalConfig:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import config_values, option as _m
+from ..config import load_config as _load_config, option as _m
 
 VARIANTS = ("linear", "plus", "full", "shared")
 
@@ -80,6 +80,6 @@ class TrainConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A config from a YAML file (optional), with command-line values taking precedence."""
-    values = config_values(TrainConfig, path, overrides)
-    return TrainConfig(**values)
+    """A config from a YAML file (optional), with command-line values taking precedence (every value
+    coerced to its field's type: :func:`imprompt.config.load_config`)."""
+    return _load_config(TrainConfig, path, overrides)
