@@ -21,7 +21,7 @@ import tiny_models as tm
 from imprompt.adapter.attach import adapter_for_unet, cross_attention_layers
 from imprompt.adapter.checkpoint import load_adapter, read_state, save_adapter
 from imprompt.adapter.model import IPAdapter
-from imprompt.adapter.variants import AdapterVariant, detect_variant, layer_ids
+from imprompt.adapter.variants import AdapterVariant, CheckpointError, detect_variant, layer_ids
 
 # --------------------------------------------------------------------------------------------------
 # Official layouts, by hand
@@ -56,9 +56,14 @@ def official_linear(embed_dim: int, cross_attention_dim: int, tokens: int) -> di
 
 
 def official_resampler(embed_dim: int, width: int, depth: int, tokens: int, cross_attention_dim: int,
-                       ff_mult: int = 4) -> dict[str, torch.Tensor]:
-    """Resampler (heads * 64 == width): latents, proj_in, layers.N.0 (PerceiverAttention),
-    layers.N.1 (LayerNorm, Linear, GELU, Linear as indices 0..3), proj_out, norm_out."""
+                       ff_mult: float = 4, heads: int | None = None) -> dict[str, torch.Tensor]:
+    """Resampler(dim=width, depth, dim_head=64, heads, num_queries=tokens, embedding_dim=embed_dim,
+    output_dim=cross_attention_dim, ff_mult): latents, proj_in, layers.N.0 (PerceiverAttention, whose
+    inner width is heads * 64, independent of ``width``), layers.N.1 (LayerNorm, Linear, GELU, Linear
+    as indices 0..3; inner width int(width * ff_mult)), proj_out, norm_out. ``heads`` defaults to
+    width // 64, as in the released plus models."""
+    inner = 64 * (heads if heads is not None else width // 64)
+    ff = int(width * ff_mult)
     out = {
         "latents": torch.randn(1, tokens, width),
         "proj_in.weight": torch.randn(width, embed_dim),
@@ -72,13 +77,13 @@ def official_resampler(embed_dim: int, width: int, depth: int, tokens: int, cros
         for norm in ("norm1", "norm2"):
             out[f"layers.{n}.0.{norm}.weight"] = torch.randn(width)
             out[f"layers.{n}.0.{norm}.bias"] = torch.randn(width)
-        out[f"layers.{n}.0.to_q.weight"] = torch.randn(width, width)
-        out[f"layers.{n}.0.to_kv.weight"] = torch.randn(2 * width, width)
-        out[f"layers.{n}.0.to_out.weight"] = torch.randn(width, width)
+        out[f"layers.{n}.0.to_q.weight"] = torch.randn(inner, width)
+        out[f"layers.{n}.0.to_kv.weight"] = torch.randn(2 * inner, width)
+        out[f"layers.{n}.0.to_out.weight"] = torch.randn(width, inner)
         out[f"layers.{n}.1.0.weight"] = torch.randn(width)
         out[f"layers.{n}.1.0.bias"] = torch.randn(width)
-        out[f"layers.{n}.1.1.weight"] = torch.randn(width * ff_mult, width)
-        out[f"layers.{n}.1.3.weight"] = torch.randn(width, width * ff_mult)
+        out[f"layers.{n}.1.1.weight"] = torch.randn(ff, width)
+        out[f"layers.{n}.1.3.weight"] = torch.randn(width, ff)
     return out
 
 
@@ -159,6 +164,106 @@ def test_detection_reads_widths_not_names():
                                      resampler_ff_mult=2)
     assert detect_variant(official_linear(20, 16, 7), official_ip_adapter([8], 16)) == AdapterVariant("linear", 20, 16, 7)
     assert detect_variant(official_mlp(20, 16), official_ip_adapter([8], 16)) == AdapterVariant("mlp", 20, 16, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every Resampler shape the official code can produce, against diffusers
+# --------------------------------------------------------------------------------------------------
+
+# (embedding dim, width, depth, heads, num_queries, output dim, ff_mult). The official Resampler takes
+# each of these as a free argument; only dim_head is fixed at 64 (as in every release and in diffusers,
+# which reads heads as to_q rows / 64). The first case is the reported failure: width 32 with 12 heads
+# ('image_proj.layers.0.0.to_q.weight' has shape (768, 32), expected (0, 32)).
+PLUS_SHAPES = {
+    "inner-wider-than-width": (48, 32, 4, 12, 5, 40, 4),
+    "inner-narrower-than-width": (24, 128, 4, 1, 3, 16, 4),
+    "odd-width": (40, 96, 4, 2, 7, 24, 4),
+    "depth-2": (24, 64, 2, 3, 4, 32, 4),
+    "depth-6": (16, 32, 6, 1, 2, 8, 4),
+    "ff-mult-2": (24, 64, 4, 2, 4, 16, 2),
+    "ff-mult-2.5": (24, 36, 3, 1, 4, 16, 2.5),
+    "one-query": (8, 16, 1, 1, 1, 8, 1),
+}
+
+
+def _diffusers_plus_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Resampler keys -> diffusers' IPAdapterPlusImageProjection keys, for any depth (diffusers'
+    own converter spells out layers 0-3 only); checked against that converter below."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"layers\.(\d+)\.(\d)\.(.*)$", key)
+        if not m:
+            out[key] = value
+            continue
+        n, part, rest = m.groups()
+        if part == "0":
+            if rest.startswith("norm1."):
+                out[f"layers.{n}.ln0.{rest[6:]}"] = value
+            elif rest.startswith("norm2."):
+                out[f"layers.{n}.ln1.{rest[6:]}"] = value
+            elif rest == "to_kv.weight":
+                out[f"layers.{n}.attn.to_k.weight"], out[f"layers.{n}.attn.to_v.weight"] = value.chunk(2, dim=0)
+            elif rest == "to_out.weight":
+                out[f"layers.{n}.attn.to_out.0.weight"] = value
+            else:
+                out[f"layers.{n}.attn.{rest}"] = value
+        else:
+            index, _, param = rest.partition(".")
+            name = {"0": "ff.0", "1": "ff.1.net.0.proj", "3": "ff.1.net.2"}[index]
+            out[f"layers.{n}.{name}.{param}"] = value
+    return out
+
+
+def test_hand_written_diffusers_key_map_equals_diffusers_converter():
+    state = official_resampler(24, 32, 4, 3, 16, heads=2)
+    converted = tm.sd15_unet()._convert_ip_adapter_image_proj_to_diffusers(state, low_cpu_mem_usage=False)
+    theirs = converted.state_dict()
+    ours = _diffusers_plus_keys(state)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("shape", list(PLUS_SHAPES))
+def test_plus_of_any_official_shape_loads_and_matches_diffusers(shape):
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    embed, width, depth, heads, queries, out_dim, ff_mult = PLUS_SHAPES[shape]
+    torch.manual_seed(0)
+    image_proj = {k: v * 0.2 for k, v in official_resampler(embed, width, depth, queries, out_dim, ff_mult, heads).items()}
+    adapter = IPAdapter.from_state_dict(flat(image_proj, official_ip_adapter([16, 8], out_dim)))
+    variant = adapter.variant
+    assert (variant.projection, variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens) == (
+        "resampler", embed, out_dim, queries)
+    assert (variant.resampler_width, variant.resampler_depth, variant.resampler_heads) == (width, depth, heads)
+    assert int(width * variant.resampler_ff_mult) == int(width * ff_mult)
+
+    if depth == 4 and ff_mult == 4:  # what diffusers' loader itself builds: its own converter
+        theirs = tm.sd15_unet()._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
+    else:  # diffusers' module with the same arguments the official Resampler took
+        theirs = IPAdapterPlusImageProjection(embed_dims=embed, output_dims=out_dim, hidden_dims=width, depth=depth,
+                                              dim_head=64, heads=heads, num_queries=queries, ffn_ratio=ff_mult)
+        theirs.load_state_dict(_diffusers_plus_keys(image_proj), strict=True)
+    features = torch.randn(2, 9, embed)
+    with torch.no_grad():
+        expected = theirs.eval()(features)
+        got = adapter.project(features)
+    assert got.shape == (2, queries, out_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plus_with_inner_width_not_a_multiple_of_64_is_refused_clearly():
+    """The head split of an inner width that is not a multiple of 64 cannot be read from the weights."""
+    state = official_resampler(24, 32, 2, 3, 16)
+    for n in range(2):
+        state[f"layers.{n}.0.to_q.weight"] = torch.randn(48, 32)
+        state[f"layers.{n}.0.to_kv.weight"] = torch.randn(96, 32)
+        state[f"layers.{n}.0.to_out.weight"] = torch.randn(32, 48)
+    with pytest.raises(CheckpointError, match=(
+        r"'image_proj\.layers\.0\.0\.to_q\.weight' has 48 rows, not a multiple of the 64-wide attention heads"
+    )):
+        IPAdapter.from_state_dict(flat(state, official_ip_adapter([16], 16)))
 
 
 # --------------------------------------------------------------------------------------------------

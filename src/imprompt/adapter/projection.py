@@ -83,13 +83,13 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out)
 
 
-def _feed_forward(width: int, mult: int) -> nn.Sequential:
+def _feed_forward(width: int, inner: int) -> nn.Sequential:
     # Keys layers.N.1.{0,1,3}: LayerNorm, Linear (no bias), GELU, Linear (no bias).
     return nn.Sequential(
         nn.LayerNorm(width),
-        nn.Linear(width, width * mult, bias=False),
+        nn.Linear(width, inner, bias=False),
         nn.GELU(),
-        nn.Linear(width * mult, width, bias=False),
+        nn.Linear(inner, width, bias=False),
     )
 
 
@@ -101,12 +101,12 @@ class Resampler(nn.Module):
     """
 
     def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
-                 num_tokens: int, cross_attention_dim: int, ff_mult: int):
+                 num_tokens: int, cross_attention_dim: int, ff_width: int):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, num_tokens, width) / width**0.5)
         self.proj_in = nn.Linear(embed_dim, width)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(width, heads, head_dim), _feed_forward(width, ff_mult)])
+            nn.ModuleList([PerceiverAttention(width, heads, head_dim), _feed_forward(width, ff_width)])
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(width, cross_attention_dim)
@@ -136,6 +136,6 @@ def build_projection(variant: AdapterVariant) -> nn.Module:
             head_dim=RESAMPLER_HEAD_DIM,
             num_tokens=variant.num_tokens,
             cross_attention_dim=variant.cross_attention_dim,
-            ff_mult=variant.resampler_ff_mult,
+            ff_width=variant.resampler_ff_width,
         )
     raise ValueError(f"unknown projection kind {variant.projection!r}")

@@ -18,8 +18,10 @@ import torch
 ProjectionKind = Literal["linear", "resampler", "mlp"]
 EncoderOutput = Literal["image_embeds", "penultimate_hidden"]
 
-# The official Resampler uses 64-wide heads everywhere (heads = width // 64); the width itself is
-# not stored anywhere else in the checkpoint, so this is the one assumption detection makes.
+# The official Resampler takes dim_head as an argument, but every released plus model uses 64 and
+# diffusers' loader assumes it (heads = to_q rows / 64): the split of to_q's rows into heads is not
+# stored in the checkpoint, so this is the one assumption detection makes. The head count itself is
+# read from the weights (it is independent of the Resampler's width).
 RESAMPLER_HEAD_DIM = 64
 
 
@@ -39,10 +41,28 @@ class AdapterVariant:
     image_embed_dim: int  # width of the encoder output the projection reads
     cross_attention_dim: int  # width of the image tokens = the UNet's cross_attention_dim
     num_tokens: int | None
-    # Resampler only (paper's "plus" variants; Perceiver of Alayrac et al. 2022)
+    # Resampler only (paper's "plus" variants; Perceiver of Alayrac et al. 2022). The official
+    # Resampler(dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult): width is
+    # its ``dim``; its attention's inner width is heads * 64, which need not equal ``dim``.
     resampler_width: int = 0
     resampler_depth: int = 0
-    resampler_ff_mult: int = 0
+    resampler_ff_mult: float = 0  # feed-forward inner width / width (4 in every release)
+    resampler_heads: int = 0  # 0: width // 64, the released models' choice
+
+    def __post_init__(self) -> None:
+        if self.projection == "resampler":
+            if not self.resampler_heads:
+                object.__setattr__(self, "resampler_heads", self.resampler_width // RESAMPLER_HEAD_DIM)
+            if min(self.resampler_width, self.resampler_depth, self.resampler_heads) <= 0 or self.resampler_ff_mult <= 0:
+                raise ValueError(
+                    f"a Resampler needs a positive width, depth, head count and ff_mult; got width "
+                    f"{self.resampler_width}, depth {self.resampler_depth}, heads {self.resampler_heads}, "
+                    f"ff_mult {self.resampler_ff_mult} (heads default to width // 64: give a width of at least 64)"
+                )
+            ff = self.resampler_width * self.resampler_ff_mult
+            if abs(ff - round(ff)) > 1e-6:
+                raise ValueError(f"resampler width {self.resampler_width} x ff_mult {self.resampler_ff_mult} "
+                                 "is not a whole feed-forward width")
 
     @property
     def encoder_output(self) -> EncoderOutput:
@@ -51,8 +71,11 @@ class AdapterVariant:
         return "image_embeds" if self.projection == "linear" else "penultimate_hidden"
 
     @property
-    def resampler_heads(self) -> int:
-        return self.resampler_width // RESAMPLER_HEAD_DIM
+    def resampler_ff_width(self) -> int:
+        # round, not the official int(): exact for a ratio read back as rows / width (int() of a
+        # product just under a whole number would lose a row); equal to int() for every whole width,
+        # the only kind __post_init__ accepts.
+        return round(self.resampler_width * self.resampler_ff_mult)
 
     @property
     def name(self) -> str:
@@ -106,23 +129,35 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
         raise CheckpointError(f"unexpected key 'ip_adapter.{bad[0]}'; expected 'ip_adapter.N.to_k_ip.weight' / 'to_v_ip.weight'")
 
     if "latents" in keys:
-        latents = image_proj["latents"]
-        _require(image_proj, "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.1.1.weight")
+        _require(image_proj, "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_q.weight",
+                 "layers.0.1.1.weight")
+        _, tokens, width = _shape(image_proj, "latents", 3)
         depth = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.", k)))
-        width = latents.shape[-1]
+        # Every size is read off a weight, as diffusers' loader does: heads from to_q's rows (the
+        # attention's inner width, heads * 64, free of the Resampler's width), the feed-forward ratio
+        # from its first Linear.
+        inner = _shape(image_proj, "layers.0.0.to_q.weight", 2)[0]
+        if inner % RESAMPLER_HEAD_DIM:
+            raise CheckpointError(
+                f"'image_proj.layers.0.0.to_q.weight' has {inner} rows, not a multiple of the "
+                f"{RESAMPLER_HEAD_DIM}-wide attention heads every plus model (and diffusers) uses, so its head "
+                f"count cannot be read from the file; re-train with dim_head={RESAMPLER_HEAD_DIM}"
+            )
+        ff = _shape(image_proj, "layers.0.1.1.weight", 2)[0]
         return AdapterVariant(
             projection="resampler",
-            image_embed_dim=image_proj["proj_in.weight"].shape[1],
-            cross_attention_dim=image_proj["proj_out.weight"].shape[0],
-            num_tokens=latents.shape[1],
+            image_embed_dim=_shape(image_proj, "proj_in.weight", 2)[1],
+            cross_attention_dim=_shape(image_proj, "proj_out.weight", 2)[0],
+            num_tokens=tokens,
             resampler_width=width,
             resampler_depth=depth,
-            resampler_ff_mult=image_proj["layers.0.1.1.weight"].shape[0] // width,
+            resampler_ff_mult=ff // width if ff % width == 0 else ff / width,
+            resampler_heads=inner // RESAMPLER_HEAD_DIM,
         )
     if "proj.weight" in keys:
         _require(image_proj, "norm.weight")
-        out_dim = image_proj["norm.weight"].shape[0]
-        total, embed_dim = image_proj["proj.weight"].shape
+        out_dim = _shape(image_proj, "norm.weight", 1)[0]
+        total, embed_dim = _shape(image_proj, "proj.weight", 2)
         if total % out_dim:
             raise CheckpointError(
                 f"image_proj.proj.weight has {total} rows, not a multiple of the token width {out_dim}"
@@ -131,7 +166,7 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
     if "proj.0.weight" in keys and "norm.weight" not in keys:
         _require(image_proj, "proj.2.weight", "proj.3.weight")
         return AdapterVariant(
-            "mlp", image_proj["proj.0.weight"].shape[1], image_proj["proj.3.weight"].shape[0], None
+            "mlp", _shape(image_proj, "proj.0.weight", 2)[1], _shape(image_proj, "proj.3.weight", 1)[0], None
         )
     raise CheckpointError(
         "unrecognised image projection: expected 'image_proj.proj.weight' (base), 'image_proj.latents' "
@@ -143,6 +178,17 @@ def _require(state: Mapping[str, torch.Tensor], *names: str) -> None:
     missing = [n for n in names if n not in state]
     if missing:
         raise CheckpointError(f"image projection is incomplete: missing 'image_proj.{missing[0]}' (truncated file?)")
+
+
+def _shape(state: Mapping[str, torch.Tensor], name: str, ndim: int) -> tuple[int, ...]:
+    """The shape of a tensor detection reads, refused by name if it could not come from the official code."""
+    shape = tuple(state[name].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(
+            f"'image_proj.{name}' has shape {shape}; expected {ndim} non-empty dimension{'s' * (ndim > 1)} "
+            "(corrupt or not an IP-Adapter file)"
+        )
+    return shape
 
 
 def layer_ids(ip_adapter: Mapping[str, torch.Tensor]) -> list[int]:
