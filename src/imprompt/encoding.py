@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -51,16 +52,16 @@ def max_image_pixels() -> int:
 def _to_eight_bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit greyscale as 8-bit 'L'. PIL's own convert() clips them at 255 (all white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     if image.mode == "I":
         # PNG 16-bit greyscale arrives as 'I' holding 0..65535.
         values = np.asarray(image, dtype=np.int64)
         top = 65535 if values.max(initial=0) > 255 else 255
-        return Image.fromarray((np.clip(values, 0, top) * 255 // top).astype(np.uint8), "L")
+        return Image.fromarray((np.clip(values, 0, top) * 255 // top).astype(np.uint8))
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray((np.clip(values / top, 0, 1) * 255).round().astype(np.uint8), "L")
+        return Image.fromarray((np.clip(values / top, 0, 1) * 255).round().astype(np.uint8))
     return image
 
 
@@ -85,7 +86,12 @@ def decode_image(data: bytes, mode: str = "RGB", *, name: str = "image", max_pix
     except ImageInputError:
         raise
     except Image.DecompressionBombError as err:
-        raise ImageInputError(f"{name}: {err}") from None
+        # PIL refuses sizes far beyond ours before we can look; say it in our terms.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else "too many pixels"
+        raise ImageInputError(
+            f"{name} declares {size}, over the {limit / 1e6:.0f} MP limit (a decompression bomb?); resize it"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(f"cannot read {name}: {err}; is it a complete PNG/JPEG/WebP file?") from None
 
