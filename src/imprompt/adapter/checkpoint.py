@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import IPAdapter
-from .variants import AdapterVariant, CheckpointError
+from .variants import AdapterVariant, CheckpointError, check_not_faceid
 
 HALVES = ("image_proj", "ip_adapter")
 
@@ -54,6 +54,7 @@ def flatten(nested: Mapping, source: str = "checkpoint") -> dict[str, torch.Tens
     """Official nested dict -> flat prefixed state. An already flat state passes through."""
     if not isinstance(nested, Mapping):
         raise CheckpointError(f"{source} holds a {type(nested).__name__}, expected a dict of tensors")
+    check_not_faceid(str(k) for k in nested)
     if all(isinstance(nested.get(h), Mapping) for h in HALVES):
         extra = sorted(set(nested) - set(HALVES))
         if extra:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .projection import build_projection
-from .variants import AdapterVariant, CheckpointError, detect_variant, layer_ids
+from .variants import AdapterVariant, CheckpointError, check_not_faceid, detect_variant, layer_ids
 
 
 class KVProjection(nn.Module):
@@ -55,6 +55,7 @@ class IPAdapter(nn.Module):
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "IPAdapter":
         """Build from a flat official state (``image_proj.*`` / ``ip_adapter.*``), checking every key."""
+        check_not_faceid(state)  # before anything else: a FaceID file fails every later check for that reason
         image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
         ip_adapter = {k[len("ip_adapter."):]: v for k, v in state.items() if k.startswith("ip_adapter.")}
         other = sorted(set(state) - {f"image_proj.{k}" for k in image_proj} - {f"ip_adapter.{k}" for k in ip_adapter})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Iterable, Literal, Mapping
 
 import torch
 
@@ -111,17 +111,43 @@ def encoder_family(variant: AdapterVariant) -> str:
 _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 
 
+def faceid_evidence(keys: Iterable[str]) -> str | None:
+    """What marks a flat state (``image_proj.*`` / ``ip_adapter.*`` keys) as an IP-Adapter FaceID
+    checkpoint (tencent-ailab ``ip_adapter_faceid*.py``), in words for a message; None if nothing does.
+
+    FaceID and FaceID-Portrait project the face-ID embedding with ``MLPProjModel`` (``proj.0``,
+    ``proj.2`` and a ``norm``, where full-face has ``proj.3``); FaceID-Plus adds
+    ``perceiver_resampler.*``; all but Portrait carry LoRA weights in ``ip_adapter``.
+    """
+    keys = sorted(keys)
+    named = [k for k in keys if "faceid" in k.lower()]
+    if named:
+        return f"{named[0]!r}"
+    lora = [k for k in keys if k.startswith("ip_adapter.") and "lora" in k]
+    if lora:
+        return f"LoRA keys such as {lora[0]!r}"
+    if any(k.startswith("image_proj.perceiver_resampler.") for k in keys):
+        return "'image_proj.perceiver_resampler.*'"
+    if {"image_proj.norm.weight", "image_proj.proj.0.weight"} <= set(keys) and "image_proj.proj.weight" not in keys:
+        return ("'image_proj.norm.weight' beside 'image_proj.proj.0.weight': the face-ID embedding projection "
+                "of FaceID and FaceID-Portrait")
+    return None
+
+
+def check_not_faceid(keys: Iterable[str]) -> None:
+    evidence = faceid_evidence(keys)
+    if evidence:
+        raise CheckpointError(
+            f"this is an IP-Adapter FaceID checkpoint (found {evidence}). FaceID reads an insightface face-ID "
+            "embedding instead of a CLIP image embedding (and most FaceID models need LoRA weights merged into "
+            "the UNet), which imprompt does not support yet; use ip-adapter-plus-face or full-face instead."
+        )
+
+
 def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[str, torch.Tensor]) -> AdapterVariant:
     """Read the variant off the keys and shapes of the two halves of an official checkpoint."""
     keys = set(image_proj)
-    lora = sorted(k for k in ip_adapter if "lora" in k)
-    if lora or any(k.startswith("perceiver_resampler.") for k in keys):
-        raise CheckpointError(
-            "this is an IP-Adapter FaceID checkpoint (found "
-            + (f"LoRA keys such as 'ip_adapter.{lora[0]}'" if lora else "'image_proj.perceiver_resampler.*'")
-            + "). FaceID needs an insightface face-ID embedding and LoRA weights merged into the UNet, "
-            "which imprompt does not support yet; use ip-adapter-plus-face or full-face instead."
-        )
+    check_not_faceid([f"image_proj.{k}" for k in image_proj] + [f"ip_adapter.{k}" for k in ip_adapter])
     if not ip_adapter:
         raise CheckpointError("the checkpoint has no 'ip_adapter' weights (to_k_ip / to_v_ip); it is empty or truncated")
     bad = sorted(k for k in ip_adapter if not _IP_KEY.match(k))
