@@ -149,7 +149,7 @@ def test_sixteen_bit_images_keep_their_values(tmp_path):
 def test_corrupt_images_get_one_clear_error(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(ImageInputError, match="cannot read notes.png"):
+    with pytest.raises(ImageInputError, match="cannot read image notes.png"):
         load_image(text)
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buffer, format="JPEG")

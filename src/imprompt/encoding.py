@@ -8,6 +8,7 @@ unconditional counterpart is the encoder's output for an all-zero (already norma
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -103,7 +104,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, max_pixels: int | 
         data = read_regular_file(path, MAX_IMAGE_BYTES, what="image")
     except UnsafeFileError as err:
         raise ImageInputError(str(err)) from None
-    return decode_image(data, mode, name=path.name, max_pixels=max_pixels)
+    return decode_image(data, mode, name=f"image {path.name}", max_pixels=max_pixels)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -125,14 +126,38 @@ class ImageEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "ImageEncoder":
+        """Load a CLIP vision model folder, refusing (before loading weights) a folder that holds
+        another model: transformers would otherwise build a vision tower from a text encoder's config
+        and fill it with random weights, or fail with a traceback on a VAE's."""
         path = Path(path)
+        expected = ("expected a CLIP vision model folder (config.json with model_type 'clip_vision_model'), such as "
+                    "the official models/image_encoder (SD1.5, ViT-H) or sdxl_models/image_encoder (ViT-bigG)")
         if not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"no image encoder at {str(path)!r} (expected a transformers folder with config.json); "
-                "pass --image-encoder pointing at the official models/image_encoder (SD1.5, ViT-H) or "
-                "sdxl_models/image_encoder (ViT-bigG)"
-            )
-        return cls(CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype))
+            hint = ""
+            if (path / "model_index.json").is_file():
+                hint = ("; it is a diffusers pipeline folder" + (f", whose image encoder is {str(path / 'image_encoder')!r}"
+                                                                 if (path / "image_encoder").is_dir() else ""))
+            raise CheckpointError(f"no image encoder at {str(path)!r} (no config.json{hint}); {expected}")
+        try:
+            config = json.loads(read_regular_file(path / "config.json", 1 << 20, what="image encoder config"))
+        except (UnsafeFileError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"image encoder {str(path)!r}: cannot read config.json ({err}); {expected}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"image encoder {str(path)!r}: config.json is not a JSON object; {expected}")
+        # 'clip' is a whole CLIP model; its vision half (vision_config, vision_model.*, visual_projection)
+        # loads as a CLIPVisionModelWithProjection.
+        kind = config.get("model_type") or config.get("_class_name") or "an unknown model"
+        if kind not in ("clip_vision_model", "clip"):
+            names = {"clip_text_model": "a CLIP text encoder", "AutoencoderKL": "a VAE",
+                     "UNet2DConditionModel": "a UNet", "ControlNetModel": "a ControlNet"}
+            raise CheckpointError(f"the image encoder folder {str(path)!r} holds {names.get(kind, repr(kind))} "
+                                  f"(config.json: {kind}); {expected}")
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError) as err:  # missing or unreadable weights
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"cannot load the image encoder at {str(path)!r}: {first[:300]}") from None
+        return cls(model)
 
     def output_width(self, output: EncoderOutput) -> int:
         config = self.model.config
