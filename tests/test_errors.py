@@ -520,9 +520,15 @@ def test_image_prompt_without_images():
         ImagePrompt(images=[]).check(1)
 
 
-def test_valid_image_prompt_passes():
-    ImagePrompt(images=IMAGES, combine="weighted", weights=[1.0, 0.0], start=0.0, end=1.0, adapter=1).check(2)
+def test_valid_image_prompts_pass_and_weights_act_as_given():
     ImagePrompt(images=IMAGES, masks=[None, np.ones((8, 8))]).check(1)
+    prompt = ImagePrompt(images=IMAGES, combine="weighted", weights=[1.0, 0.0], start=0.0, end=1.0, adapter=1)
+    prompt.check(2)
+    from imprompt.generation.prompts import combine_features
+
+    features = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(combine_features(features, prompt.combine, prompt.weights), features[:1])
+    assert torch.allclose(combine_features(features, "weighted", [2.0, 2.0]), features.mean(0, keepdim=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,17 +536,30 @@ def test_valid_image_prompt_passes():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_attaching_twice_raises_and_leaves_the_first_attachment_working():
+def test_two_attachments_share_a_unet_and_the_last_detach_restores_it():
     unet = tm.sd15_unet()
     original = processors(unet)
     first = attach(unet, tm.random_adapter(unet, "linear"))
-    with pytest.raises(RuntimeError, match="already attached to this UNet; detach them first"):
-        attach(unet, tm.random_adapter(unet, "linear", seed=1))
-    assert first.attached
+    second = attach(unet, tm.random_adapter(unet, "linear", seed=1))
     first.detach()
+    assert second.attached and not first.attached
+    assert all(processors(unet)[k] is not original[k] for k in original)  # still wrapped for the second
+    second.detach()
     after = processors(unet)
     assert all(after[k] is original[k] for k in original)
     attach(unet, tm.random_adapter(unet, "linear")).detach()  # after detaching, attaching works again
+
+
+def test_processors_replaced_behind_an_attachment_are_reported():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = tm.sd15_unet()
+    first = attach(unet, tm.random_adapter(unet, "linear"))
+    name = next(iter(processors(unet)))
+    unet.set_attn_processor({**processors(unet), name: AttnProcessor2_0()})
+    with pytest.raises(RuntimeError, match="replaced while imprompt adapters were attached"):
+        attach(unet, tm.random_adapter(unet, "linear", seed=1))
+    first.detach()
 
 
 def test_attach_needs_an_adapter():
