@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from imprompt.toy import build, models, quality, shapes
+from imprompt.toy import build, judge, models, shapes
 from imprompt.toy import tokenizer as toy_tokenizer
 
 torch.set_flush_denormal(True)
@@ -52,8 +52,11 @@ def test_model_configurations_build_and_fit_together():
 
 def test_edits_are_valid_attribute_changes():
     truth = [s.attributes for s in shapes.sample("test", 40, 0)]
-    for (changed, text, expected), a in zip(quality.edits(truth), truth):
-        assert getattr(expected, changed) != getattr(a, changed) and getattr(expected, changed) in text
+    plan = judge.edit_plan(truth)
+    assert plan == judge.edit_plan(truth) and {e.changed for e in plan} == {"background", "color"}
+    for edit, a in zip(plan, truth):
+        changed, expected = edit.changed, edit.expected
+        assert getattr(expected, changed) != getattr(a, changed) and getattr(expected, changed) in edit.text
         assert dataclasses.replace(expected, **{changed: getattr(a, changed)}) == a
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imprompt.toy import reader, shapes
+from imprompt.toy import judge, reader, shapes
 from imprompt.toy.shapes import Attributes
 
 VALUES = {"shape": shapes.SHAPES, "color": shapes.COLORS, "background": shapes.BACKGROUNDS,
@@ -161,8 +161,8 @@ def test_write_folder(tmp_path):
 def test_reader_recovers_attributes(perturbed):
     samples = shapes.sample("test", 300, seed=0) + shapes.sample("heldout", 100, seed=0)
     images = [reader.perturb(s.image, seed=i) if perturbed else s.image for i, s in enumerate(samples)]
-    scores = reader.accuracy(reader.read_many(images), [s.attributes for s in samples])
-    for name in reader.ATTRIBUTE_NAMES:
+    scores = judge.accuracy(reader.read_many(images), [s.attributes for s in samples])
+    for name in judge.ATTRIBUTE_NAMES:
         assert scores[name] >= 0.98, (name, scores)
     if not perturbed:
         assert scores["all"] == 1.0
@@ -177,7 +177,7 @@ def test_reader_tolerates_pale_and_shifted_shapes():
         background = np.array(shapes.RGB[s.attributes.background], float)
         pale = background + 0.8 * (pixels - background)
         images.append(np.roll(np.rint(pale), (1, -1), axis=(0, 1)).astype(np.uint8))
-    scores = reader.accuracy(reader.read_many(images), [s.attributes for s in samples])
+    scores = judge.accuracy(reader.read_many(images), [s.attributes for s in samples])
     assert min(scores.values()) >= 0.98, scores
 
 
@@ -187,7 +187,7 @@ def test_reader_rejects_what_it_cannot_read():
     with pytest.raises(TypeError, match="uint8"):
         reader.read(np.zeros((32, 32, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="equally many"):
-        reader.accuracy([], [])
+        judge.accuracy([], [])
 
 
 def test_edits_change_exactly_one_content_attribute_within_the_split():

@@ -17,27 +17,20 @@ from pathlib import Path
 
 import torch
 
-from .toy import PACKAGE_DIR, shapes, toy_available, toy_paths
+from .toy import PACKAGE_DIR, toy_available, toy_paths
+from .toy.judge import CONTENT, Attributes, change_background, change_color, content_hits, read
 
-ATTRIBUTES = ("shape", "color", "background", "style")
 
-
-def plan(reference: shapes.Attributes, rng: random.Random) -> list[tuple[str, str, shapes.Attributes]]:
+def plan(reference: Attributes, rng: random.Random) -> list[tuple[str, str, Attributes]]:
     """(label, text, expected attributes): image alone, then a text that changes one attribute."""
-    background = rng.choice([b for b in shapes.BACKGROUNDS if b not in (reference.background, reference.color)])
-    color = rng.choice([c for c in shapes.COLORS if c not in (reference.color, reference.background)])
-    return [
-        ("image only", "", reference),
-        (f"+ '{background} background'", f"{background} background", dataclasses.replace(reference, background=background)),
-        (f"+ 'a {color} {reference.shape}'", f"a {color} {reference.shape}", dataclasses.replace(reference, color=color)),
-    ]
+    edits = [change_background(reference, rng), change_color(reference, rng)]
+    return [("image only", "", reference)] + [(f"+ '{e.text}'", e.text, e.expected) for e in edits]
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_image, load_pipeline
     from .generation.pnginfo import format_parameters, save_png
     from .sheets import contact_sheet
-    from .toy.reader import read
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="outputs/demo")
@@ -62,21 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     adapter = load_adapter(paths["adapter"], torch.float32)
     encoder = ImageEncoder.from_pretrained(paths["image_encoder"])
     catalogue = json.loads((paths["references"] / "attributes.json").read_text())[: args.references]
-    fields = {f.name for f in dataclasses.fields(shapes.Attributes)}
+    fields = {f.name for f in dataclasses.fields(Attributes)}
     out = Path(args.output)
     rng = random.Random("imprompt-demo")
     rows, labels, table = [], [], []
     with attach(pipe.unet, adapter) as attachment:
         for i, item in enumerate(catalogue):
-            reference_attrs = shapes.Attributes(**{k: v for k, v in item.items() if k in fields})
+            reference_attrs = Attributes(**{k: v for k, v in item.items() if k in fields})
             reference = load_image(paths["references"] / item["file"])
             row = [reference]
             for j, (label, text, expected) in enumerate(plan(reference_attrs, rng)):
                 scale = 1.0 if not text else args.scale
                 settings = GenerationSettings(prompt=text, steps=args.steps, seed=i, guidance=args.guidance)
                 image = generate(pipe, attachment, settings, [ImagePrompt([reference], scale=scale)], [encoder])[0]
-                got = read(image)
-                matches = {a: getattr(got, a) == getattr(expected, a) for a in ATTRIBUTES}
+                matches = content_hits(read(image), expected)
                 table.append((item["file"], label, matches))
                 info = format_parameters(text, "", {"Steps": args.steps, "CFG scale": args.guidance, "Seed": i,
                                                     "Size": f"{image.width}x{image.height}", "Model": "imprompt-toy",
@@ -88,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     sheet = contact_sheet(rows, labels, ["reference", "image only", "+ text: background", "+ text: colour"], cell=96)
     save_png(sheet, out / "contact_sheet.png", "imprompt demo contact sheet")
 
-    print(f"{'reference':38} {'prompt':28} " + " ".join(f"{a:>10}" for a in ATTRIBUTES))
+    print(f"{'reference':38} {'prompt':28} " + " ".join(f"{a:>10}" for a in CONTENT))
     for name, label, matches in table:
-        print(f"{name:38} {label[:28]:28} " + " ".join(f"{'yes' if matches[a] else 'NO':>10}" for a in ATTRIBUTES))
+        print(f"{name:38} {label[:28]:28} " + " ".join(f"{'yes' if matches[a] else 'NO':>10}" for a in CONTENT))
     total = sum(sum(m.values()) for _, _, m in table)
-    print(f"\n{total}/{len(table) * len(ATTRIBUTES)} attributes as asked; wrote {out}/contact_sheet.png and "
+    print(f"\n{total}/{len(table) * len(CONTENT)} attributes as asked; wrote {out}/contact_sheet.png and "
           f"{len(table)} images in {time.perf_counter() - started:.1f} s")
     return 0
 

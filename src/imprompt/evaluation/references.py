@@ -1,11 +1,11 @@
 """Evaluation sets: reference images with captions, from a folder or from the toy world.
 
 * A folder of ``name.png`` (or .jpg / .jpeg / .webp) + ``name.txt`` (the caption), read in name order.
-* ``toy:SPLIT``: :func:`imprompt.toy.shapes.sample` with seed 0, the first N images of the toy build's
+* ``toy:SPLIT``: :func:`imprompt.toy.judge.reference_set`, seed 0, the first N images of the toy build's
   own split folder, with their ground-truth attributes (so generations can be read and scored).
 
 In the toy world each reference also gets an *edit*: a short text that changes one attribute
-(``"<colour> background"`` or ``"a <colour> <shape>"``), the plan of :func:`imprompt.toy.quality.edits`,
+(``"<colour> background"`` or ``"a <colour> <shape>"``), the plan of :func:`imprompt.toy.judge.edit_plan`,
 used by the image + text evaluation.
 """
 
@@ -18,18 +18,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..encoding import load_image
-from ..toy.shapes import Attributes
+from ..toy.judge import SPLITS, Attributes, Edit, reference_set
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
-
-
-@dataclass(frozen=True)
-class Edit:
-    """Image + text in the toy world: the text asks for ``changed`` to become ``expected``'s value."""
-
-    changed: str
-    text: str
-    expected: Attributes
 
 
 @dataclass(frozen=True)
@@ -61,15 +52,11 @@ def load_references(data: str, n: int) -> list[Reference]:
 
 
 def toy_references(split: str, n: int) -> list[Reference]:
-    from ..toy import shapes
-    from ..toy.quality import edits
-
-    if split not in shapes.SPLITS:
-        raise ValueError(f"toy evaluation set 'toy:{split}': the split must be one of {', '.join(shapes.SPLITS)}")
-    samples = shapes.sample(split, n)  # seed 0: the same images as the toy build's split folder
-    plan = edits([s.attributes for s in samples])
-    return [Reference(f"{split}-{i:04d}", s.image, s.caption, s.attributes, Edit(*plan[i]))
-            for i, s in enumerate(samples)]
+    if split not in SPLITS:
+        raise ValueError(f"toy evaluation set 'toy:{split}': the split must be one of {', '.join(SPLITS)}")
+    # Seed 0: the same images as the toy build's split folder.
+    return [Reference(f"{split}-{i:04d}", s.image, s.caption, s.attributes, edit)
+            for i, (s, edit) in enumerate(reference_set(split, n))]
 
 
 def folder_references(folder: str | os.PathLike, n: int) -> list[Reference]:

@@ -1,8 +1,9 @@
 """Scoring: CLIP embeddings for CLIP-I / CLIP-T, and the toy world's attribute checks.
 
 The CLIP metrics themselves are the pure functions of :mod:`imprompt.evaluation.metrics`; this module
-only turns images and texts into embeddings (cached for texts, so each caption is embedded once) and
-generated toy images into attribute hits with :func:`imprompt.toy.reader.read_many`.
+only turns images and texts into embeddings (cached for texts, so each caption is embedded once). The
+toy world's attribute checks are :mod:`imprompt.toy.judge`'s (the one definition of a hit), named
+here for the rest of the evaluation.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..toy.shapes import Attributes
+from ..toy.judge import CONTENT, attribute_hits, edit_hits, is_shared_tower_clip, load_scoring_clip
 
-# The attributes that make up a toy image's content; size and position are placement (the image + text
-# check compares content, as imprompt.toy.quality does).
-CONTENT: tuple[str, ...] = ("shape", "color", "background", "style")
+__all__ = ["CONTENT", "ClipScorer", "attribute_hits", "edit_hits"]
 
 
 class ClipScorer:
@@ -35,16 +34,14 @@ class ClipScorer:
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ClipScorer":
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        from ..toy.models import TOWERS_FILE, load_shared_tower_clip
-
         folder = Path(path)
         missing = [name for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json")
                    if not (folder / name).is_file()]
         if missing:
             raise ValueError(f"scoring CLIP {str(folder)!r} lacks {', '.join(missing)}; it must hold a transformers "
                              "CLIPModel saved with its CLIPImageProcessor and tokenizer (save_pretrained of all three)")
-        if (folder / TOWERS_FILE).is_file():  # the toy package's CLIP, sharing the pipeline's towers
-            model = load_shared_tower_clip(folder, dtype).to(device)
+        if is_shared_tower_clip(folder):  # the toy package's CLIP, sharing the pipeline's towers
+            model = load_scoring_clip(folder, dtype).to(device)
         else:
             model = CLIPModel.from_pretrained(folder, torch_dtype=dtype).to(device)
         return cls(model, CLIPImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
@@ -75,22 +72,3 @@ class ClipScorer:
             embeds = self.model.text_projection(pooled).float().cpu()
             self._texts.update(zip(chunk, embeds))
         return torch.stack([self._texts[t] for t in texts])
-
-
-def attribute_hits(read: Attributes, truth: Attributes) -> dict[str, bool]:
-    """Per attribute, whether the generation shows the reference's value; ``all``: every one does."""
-    hits = {name: getattr(read, name) == getattr(truth, name) for name in Attributes.__dataclass_fields__}
-    hits["all"] = all(hits.values())
-    return hits
-
-
-def edit_hits(read: Attributes, reference: Attributes, changed: str, expected: Attributes) -> dict[str, bool]:
-    """Image + text: the changed attribute follows the text; the other content attributes the reference.
-
-    ``expected`` is the reference with the text's change; ``<name>_as_asked`` says, per content
-    attribute, whether the generation shows the expected value (the same keys whichever one changed).
-    """
-    follows = getattr(read, changed) == getattr(expected, changed)
-    keeps = all(getattr(read, name) == getattr(reference, name) for name in CONTENT if name != changed)
-    return {"follows_text": follows, "keeps_reference": keeps, "both": follows and keeps,
-            **{f"{name}_as_asked": getattr(read, name) == getattr(expected, name) for name in CONTENT}}

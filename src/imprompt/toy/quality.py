@@ -1,4 +1,4 @@
-"""The toy world's quality targets (issue 4), measured with the attribute reader on the test split.
+"""The toy world's quality targets, measured with the attribute reader on the test split.
 
 * **text-to-image**: the caption as prompt; each attribute of the generation vs the caption's.
 * **image prompt alone**: empty text, scale 1.0; each attribute vs the reference's. Compared with
@@ -15,9 +15,7 @@ sample; text-to-image and unconditional generations are batched through the pipe
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import random
 import time
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +25,7 @@ import torch
 from PIL import Image
 
 from . import shapes
-from .reader import accuracy, read_many
+from .judge import accuracy, edit_accuracy, edit_plan, read_many
 from .shapes import Attributes
 
 TARGETS = {
@@ -35,7 +33,6 @@ TARGETS = {
     "image_only": {"color": 0.9, "background": 0.9, "shape": 0.8},
     "multimodal": 0.75,
 }
-CONTENT = ("shape", "color", "background", "style")
 
 
 def load(pipeline: str | Path, adapter_file: str | Path | None):
@@ -86,35 +83,6 @@ def _score(images: Sequence[np.ndarray], truth: Sequence[Attributes]) -> dict[st
     return {k: round(v, 4) for k, v in accuracy(read_many(list(images)), list(truth)).items()}
 
 
-def edits(truth: Sequence[Attributes], seed: int = 0) -> list[tuple[str, str, Attributes]]:
-    """For each reference: (changed attribute, text, expected attributes), alternating background / colour."""
-    rng = random.Random(f"imprompt-toy/edits/{seed}")
-    out = []
-    for i, a in enumerate(truth):
-        if i % 2 == 0:
-            new = rng.choice([b for b in shapes.BACKGROUNDS if b not in (a.background, a.color)])
-            out.append(("background", f"{new} background", dataclasses.replace(a, background=new)))
-        else:
-            new = rng.choice([c for c in shapes.COLORS if c not in (a.color, a.background)])
-            out.append(("color", f"a {new} {a.shape}", dataclasses.replace(a, color=new)))
-    return out
-
-
-def multimodal_scores(predicted: Sequence[Attributes], plan: Sequence[tuple[str, str, Attributes]]) -> dict:
-    """Per changed attribute: how often it follows the text, and how often each other one follows the reference."""
-    report = {}
-    for changed in ("background", "color"):
-        rows = [(p, e) for p, (c, _, e) in zip(predicted, plan) if c == changed]
-        if not rows:
-            continue
-        scores = {f"{changed} (text)": float(np.mean([getattr(p, changed) == getattr(e, changed) for p, e in rows]))}
-        for name in CONTENT:
-            if name != changed:
-                scores[f"{name} (reference)"] = float(np.mean([getattr(p, name) == getattr(e, name) for p, e in rows]))
-        report[f"change {changed}"] = {k: round(v, 4) for k, v in scores.items()}
-    return report
-
-
 def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: str | Path, n: int = 200,
             steps: int = 20, guidance: float = 3.0, scales: Sequence[float] = (0.5, 0.7, 1.0),
             progress: bool = True, multimodal_n: int | None = None, parts: Sequence[str] = ("text_to_image", "unconditional", "image_only", "multimodal")) -> dict:
@@ -153,11 +121,11 @@ def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: 
                 image_prompted(pipe, attachment, encoder, references, [""] * len(rows), seeds, steps, guidance, 1.0), truth))
         if "multimodal" in parts:
             m = multimodal_n or len(rows)
-            plan = edits(truth[:m])
+            plan = edit_plan(truth[:m])
             report["multimodal"] = {"n": m}
             for scale in scales:
-                report["multimodal"][f"scale {scale:g}"] = timed(f"multimodal scale {scale:g}", lambda: multimodal_scores(
-                    read_many(image_prompted(pipe, attachment, encoder, references[:m], [t for _, t, _ in plan], seeds[:m],
+                report["multimodal"][f"scale {scale:g}"] = timed(f"multimodal scale {scale:g}", lambda: edit_accuracy(
+                    read_many(image_prompted(pipe, attachment, encoder, references[:m], [e.text for e in plan], seeds[:m],
                                              steps, guidance, scale)), plan))
     finally:
         attachment.detach()

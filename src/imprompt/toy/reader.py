@@ -29,7 +29,6 @@ small dotted shapes there can read as striped. An image with no shape at all sti
 from __future__ import annotations
 
 import io
-from dataclasses import fields
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -39,7 +38,6 @@ from PIL import Image, ImageFilter
 from . import shapes
 from .shapes import BACKGROUNDS, COLORS, IMAGE_SIZE, PERIOD, RGB, STYLES, Attributes
 
-ATTRIBUTE_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Attributes))
 BORDER = 2  # pixels of border used for the background; the nearest shape edge is 2 px in
 TEMPLATE_BLURS = (0.0, 0.7, 1.2)  # gaussian sigmas, pixels
 MAX_SHIFT = 1  # pixels a shape may be off its place and still match
@@ -167,17 +165,6 @@ def read_many(images: Iterable[Image.Image | np.ndarray], batch_size: int = 128)
 def read(image: Image.Image | np.ndarray) -> Attributes:
     """Attributes of one 32x32 image (PIL or uint8 array); the module docstring says how."""
     return read_many([image])[0]
-
-
-def accuracy(predicted: Sequence[Attributes], truth: Sequence[Attributes]) -> dict[str, float]:
-    """Fraction right per attribute, plus ``"all"``: the fraction with every attribute right."""
-    if len(predicted) != len(truth) or not truth:
-        raise ValueError(f"need equally many, and at least one, predictions and truths; "
-                         f"got {len(predicted)} and {len(truth)}")
-    scores = {name: float(np.mean([getattr(p, name) == getattr(t, name) for p, t in zip(predicted, truth)]))
-              for name in ATTRIBUTE_NAMES}
-    scores["all"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
-    return scores
 
 
 def perturb(image: Image.Image, seed: int, blur: float = 0.7, noise: float = 8 / 255,
