@@ -83,3 +83,82 @@ def test_a_lone_faceid_proj_key_is_recognised_as_faceid(linear_state, tmp_path, 
         torch.save({"faceid_proj": {"weight": torch.zeros(4, 4)}}, path)
     with pytest.raises(CheckpointError, match=r"IP-Adapter FaceID checkpoint \(found '[a-z_.]*faceid_proj[a-z_.]*'\)"):
         load_adapter(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files whose name lies about what they hold (defect 21)
+# --------------------------------------------------------------------------------------------------
+
+
+def _message(path) -> str:
+    with pytest.raises(CheckpointError) as err:
+        read_state(path)
+    message = str(err.value)
+    assert "\n" not in message and "weights_only=False" not in message
+    return message
+
+
+def test_text_file_named_safetensors(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    path.write_text("This is not a model.\nIt is a note someone saved with the wrong name.\n")
+    message = _message(path)
+    assert "adapter.safetensors is a text file, not a safetensors file" in message
+    assert "truncated" not in message and "re-download" not in message
+
+
+def test_git_lfs_pointer_named_safetensors(tmp_path):
+    path = tmp_path / "ip-adapter_sd15.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 44642768\n")
+    assert "is a Git LFS pointer, not the weights" in _message(path)
+
+
+def test_html_page_named_safetensors(tmp_path):
+    path = tmp_path / "a.safetensors"
+    path.write_text("<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n")
+    assert "a.safetensors is an HTML page, not a safetensors file" in _message(path)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
+def test_torch_file_named_safetensors(linear_state, tmp_path, zipped):
+    path = tmp_path / "adapter.safetensors"
+    torch.save(nest(linear_state), path, _use_new_zipfile_serialization=zipped)
+    message = _message(path)
+    assert "adapter.safetensors is a PyTorch pickle (torch.save), not a safetensors file" in message
+    assert "rename it to adapter.bin" in message
+    assert "truncated" not in message and "re-download" not in message
+
+
+def test_safetensors_file_named_bin(linear_state, tmp_path):
+    path = tmp_path / "adapter.bin"
+    save_file(linear_state, str(path))
+    message = _message(path)
+    assert "adapter.bin is a safetensors file, not a PyTorch pickle: rename it to adapter.safetensors" in message
+
+
+def test_text_file_named_bin(tmp_path):
+    path = tmp_path / "adapter.bin"
+    path.write_text("hello, this is plain text and nothing else\n")
+    message = _message(path)
+    assert "adapter.bin is a text file, not a PyTorch checkpoint" in message
+    assert "more than tensors" not in message
+
+
+@pytest.mark.parametrize("ext", [".bin", ".safetensors", ".pt"])
+def test_zero_byte_file(tmp_path, ext):
+    path = tmp_path / f"empty{ext}"
+    path.write_bytes(b"")
+    message = _message(path)
+    assert f"empty{ext} is empty (0 bytes)" in message
+    assert "EOFError" not in message and not message.rstrip().endswith(":")
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".bin"])
+def test_truncated_file_says_truncated(linear_state, tmp_path, ext):
+    from imprompt.adapter.checkpoint import save_adapter
+
+    good = save_adapter(IPAdapter.from_state_dict(linear_state), tmp_path / f"good{ext}")
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    message = _message(cut)
+    assert "cut" + ext in message and "truncated" in message and "re-download" in message
+    assert not message.rstrip().endswith(":")

@@ -181,14 +181,14 @@ def test_truncated_file(linear_state, tmp_path, ext, keep):
     data = good.read_bytes()
     cut = tmp_path / f"cut{ext}"
     cut.write_bytes(data[: max(1, int(len(data) * keep))])
-    with pytest.raises(CheckpointError, match=rf"cannot read cut\{ext}"):
+    with pytest.raises(CheckpointError, match=rf"cannot read (adapter checkpoint )?cut\{ext}: .*truncated.*re-download"):
         load_adapter(cut)
 
 
 def test_empty_file(tmp_path):
     for ext in (".safetensors", ".bin"):
         (tmp_path / f"empty{ext}").write_bytes(b"")
-        with pytest.raises(CheckpointError, match=rf"cannot read empty\{ext}"):
+        with pytest.raises(CheckpointError, match=rf"empty\{ext} is empty \(0 bytes\)"):
             load_adapter(tmp_path / f"empty{ext}")
 
 
@@ -227,7 +227,7 @@ def test_pickle_with_custom_object_is_refused(linear_state, tmp_path):
     nested = nest(linear_state)
     nested["image_proj"]["extra"] = Opaque()
     torch.save(nested, tmp_path / "object.bin")
-    with pytest.raises(CheckpointError, match=r"cannot read object\.bin: .*pickle holding more than tensors.*UnpicklingError"):
+    with pytest.raises(CheckpointError, match=r"object\.bin holds more than tensors and was refused without running it"):
         load_adapter(tmp_path / "object.bin")
 
 
@@ -235,14 +235,14 @@ def test_pickle_with_function_is_refused(linear_state, tmp_path):
     nested = nest(linear_state)
     nested["ip_adapter"]["hook"] = print
     torch.save(nested, tmp_path / "function.bin")
-    with pytest.raises(CheckpointError, match=r"cannot read function\.bin: .*pickle holding more than tensors"):
+    with pytest.raises(CheckpointError, match=r"function\.bin holds more than tensors and was refused without running it"):
         load_adapter(tmp_path / "function.bin")
 
 
 def test_malicious_pickle_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"image_proj": {"x": Payload(marker)}, "ip_adapter": {}}, tmp_path / "evil.bin")
-    with pytest.raises(CheckpointError, match=r"cannot read evil\.bin"):
+    with pytest.raises(CheckpointError, match=r"evil\.bin holds more than tensors and was refused without running it"):
         read_state(tmp_path / "evil.bin")
     assert not marker.exists()
 

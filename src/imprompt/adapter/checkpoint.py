@@ -4,7 +4,8 @@ Two layouts exist (tencent-ailab/IP-Adapter, also read by diffusers' ``load_ip_a
 ComfyUI_IPAdapter_plus and the A1111 ControlNet extension):
 
 * ``.bin``: a pickled nested dict ``{"image_proj": {...}, "ip_adapter": {"1.to_k_ip.weight": ...}}``.
-  Read with ``torch.load(weights_only=True)`` so a malicious pickle cannot run code.
+  Read through :func:`imprompt.files.load_torch_weights` (weights only), so a malicious pickle cannot
+  run code.
 * ``.safetensors``: the same tensors flat, with ``image_proj.`` / ``ip_adapter.`` prefixes.
 
 Both are written from the module's own ``state_dict()`` (whose keys are already the flat layout),
@@ -13,6 +14,7 @@ and writes are atomic: a temporary file in the target folder, then a rename.
 
 from __future__ import annotations
 
+import codecs
 import os
 import tempfile
 from pathlib import Path
@@ -22,32 +24,99 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..files import PickleRefusedError, UnsafeFileError, check_regular_file, load_torch_weights
 from .model import IPAdapter
 from .variants import AdapterVariant, CheckpointError, check_not_faceid
 
 HALVES = ("image_proj", "ip_adapter")
 
 
+# Adapters are at most a few GB (SDXL plus: 1.0 GB in fp32); the cap only stops a device file or a
+# runaway download from being read whole.
+MAX_CHECKPOINT_BYTES = 64 * 2**30
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The flat ``image_proj.* / ip_adapter.*`` state of an official checkpoint file."""
+    """The flat ``image_proj.* / ip_adapter.*`` state of an official checkpoint file.
+
+    The file's first bytes are read before the loader runs, so that a file whose name lies (a torch
+    pickle called ``.safetensors``, a Git LFS pointer, an HTML error page) is named for what it is
+    instead of being called truncated.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"adapter checkpoint {str(path)!r} does not exist")
+    try:
+        check_regular_file(path, MAX_CHECKPOINT_BYTES, what="adapter checkpoint")
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path.name}: unknown checkpoint extension {path.suffix!r}; expected .safetensors or .bin")
+    content = sniff(path)
+    name = path.name
+    if content == "empty":
+        raise CheckpointError(f"adapter checkpoint {name} is empty (0 bytes); re-download it")
+    if content == "lfs":
+        raise CheckpointError(f"{name} is a Git LFS pointer, not the weights: fetch the file itself "
+                              "(git lfs pull, or download it from the model page)")
+    if content in ("html", "text"):
+        expected = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
+        raise CheckpointError(
+            f"{name} is an HTML page, not {expected} (a failed download?): download it again from its direct link"
+            if content == "html" else
+            f"{name} is a text file, not {expected}: give the adapter's weights file (.safetensors or .bin)"
+        )
     if path.suffix == ".safetensors":
+        if content == "torch":
+            raise CheckpointError(f"{name} is a PyTorch pickle (torch.save), not a safetensors file, despite its "
+                                  f"name: rename it to {path.stem}.bin")
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read {path.name}: not a complete safetensors file ({err}); re-download it") from err
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            what = "truncated or corrupt safetensors file" if content == "safetensors" else "not a safetensors file, or truncated"
+            raise CheckpointError(f"cannot read {name}: {what} ({_first_line(err)}); re-download it") from None
+    if content == "safetensors":
+        raise CheckpointError(f"{name} is a safetensors file, not a PyTorch pickle: rename it to {path.stem}.safetensors")
+    if content != "torch":  # not even the start of a torch.save file: do not hand it to the unpickler
+        raise CheckpointError(f"cannot read {name}: truncated, or not a PyTorch checkpoint (it does not begin like a "
+                              "torch.save file); re-download it")
+    try:
+        nested = load_torch_weights(path, what="adapter checkpoint")
+    except PickleRefusedError as err:
+        raise CheckpointError(str(err)) from None
+    return flatten(nested, source=name)
+
+
+def sniff(path: Path) -> str:
+    """What a file holds, from its first bytes: 'empty', 'safetensors', 'torch' (a ``torch.save`` zip
+    or legacy pickle), 'cut' (too short to tell), 'lfs' (a Git LFS pointer), 'html', 'text' or 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        size = os.fstat(f.fileno()).st_size
+    if not head:
+        return "empty"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5):
+        return "torch"  # zip (torch >= 1.6) or a pickle stream (protocol 2-5: legacy torch.save)
+    if b"PK\x03\x04".startswith(head) or head == b"\x80":
+        return "cut"  # the first bytes of one of those, and nothing more
+    if head.startswith(b"version https://git-lfs"):
+        return "lfs"
+    # Text only on real evidence: a few bytes of a cut binary file can look printable.
+    if len(head) >= 16 and all(b >= 0x20 or b in b"\t\n\r" for b in head):
         try:
-            nested = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zip errors...
-            raise CheckpointError(
-                f"cannot read {path.name}: truncated, corrupt, or a pickle holding more than tensors "
-                f"(only weights are loaded, for safety): {type(err).__name__}: {err}"
-            ) from err
-        return flatten(nested, source=path.name)
-    raise CheckpointError(f"{path.name}: unknown checkpoint extension {path.suffix!r}; expected .safetensors or .bin")
+            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return "unknown"
+        start = text.lstrip().lower()
+        return "html" if start.startswith(("<!doctype html", "<html")) else "text"
+    return "unknown"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def flatten(nested: Mapping, source: str = "checkpoint") -> dict[str, torch.Tensor]:
