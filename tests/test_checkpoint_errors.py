@@ -162,3 +162,70 @@ def test_truncated_file_says_truncated(linear_state, tmp_path, ext):
     message = _message(cut)
     assert "cut" + ext in message and "truncated" in message and "re-download" in message
     assert not message.rstrip().endswith(":")
+
+
+# --------------------------------------------------------------------------------------------------
+# An adapter that does not fit the UNet: one clear clause per mismatch (defect 21)
+# --------------------------------------------------------------------------------------------------
+
+
+def _compat_message(adapter, unet) -> str:
+    from imprompt.adapter.attach import check_compatible, cross_attention_layers, unet_family_of
+
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(adapter, cross_attention_layers(unet), unet_family_of(unet))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_adapter_with_a_layer_removed_names_the_missing_layer(sd15, linear_state):
+    state = {k: v for k, v in linear_state.items() if not k.startswith("ip_adapter.5.")}
+    message = _compat_message(IPAdapter.from_state_dict(state), sd15)
+    assert "has weights for 3 cross-attention layers, but this UNet has 4" in message
+    assert "it lacks ip_adapter.5 (up_blocks.1.attentions.1.transformer_blocks.0.attn2)" in message
+    assert "The file has lost layers" in message and "re-download" in message
+    assert "cross_attention_dim 32 and" not in message  # the old garbled sentence
+
+
+def test_sdxl_adapter_on_a_tiny_sd15_unet_names_each_mismatch(sd15):
+    adapter = tm.random_adapter(tm.sdxl_unet(), "linear")
+    message = _compat_message(adapter, sd15)
+    assert "its image tokens have width 64, but this UNet's cross-attention reads width 32" in message
+    assert "it has weights for 8 cross-attention layers, but this UNet has 4" in message
+    assert "Use an adapter made for this model (cross_attention_dim 32), or a model with cross_attention_dim 64" in message
+    assert "and 4." not in message and "32 and 4" not in message  # "...cross_attention_dim 32 and 4": garbled
+
+
+def test_full_size_family_mismatch_names_the_families():
+    from test_errors import _meta_unet
+    from imprompt.adapter.attach import adapter_for_unet
+    from imprompt.adapter.variants import AdapterVariant
+
+    sd15, sdxl = _meta_unet("SD1.5"), _meta_unet("SDXL")
+    with torch.device("meta"):
+        adapter = adapter_for_unet(sdxl, AdapterVariant("linear", 1280, 2048, 4), copy_text_kv=False)
+    message = _compat_message(adapter, sd15)
+    assert message.startswith("the base (SDXL, OpenCLIP ViT-bigG/14 (official sdxl_models/image_encoder)) adapter "
+                              "does not fit this SD1.5 UNet: ")
+    assert "its image tokens have width 2048 (SDXL), but this UNet's cross-attention reads width 768 (SD1.5)" in message
+    assert "it has weights for 70 cross-attention layers, but this UNet has 16" in message
+    assert message.endswith("Use an adapter made for SD1.5, or an SDXL model.")
+
+
+def test_layer_at_a_position_the_unet_does_not_have(sd15, linear_state):
+    state = {(k.replace("ip_adapter.7.", "ip_adapter.9.")): v for k, v in linear_state.items()}
+    message = _compat_message(IPAdapter.from_state_dict(state), sd15)
+    assert "its ip_adapter.9 is not a cross-attention position of this UNet (those are 1, 3, 5, 7)" in message
+    assert "it lacks ip_adapter.7 (mid_block.attentions.0.transformer_blocks.0.attn2)" in message
+    assert "made for a differently built UNet" in message
+
+
+def test_layer_of_another_width(sd15, linear_state):
+    state = dict(linear_state)
+    for name in ("to_k_ip", "to_v_ip"):
+        state[f"ip_adapter.3.{name}.weight"] = torch.randn(24, 32)
+    message = _compat_message(IPAdapter.from_state_dict(state), sd15)
+    assert ("ip_adapter.3 has width 24, but this UNet's up_blocks.1.attentions.0.transformer_blocks.0.attn2 "
+            "has width 16") in message
+    assert "made for a differently built UNet" in message

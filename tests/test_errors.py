@@ -60,8 +60,8 @@ def test_sdxl_adapter_on_sd15_unet(kind):
     unet = tm.sd15_unet()
     before = processors(unet)
     with pytest.raises(CheckpointError, match=(
-        r"made for a UNet with cross_attention_dim 64 and 8 cross-attention layers; "
-        r"this .* UNet has cross_attention_dim 32 and 4"
+        r"its image tokens have width 64, but this UNet's cross-attention reads width 32; "
+        r"it has weights for 8 cross-attention layers, but this UNet has 4\. "
     )):
         attach(unet, adapter)
     after = processors(unet)
@@ -71,8 +71,8 @@ def test_sdxl_adapter_on_sd15_unet(kind):
 def test_sd15_adapter_on_sdxl_unet():
     adapter = tm.random_adapter(tm.sd15_unet(), "linear")
     with pytest.raises(CheckpointError, match=(
-        r"made for a UNet with cross_attention_dim 32 and 4 cross-attention layers; "
-        r"this .* UNet has cross_attention_dim 64 and 8"
+        r"its image tokens have width 32, but this UNet's cross-attention reads width 64; "
+        r"it has weights for 4 cross-attention layers, but this UNet has 8\. "
     )):
         attach(tm.sdxl_unet(), adapter)
 
@@ -110,9 +110,9 @@ def full_size():
 def test_full_size_sdxl_adapter_on_sd15_names_both_families(full_size):
     unets, adapters = full_size
     with pytest.raises(CheckpointError, match=(
-        r"this base \(SDXL, OpenCLIP ViT-bigG/14.*\) adapter was made for a UNet with cross_attention_dim 2048 "
-        r"and 70 cross-attention layers; this SD1\.5 UNet has cross_attention_dim 768 and 16\. "
-        r"Use an adapter made for SD1\.5, or a SDXL model"
+        r"the base \(SDXL, OpenCLIP ViT-bigG/14.*\) adapter does not fit this SD1\.5 UNet: its image tokens have "
+        r"width 2048 \(SDXL\), but this UNet's cross-attention reads width 768 \(SD1\.5\); it has weights for 70 "
+        r"cross-attention layers, but this UNet has 16\. Use an adapter made for SD1\.5, or an SDXL model\.$"
     )):
         attach(unets["SD1.5"], adapters["SDXL"])
 
@@ -120,9 +120,9 @@ def test_full_size_sdxl_adapter_on_sd15_names_both_families(full_size):
 def test_full_size_sd15_adapter_on_sdxl_names_both_families(full_size):
     unets, adapters = full_size
     with pytest.raises(CheckpointError, match=(
-        r"this base \(SD1\.5, CLIP ViT-H/14.*\) adapter was made for a UNet with cross_attention_dim 768 "
-        r"and 16 cross-attention layers; this SDXL UNet has cross_attention_dim 2048 and 70\. "
-        r"Use an adapter made for SDXL, or a SD1\.5 model"
+        r"the base \(SD1\.5, CLIP ViT-H/14.*\) adapter does not fit this SDXL UNet: its image tokens have "
+        r"width 768 \(SD1\.5\), but this UNet's cross-attention reads width 2048 \(SDXL\); it has weights for 16 "
+        r"cross-attention layers, but this UNet has 70\. Use an adapter made for SDXL, or an SD1\.5 model\.$"
     )):
         attach(unets["SDXL"], adapters["SD1.5"])
 

@@ -55,28 +55,57 @@ def unet_layout(unet) -> str:
 
 
 def check_compatible(adapter: IPAdapter, layers: Sequence[CrossAttentionLayer], family: str) -> None:
-    """Raise, naming expected and found, unless the adapter fits these cross-attention layers."""
+    """Raise unless the adapter fits these cross-attention layers: one line, one clause per mismatch,
+    each naming what the adapter has and what the UNet has, then the fix."""
     variant = adapter.variant
+    want_dim = variant.cross_attention_dim
     found_dim = layers[0].attn.to_k.in_features if layers else None
-    if found_dim != variant.cross_attention_dim or len(layers) != len(adapter.layer_ids):
-        raise CheckpointError(
-            f"this {variant.name} adapter was made for a UNet with cross_attention_dim "
-            f"{variant.cross_attention_dim} and {len(adapter.layer_ids)} cross-attention layers; this {family} "
-            f"UNet has cross_attention_dim {found_dim} and {len(layers)}. Use an adapter made for "
-            f"{family}, or a {unet_family(variant.cross_attention_dim)} model"
-        )
-    ids = [layer.index for layer in layers]
-    if ids != adapter.layer_ids:
-        raise CheckpointError(
-            f"adapter layer indices {adapter.layer_ids[:4]}... do not match this UNet's cross-attention "
-            f"positions {ids[:4]}...; the checkpoint was made for a differently built UNet"
-        )
-    for layer in layers:
-        width = adapter.layer(layer.index).to_k_ip.out_features
-        if width != layer.attn.to_k.out_features:
-            raise CheckpointError(
-                f"ip_adapter.{layer.index} has width {width}, but {layer.block} has {layer.attn.to_k.out_features}"
-            )
+    by_index = {layer.index: layer for layer in layers}
+    ours = adapter.layer_ids
+    missing = [i for i in by_index if i not in set(ours)]  # UNet layers without weights
+    extra = [i for i in ours if i not in by_index]  # weights for positions this UNet does not have
+
+    def known(dim) -> bool:  # a released model family, not just a width
+        return unet_family(dim) != f"cross_attention_dim {dim}"
+
+    def note(dim) -> str:
+        return f" ({unet_family(dim)})" if known(dim) else ""
+
+    problems, wrong = [], []
+    if not layers:
+        problems.append("this UNet has no cross-attention layers")
+    elif found_dim != want_dim:
+        problems.append(f"its image tokens have width {want_dim}{note(want_dim)}, but this UNet's cross-attention "
+                        f"reads width {found_dim}{note(found_dim)}")
+    if layers and len(ours) != len(layers):
+        problems.append(f"it has weights for {len(ours)} cross-attention layers, but this UNet has {len(layers)}")
+    if found_dim == want_dim:  # positions and widths only mean something within one model family
+        if extra:
+            problems.append(f"its ip_adapter.{extra[0]} is not a cross-attention position of this UNet (those are "
+                            f"{', '.join(map(str, by_index))})")
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            problems.append(f"it lacks ip_adapter.{missing[0]} ({by_index[missing[0]].block}){more}")
+        widths = [(i, adapter.layer(i).to_k_ip.out_features, by_index[i].attn.to_k.out_features)
+                  for i in sorted(set(ours) & set(by_index))]
+        wrong = [(i, width, found) for i, width, found in widths if width != found]
+        if wrong:
+            index, width, found = wrong[0]
+            problems.append(f"ip_adapter.{index} has width {width}, but this UNet's {by_index[index].block} "
+                            f"has width {found}")
+    if not problems:
+        return
+    if layers and found_dim != want_dim:
+        fix = (f"Use an adapter made for {family}, or an {unet_family(want_dim)} model."
+               if known(want_dim) and known(found_dim) else
+               f"Use an adapter made for this model (cross_attention_dim {found_dim}), or a model with "
+               f"cross_attention_dim {want_dim}.")
+    elif missing and not extra and not wrong:
+        fix = "The file has lost layers (cut short or edited): re-download it."
+    else:
+        fix = "It was made for a differently built UNet: use an adapter made for this model."
+    where = f"this {family} UNet" if layers and known(found_dim) else "this UNet"
+    raise CheckpointError(f"the {variant.name} adapter does not fit {where}: {'; '.join(problems)}. {fix}")
 
 
 def install_processors(unet, owner: int) -> dict[str, DecoupledAttnProcessor]:
