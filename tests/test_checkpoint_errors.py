@@ -229,3 +229,59 @@ def test_layer_of_another_width(sd15, linear_state):
     assert ("ip_adapter.3 has width 24, but this UNet's up_blocks.1.attentions.0.transformer_blocks.0.attn2 "
             "has width 16") in message
     assert "made for a differently built UNet" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite weights (defect 18): refused at load, naming the first bad tensor
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, key", [
+    (float("nan"), "ip_adapter.3.to_v_ip.weight"),
+    (float("inf"), "image_proj.proj.weight"),
+    (float("-inf"), "image_proj.norm.bias"),
+])
+@pytest.mark.parametrize("ext", [".safetensors", ".bin"])
+def test_non_finite_weights_are_refused_naming_the_tensor(linear_state, tmp_path, bad, key, ext):
+    state = {k: v.clone() for k, v in linear_state.items()}
+    state[key].view(-1)[1] = bad
+    path = tmp_path / f"a{ext}"
+    save_file(state, str(path)) if ext == ".safetensors" else torch.save(nest(state), path)
+    with pytest.raises(CheckpointError, match=(
+        rf"'{key.replace('.', '[.]')}' holds NaN or infinite values \(1 of {state[key].numel()}\).*re-download"
+    )):
+        load_adapter(path)
+
+
+def test_first_non_finite_tensor_is_named(linear_state):
+    state = {k: v.clone() for k, v in linear_state.items()}
+    keys = list(state)
+    for key in (keys[-1], keys[2]):
+        state[key].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"^'{keys[2].replace('.', '[.]')}' holds NaN"):
+        IPAdapter.from_state_dict(state)
+
+
+def test_non_finite_shared_adapter_is_refused(tmp_path):
+    from imprompt.adapter.checkpoint import load_shared_adapter
+
+    state = {"image_proj.proj.weight": torch.randn(64, 8), "image_proj.proj.bias": torch.randn(64),
+             "image_proj.norm.weight": torch.ones(16), "image_proj.norm.bias": torch.zeros(16)}
+    load_shared_adapter(_save(state, tmp_path / "ok.safetensors"))  # the finite file loads
+    state["image_proj.proj.bias"][5] = float("nan")
+    with pytest.raises(CheckpointError, match=r"'image_proj\.proj\.bias' holds NaN or infinite values"):
+        load_shared_adapter(_save(state, tmp_path / "nan.safetensors"))
+
+
+def _save(state, path):
+    save_file(state, str(path))
+    return path
+
+
+def test_shared_adapter_of_wrong_shape_is_a_checkpoint_error(tmp_path):
+    from imprompt.adapter.checkpoint import load_shared_adapter
+
+    state = {"image_proj.proj.weight": torch.randn(64, 8), "image_proj.proj.bias": torch.randn(63),
+             "image_proj.norm.weight": torch.ones(16), "image_proj.norm.bias": torch.zeros(16)}
+    with pytest.raises(CheckpointError, match=r"'image_proj\.proj\.bias' has shape \(63,\), expected \(64,\)"):
+        load_shared_adapter(_save(state, tmp_path / "a.safetensors"))

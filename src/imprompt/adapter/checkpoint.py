@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..files import PickleRefusedError, UnsafeFileError, check_regular_file, load_torch_weights
-from .model import IPAdapter
+from .model import IPAdapter, check_finite
 from .variants import AdapterVariant, CheckpointError, check_not_faceid
 
 HALVES = ("image_proj", "ip_adapter")
@@ -172,6 +172,11 @@ def load_shared_adapter(path: str | Path, dtype: torch.dtype | None = None) -> I
         raise CheckpointError(f"image_proj.proj.weight has {total} rows, not a multiple of the token width {width}")
     with torch.device("meta"):
         adapter = IPAdapter(AdapterVariant("linear", embed_dim, width, total // width), {})
+    for key, param in adapter.state_dict().items():
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise CheckpointError(f"{Path(path).name}: {key!r} has shape {tuple(state[key].shape)}, expected "
+                                  f"{tuple(param.shape)} for a shared adapter of {width}-wide tokens")
+    check_finite(state)
     adapter.load_state_dict(state, strict=True, assign=True)
     return adapter.to(dtype) if dtype is not None else adapter
 

@@ -16,6 +16,20 @@ from .projection import build_projection
 from .variants import AdapterVariant, CheckpointError, check_not_faceid, detect_variant, layer_ids
 
 
+def check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN / inf weights, naming the first bad tensor: they would give all-black images with
+    no error at all (a corrupt download, or a training run that diverged before it was saved)."""
+    for key, value in state.items():
+        if value.is_meta or not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise CheckpointError(
+                f"{key!r} holds NaN or infinite values ({int((~finite).sum())} of {value.numel()}): the file is "
+                "corrupt or was saved from a training run that diverged; re-download it, or use an earlier checkpoint"
+            )
+
+
 class KVProjection(nn.Module):
     """Keys and values of the image tokens for one cross-attention layer (paper Eq. 4; no bias)."""
 
@@ -93,6 +107,7 @@ class IPAdapter(nn.Module):
                 raise CheckpointError(
                     f"{key!r} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)} for a {variant.name} adapter"
                 )
+        check_finite(state)
         adapter.load_state_dict(state, assign=True)
         return adapter
 
