@@ -285,3 +285,37 @@ def test_shared_adapter_of_wrong_shape_is_a_checkpoint_error(tmp_path):
              "image_proj.norm.weight": torch.ones(16), "image_proj.norm.bias": torch.zeros(16)}
     with pytest.raises(CheckpointError, match=r"'image_proj\.proj\.bias' has shape \(63,\), expected \(64,\)"):
         load_shared_adapter(_save(state, tmp_path / "a.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved files follow the umask (defect 4), and a failed save leaves nothing behind
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+@pytest.mark.parametrize("ext", [".safetensors", ".bin"])
+def test_saved_adapter_mode_follows_the_umask(linear_state, tmp_path, ext, umask, mode):
+    from imprompt.adapter.checkpoint import save_adapter
+
+    old = os.umask(umask)
+    try:
+        path = save_adapter(IPAdapter.from_state_dict(linear_state), tmp_path / f"a{ext}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_failed_save_leaves_the_old_file_and_no_debris(linear_state, tmp_path, monkeypatch):
+    from imprompt.adapter import checkpoint
+
+    path = checkpoint.save_adapter(IPAdapter.from_state_dict(linear_state), tmp_path / "a.safetensors")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_adapter(IPAdapter.from_state_dict(linear_state), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]

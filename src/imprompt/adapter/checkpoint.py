@@ -9,14 +9,13 @@ ComfyUI_IPAdapter_plus and the A1111 ControlNet extension):
 * ``.safetensors``: the same tensors flat, with ``image_proj.`` / ``ip_adapter.`` prefixes.
 
 Both are written from the module's own ``state_dict()`` (whose keys are already the flat layout),
-and writes are atomic: a temporary file in the target folder, then a rename.
+atomically and with the umask's permissions, through :mod:`imprompt.files`.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -24,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..files import PickleRefusedError, UnsafeFileError, check_regular_file, load_torch_weights
+from ..files import (PickleRefusedError, UnsafeFileError, atomic_path, atomic_write, check_regular_file,
+                     load_torch_weights)
 from .model import IPAdapter, check_finite
 from .variants import AdapterVariant, CheckpointError, check_not_faceid
 
@@ -187,20 +187,13 @@ def save_adapter(adapter: IPAdapter, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     if path.suffix not in (".safetensors", ".bin"):
         raise ValueError(f"cannot save to {path.name}: use a .safetensors or .bin file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            save_file(state, tmp, metadata={"format": "pt"})
-        else:
-            # Fresh storages per tensor, so the pickle does not depend on how the weights were loaded.
-            # Saved through a file object: given a path, torch names the zip's folder after the
-            # (random) temporary file name and the bytes would differ from save to save.
-            with open(tmp, "wb") as f:
-                torch.save(nest({k: v.clone() for k, v in state.items()}), f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if path.suffix == ".safetensors":
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+    else:
+        # Fresh storages per tensor, so the pickle does not depend on how the weights were loaded.
+        # Saved through a file object: given a path, torch names the zip's folder after the
+        # (random) temporary file name and the bytes would differ from save to save.
+        with atomic_write(path, "wb") as f:
+            torch.save(nest({k: v.clone() for k, v in state.items()}), f)
     return path
