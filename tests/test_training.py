@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,15 +22,16 @@ from safetensors.torch import load_file
 import tiny_models as tm
 from imprompt.adapter.checkpoint import load_adapter
 from imprompt.training.config import TrainConfig, load_config
-from imprompt.training.data import SkipCounter, expand_braces, open_source
+from imprompt.training.data import SkipCounter, data_fingerprint, expand_braces, folder_records, open_source
 from imprompt.training.recipe import batch_indices, dropout_masks
-from imprompt.training.trainer import checkpoints, train
+from imprompt.training.trainer import checkpoints, launch_warning, train
+from test_training_data import png_declaring
 
 HERE = Path(__file__).parent
 
 
 def make_dataset(folder: Path, n: int = 16, bad: bool = True) -> Path:
-    """Squares whose colour the caption names; plus one corrupt and one truncated file."""
+    """Squares whose colour the caption names; plus a corrupt, a truncated, a bomb and a FIFO file."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -43,7 +45,13 @@ def make_dataset(folder: Path, n: int = 16, bad: bool = True) -> Path:
         (folder / "corrupt.png").write_bytes(b"not an image at all")
         data = (folder / "img00.png").read_bytes()
         (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+        (folder / "bomb.png").write_bytes(png_declaring(50000, 50000))
+        os.mkfifo(folder / "fifo.png")  # would block a plain open() forever
     return folder
+
+
+def data_key(folder: Path) -> str:
+    return data_fingerprint(str(folder), None, folder_records(folder))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,7 @@ def fixed_loss(world: Path, adapter_file: Path) -> float:
 
     pipe = load_pipeline(world / "sd")
     models = FrozenModels(pipe, ImageEncoder.from_pretrained(world / "encoder"), "image_embeds")
-    cached = FeatureCache(world / "cache", models.fingerprint(16, True)).open()
+    cached = FeatureCache(world / "cache", models.fingerprint(16, True, data_key(world / "data"))).open()
     batch = cached.batch(list(range(len(cached))))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     model = TrainingModel(load_adapter(adapter_file), pipe.unet, shared=False)
@@ -109,6 +117,7 @@ def fixed_loss(world: Path, adapter_file: Path) -> float:
     return float(np.mean(losses))
 
 
+@pytest.mark.slow  # over 10 s
 def test_loss_goes_down_and_export_loads_in_diffusers(world, tmp_path):
     initial = train(config(world, tmp_path / "init", max_steps=1, learning_rate=1e-12))
     result = train(config(world, tmp_path / "run", max_steps=40, checkpoint_every=40, learning_rate=3e-3))
@@ -118,7 +127,8 @@ def test_loss_goes_down_and_export_loads_in_diffusers(world, tmp_path):
     assert adapter.variant.projection == "linear"
     assert json.loads((tmp_path / "run" / "ip_adapter.json").read_text())["max_steps"] == 40
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["skipped_images"] == 2 and sorted(summary["skipped"]) == ["corrupt.png", "truncated.png"]
+    assert summary["skipped_images"] == 4
+    assert sorted(summary["skipped"]) == ["bomb.png", "corrupt.png", "fifo.png", "truncated.png"]
 
     # The exported file loads in diffusers and generates what imprompt generates.
     from diffusers import StableDiffusionPipeline
@@ -149,7 +159,7 @@ def test_other_variants_train(world, tmp_path, variant):
         assert state and all(k.startswith("image_proj.") for k in state)
     else:
         adapter = load_adapter(result.adapter_file)
-        assert adapter.variant.projection == {"plus": "resampler", "full": "mlp"}[variant]
+        assert adapter.variant.projection == variant
 
 
 def test_kv_layers_start_as_copies_of_the_text_layers(world, tmp_path):
@@ -177,6 +187,7 @@ def _start(run: TrainConfig, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+@pytest.mark.slow  # over 10 s
 def test_resume_after_a_kill_is_exact(world, tmp_path):
     straight = _start(config(world, tmp_path / "straight", max_steps=6, checkpoint_every=3), tmp_path / "straight.log")
     assert straight.wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
@@ -226,15 +237,83 @@ def test_feature_cache_is_reused_and_invalidated(world, tmp_path):
     assert len(list(cache.iterdir())) == 3
 
 
+def test_feature_cache_follows_the_data(world, tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"no usable training images .*\(1 skipped"):
+        train(config(world, tmp_path / "a", data=str(data), cache_dir=str(cache), max_steps=1))
+    for name in ("img01", "img02"):  # the folder is fixed: its new images are trained on, not the old cache
+        for suffix in (".png", ".txt"):
+            shutil.copy(world / "data" / f"{name}{suffix}", data)
+    messages: list[str] = []
+    result = train(config(world, tmp_path / "b", data=str(data), cache_dir=str(cache), max_steps=1),
+                   log_fn=messages.append)
+    assert result.skipped == ["broken.png"] and not any("reusing" in m for m in messages)
+    (data / "img01.txt").write_text("another caption")  # a changed caption changes the text features
+    train(config(world, tmp_path / "c", data=str(data), cache_dir=str(cache), max_steps=1))
+    assert len(list(cache.iterdir())) == 3
+    messages.clear()
+    train(config(world, tmp_path / "d", data=str(data), cache_dir=str(cache), max_steps=1), log_fn=messages.append)
+    assert len(list(cache.iterdir())) == 3
+    assert any(m.startswith(f"reusing the feature cache {cache}") for m in messages), messages
+
+
+def test_resume_checks_the_checkpoint_before_training(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=2, checkpoint_every=2))
+    with pytest.raises(ValueError, match=r"trained with num_tokens=4; this run has num_tokens=8 \(set by num_tokens\): "
+                                         r"resume with the checkpoint's settings, or train afresh in a new --output-dir"):
+        train(config(world, out, max_steps=4, resume="latest", num_tokens=8))
+    with pytest.raises(ValueError, match=r"trained with variant=linear, .*this run has variant=plus, .*set by .*variant"):
+        train(config(world, out, max_steps=4, resume="latest", variant="plus"))
+    with pytest.raises(ValueError, match=r"step-00000002 is at step 2, beyond max_steps 1; raise --max-steps above 2"):
+        train(config(world, out, max_steps=1, resume="latest"))
+    # A checkpoint written before settings were saved: the state dict itself is checked, in one line.
+    state_file = out / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"does not fit this run's adapter \(size mismatch.*train afresh") as err:
+        train(config(world, out, max_steps=4, resume="latest", num_tokens=8))
+    assert "\n" not in str(err.value)
+    result = train(config(world, out, max_steps=2, resume="latest"))  # at max_steps: nothing to do, exported as is
+    assert result.losses == [] and result.steps == 2
+    assert torch.equal(load_file(result.adapter_file)["image_proj.proj.weight"],
+                       load_file(out / "checkpoints" / "step-00000002" / "adapter.safetensors")["image_proj.proj.weight"])
+
+
+def test_launch_warning():
+    # accelerate launch --num_processes 4 without --multi_gpu: one process, MASTER_ADDR but no WORLD_SIZE.
+    simple = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}
+    assert "add --multi_gpu" in launch_warning(1, simple)
+    assert launch_warning(1, {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False"}) is None  # asked for 1
+    assert launch_warning(4, {**simple, "WORLD_SIZE": "4"}) is None  # --multi_gpu / torchrun
+    assert "4 processes were launched (WORLD_SIZE=4) but training runs as 1" in launch_warning(1, {"WORLD_SIZE": "4"})
+    assert launch_warning(1, {}) is None
+
+
+@pytest.mark.slow
+def test_accelerate_launch_without_multi_gpu_warns(world, tmp_path):
+    out = tmp_path / "launched"
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(tests=str(HERE), values=vars(config(world, out, max_steps=1))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no accelerate config
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                           "--main_process_port", "29534", str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "only this one runs" in done.stdout + done.stderr and "add --multi_gpu" in done.stdout + done.stderr
+
+
 def test_cached_features_equal_fresh_ones(world):
     from imprompt.encoding import ImageEncoder
     from imprompt.generation.pipelines import load_pipeline
-    from imprompt.training.data import folder_records
     from imprompt.training.features import FeatureCache, FrozenModels
     from imprompt.training.recipe import apply_dropout
 
     models = FrozenModels(load_pipeline(world / "sd"), ImageEncoder.from_pretrained(world / "encoder"), "image_embeds")
-    cache = FeatureCache(world / "cache", models.fingerprint(16, True))
+    cache = FeatureCache(world / "cache", models.fingerprint(16, True, data_key(world / "data")))
     if not cache.complete:
         cache.build(models, folder_records(world / "data"), 16, True, 42, SkipCounter(), progress=False)
     cached = cache.open()
@@ -316,6 +395,7 @@ def test_yaml_config_and_command_line(world, tmp_path):
     assert load_adapter(out / "ip_adapter.safetensors").variant.num_tokens == 4
 
 
+@pytest.mark.slow  # over 10 s
 def test_two_processes_see_different_data(world, tmp_path):
     out = tmp_path / "ddp"
     values = vars(config(world, out, max_steps=2, record_data=True, cache_dir=str(tmp_path / "cache")))
@@ -332,7 +412,7 @@ def test_two_processes_see_different_data(world, tmp_path):
 
 
 def test_sample_sheets_during_training(world, tmp_path):
-    from imprompt.generation.pnginfo import read_png_parameters
+    from imprompt.generation.pnginfo import read_parameters
 
     out = tmp_path / "samples"
     train(config(world, out, max_steps=2, sample_every=1, sample_steps=2,
@@ -341,4 +421,4 @@ def test_sample_sheets_during_training(world, tmp_path):
     assert [p.name for p in sheets] == ["step-00000001.png", "step-00000002.png"]
     sheet = Image.open(sheets[0])
     assert sheet.height == 16 + 2 * (128 + 4) + 4  # header + two rows (one per reference), 128 px cells
-    assert "training samples" in read_png_parameters(sheets[0])
+    assert "training samples" in read_parameters(sheets[0])

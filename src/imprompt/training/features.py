@@ -5,15 +5,15 @@ image-encoder features of an image never change, since those models are frozen. 
 computed once and stored as safetensors shards; each step reads them back. The VAE's latent
 *distribution* (mean, std) is stored, not a sample, so every step still draws a fresh latent sample
 exactly as ``latent_dist.sample()`` would. The cache key hashes the frozen models' configs and
-weights fingerprints, the resolution and the crop: changing any of them makes a new cache.
+weights fingerprints, the resolution, the crop (and the seed of random crops) and the data
+(:func:`imprompt.training.data.data_fingerprint`): changing any of them makes a new cache, so a
+changed data folder never trains on the previous folder's features.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..encoding import ImageEncoder
+from ..files import atomic_path, remove_debris, write_text
 from .data import Prepared, Record, SkipCounter, prepare_pixels, try_decode
 
 SHARD_SIZE = 256
@@ -42,8 +43,9 @@ class FrozenModels:
     def is_sdxl(self) -> bool:
         return hasattr(self.pipe, "text_encoder_2")
 
-    def fingerprint(self, resolution: int, center_crop: bool) -> str:
-        """Hash of everything the cached features depend on."""
+    def fingerprint(self, resolution: int, center_crop: bool, data: str = "", crop_seed: int | None = None) -> str:
+        """Hash of everything the cached features depend on: the frozen models, the resolution, the
+        crop, ``data`` (the data's fingerprint) and ``crop_seed`` (random crops are drawn from it)."""
         digest = hashlib.sha256()
         modules = [self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None), self.encoder.model]
         for module in filter(None, modules):
@@ -54,6 +56,7 @@ class FrozenModels:
                 digest.update(p.detach().float().cpu().numpy().tobytes())
         digest.update(json.dumps([resolution, center_crop, self.encoder_output, self.encoder.processor.to_dict()],
                                  sort_keys=True, default=str).encode())
+        digest.update(json.dumps([data, None if center_crop else crop_seed]).encode())
         return digest.hexdigest()[:16]
 
     @torch.no_grad()
@@ -125,6 +128,7 @@ class FeatureCache:
               seed: int, counter: SkipCounter, batch_size: int = 16, progress: bool = True) -> None:
         """Encode every record once. Resumable: finished shards are kept, the index comes last."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_debris(self.folder)  # temporary files of a build killed mid-write
         shard_keys: list[list[str]] = []
         pending: list[Record] = []
         bar = tqdm(desc="caching features", unit="img", disable=not progress)
@@ -142,8 +146,8 @@ class FeatureCache:
             parts = [p for p in parts if p is not None]
             keys = [k for p in parts for k in p["_keys"]]
             tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0] if name != "_keys"} if parts else {}
-            _atomic_save(tensors, path)
-            _atomic_write(keys_path, json.dumps(keys))
+            _save_tensors(tensors, path)
+            write_text(keys_path, json.dumps(keys))
             shard_keys.append(keys)
             bar.update(len(batch))
 
@@ -155,10 +159,10 @@ class FeatureCache:
         if pending:
             flush(pending)
         bar.close()
-        _atomic_save(models.unconditional(), self.folder / "unconditional.safetensors")
+        _save_tensors(models.unconditional(), self.folder / "unconditional.safetensors")
         index = {"shards": [len(k) for k in shard_keys], "keys": [k for keys in shard_keys for k in keys],
                  "skipped": sorted(set(counter.skipped))}
-        _atomic_write(self.index_file, json.dumps(index))
+        write_text(self.index_file, json.dumps(index))
 
     def open(self) -> "CachedFeatures":
         return CachedFeatures(self.folder, json.loads(self.index_file.read_text()))
@@ -185,17 +189,6 @@ class CachedFeatures:
         return {name: torch.stack([self._shards[self._shard_of[s]].get_slice(name)[i] for s, i in rows]) for name in names}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def clear(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)

@@ -9,6 +9,7 @@ dropout are derived from (seed, micro-step, process), so resuming reproduces the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,10 +19,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from ..adapter.attach import Attachment, adapter_for_unet, attach
@@ -30,10 +32,11 @@ from ..adapter.layers import LayerScales
 from ..adapter.model import IPAdapter
 from ..adapter.variants import AdapterVariant
 from ..encoding import ImageEncoder, load_image
+from ..files import atomic_dir, atomic_write, load_torch_weights, remove_debris, write_text
 from ..generation.pipelines import load_pipeline, resolve_model
 from .config import TrainConfig
-from .data import SkipCounter, open_source
-from .features import FeatureCache, FrozenModels
+from .data import SkipCounter, data_fingerprint, open_source
+from .features import CachedFeatures, FeatureCache, FrozenModels
 from .recipe import apply_dropout, batch_indices, diffusion_target, dropout_masks, step_generator
 
 log = logging.getLogger(__name__)
@@ -48,11 +51,11 @@ def build_variant(config: TrainConfig, unet, encoder: ImageEncoder) -> AdapterVa
     if config.variant in ("linear", "shared"):
         return AdapterVariant("linear", embeds, cross, config.tokens)
     if config.variant == "full":
-        return AdapterVariant("mlp", hidden, cross, None)
+        return AdapterVariant("full", hidden, cross, None)
     width = config.resampler_width or max(64, min(cross, 1280) // 64 * 64)
     if width % 64:
         raise ValueError(f"resampler_width must be a multiple of 64 (64-wide heads), got {width}")
-    return AdapterVariant("resampler", hidden, cross, config.tokens, resampler_width=width,
+    return AdapterVariant("plus", hidden, cross, config.tokens, resampler_width=width,
                           resampler_depth=config.resampler_depth, resampler_ff_mult=4)
 
 
@@ -92,6 +95,34 @@ class TrainResult:
         return self.images_seen / self.seconds if self.seconds else 0.0
 
 
+# --- launching -------------------------------------------------------------------------------------
+
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launch_warning(world: int, env: Mapping[str, str]) -> str | None:
+    """A warning when the launcher asked for another number of processes than the ``world`` that runs.
+
+    ``accelerate launch --num_processes N`` without ``--multi_gpu`` (and without an accelerate config
+    that sets it) uses its simple launcher: one process, with ``MASTER_ADDR`` set but no
+    ``WORLD_SIZE``. torchrun, ``--multi_gpu`` and mpirun export the world size they started.
+    """
+    for name in _WORLD_SIZE_VARIABLES:
+        if env.get(name, "").strip().isdigit():
+            requested = int(env[name])
+            if requested != world:
+                return (f"{requested} processes were launched ({name}={requested}) but training runs as {world}; "
+                        "check the launcher's settings")
+            return None
+    if world == 1 and "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env:
+        return ("accelerate launch was asked for several processes, but only this one runs: without an accelerate "
+                "config that enables it, add --multi_gpu (it works on CPUs too): accelerate launch --multi_gpu "
+                "--num_processes N -m imprompt train ...; or use torchrun --nproc_per_node N -m imprompt train ...")
+    return None
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
     if not folder.is_dir():
@@ -111,23 +142,66 @@ def find_resume(config: TrainConfig) -> Path | None:
     return path
 
 
-def save_checkpoint(folder: Path, step: int, micro_step: int, adapter: IPAdapter, optimizer, scheduler, keep: int,
-                    totals: dict | None = None) -> Path:
-    """Write ``step-N/`` atomically; ``totals`` (training seconds, images seen) carry over to a resumed run."""
+def adapter_settings(config: TrainConfig, variant: AdapterVariant) -> dict:
+    """What decides the adapter's shape (saved in each checkpoint, compared on resume)."""
+    return {"variant": config.variant, **dataclasses.asdict(variant)}
+
+
+# The config field to change for each setting that can differ.
+_SETTING_FIELDS = {"variant": "variant", "projection": "variant", "num_tokens": "num_tokens",
+                   "resampler_width": "resampler_width", "resampler_depth": "resampler_depth",
+                   "image_embed_dim": "image_encoder", "cross_attention_dim": "model"}
+
+
+def check_resume(checkpoint: Path, state: dict, config: TrainConfig, variant: AdapterVariant) -> None:
+    """Refuse a checkpoint this run cannot continue, saying why and what to do, before anything is built."""
+    step = int(state["step"])
+    if step > config.max_steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {step}, beyond max_steps {config.max_steps}; raise "
+                         f"--max-steps above {step} to continue it, or use its adapter.safetensors as it is")
+    saved = state.get("settings")
+    if saved is None:
+        return  # written before settings were saved: the state dict load says whether it fits
+    current = adapter_settings(config, variant)
+    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    if differ:
+        fields = sorted({_SETTING_FIELDS.get(k, k) for k in differ})
+        then = ", ".join(f"{k}={saved[k]}" for k in differ)
+        now = ", ".join(f"{k}={current[k]}" for k in differ)
+        raise ValueError(f"checkpoint {checkpoint} was trained with {then}; this run has {now} (set by "
+                         f"{', '.join(fields)}): resume with the checkpoint's settings, or train afresh in a new "
+                         "--output-dir (or without --resume)")
+
+
+def save_checkpoint(folder: Path, step: int, adapter: IPAdapter, optimizer, scheduler, keep: int, state: dict) -> Path:
+    """Write ``step-N/`` (adapter, optimizer, LR scheduler, ``state``) atomically: a kill at any moment
+    leaves the previous checkpoints and at most a ``.step-N.*.tmp`` folder, never half a checkpoint."""
     final = folder / f"step-{step:08d}"
-    tmp = folder / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(adapter, tmp / "adapter.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro_step, **(totals or {})}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint exists completely or not at all
+    with atomic_dir(final) as staging:
+        save_adapter(adapter, staging / "adapter.safetensors")
+        with atomic_write(staging / "optimizer.pt") as f:
+            torch.save(optimizer.state_dict(), f)
+        with atomic_write(staging / "lr_scheduler.pt") as f:
+            torch.save(scheduler.state_dict(), f)
+        write_text(staging / "state.json", json.dumps({"step": step, **state}))
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
+
+def load_checkpoint(checkpoint: Path, adapter: IPAdapter, optimizer, scheduler) -> None:
+    """The adapter, optimizer and LR scheduler state of ``checkpoint`` (weights-only loads)."""
+    try:
+        adapter.load_state_dict(load_file(checkpoint / "adapter.safetensors"))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(f"checkpoint {checkpoint} does not fit this run's adapter ({' '.join(first[1:3]).strip()[:300]}); "
+                         "resume with the settings it was trained with, or train afresh in a new --output-dir") from None
+    optimizer.load_state_dict(load_torch_weights(checkpoint / "optimizer.pt", "optimizer state"))
+    scheduler.load_state_dict(load_torch_weights(checkpoint / "lr_scheduler.pt", "LR scheduler state"))
+
+
+# --- one step --------------------------------------------------------------------------------------
 
 @dataclass
 class StepInputs:
@@ -165,15 +239,62 @@ def step_inputs(batch: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
     )
 
 
-def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainResult:
+# --- the run ---------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What a training run holds from set-up to export."""
+
+    config: TrainConfig
+    accelerator: object
+    pipe: object
+    encoder: ImageEncoder
+    variant: AdapterVariant
+    model: TrainingModel  # wrapped by accelerate (DDP) when several processes run
+    optimizer: object
+    lr_scheduler: object
+    noise_scheduler: object
+    features: CachedFeatures
+    uncond: dict[str, torch.Tensor]
+    start_micro: int = 0
+    before: dict = field(default_factory=lambda: {"seconds": 0.0, "images_seen": 0})  # earlier runs' totals
+    log_with: str | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def trained(self) -> TrainingModel:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def prepare_features(config: TrainConfig, models: FrozenModels, accelerator, log_fn: Callable[[str], None]) -> CachedFeatures:
+    """The feature cache of this data and these frozen models, built by the main process if missing."""
+    counter = SkipCounter()
+    source = open_source(config.data, config.data_root, counter)
+    data_key = data_fingerprint(config.data, config.data_root, source)
+    key = models.fingerprint(config.resolution, config.center_crop, data=data_key, crop_seed=config.seed)
+    cache = FeatureCache(Path(config.cache_dir or Path(config.output_dir) / "cache"), key)
+    if accelerator.is_main_process:
+        if cache.complete:
+            log_fn(f"reusing the feature cache {cache.folder} (same models, resolution, crop and data)")
+        else:
+            cache.build(models, source, config.resolution, config.center_crop, config.seed, counter,
+                        progress=config.progress)
+    accelerator.wait_for_everyone()
+    features = cache.open()
+    if len(features) == 0:
+        raise ValueError(f"no usable training images in {config.data} ({len(features.skipped)} skipped; the log "
+                         "says why each was)")
+    return features
+
+
+def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
+    """Load the frozen models and the adapter, check a checkpoint to resume, build or reuse the cache."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
-    config.check()
-    torch.set_flush_denormal(True)
-    out = Path(config.output_dir)
     log_with = None
     if config.tensorboard:
         try:
@@ -181,128 +302,148 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         log_with = "tensorboard"
+    out = Path(config.output_dir)
     # On a machine without an accelerator, say so to accelerate: that is what turns several
-    # processes (torchrun / accelerate launch) into multi-CPU DDP over gloo.
+    # processes (torchrun / accelerate launch --multi_gpu) into multi-CPU DDP over gloo.
     cpu = config.cpu or not torch.accelerator.is_available()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
                               log_with=log_with, project_dir=str(out / "logs"), cpu=cpu)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    warning = launch_warning(accelerator.num_processes, os.environ)
+    if warning and accelerator.is_main_process:
+        log.warning(warning)
+        log_fn(f"warning: {warning}")
 
     pipe = load_pipeline(config.model, "text2img", device=accelerator.device)
     encoder = ImageEncoder.from_pretrained(resolve_model(config.image_encoder, "image encoder"))
     encoder.model.to(accelerator.device)
     unet = pipe.unet
     variant = build_variant(config, unet, encoder)
+    resume = find_resume(config)
+    state = json.loads((resume / "state.json").read_text()) if resume is not None else None
+    if resume is not None:
+        check_resume(resume, state, config, variant)  # before hours of caching, not after
     with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         adapter = IPAdapter(variant, {}) if config.variant == "shared" else adapter_for_unet(unet, variant)
     models = FrozenModels(pipe, encoder, variant.encoder_output)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    counter = SkipCounter()
     if not config.cache:
         raise ValueError("training without the feature cache is not supported yet; set cache: true")
-    cache = FeatureCache(Path(config.cache_dir or out / "cache"), models.fingerprint(config.resolution, config.center_crop))
-    if accelerator.is_main_process and not cache.complete:
-        source = open_source(config.data, config.data_root, counter)
-        cache.build(models, source, config.resolution, config.center_crop, config.seed, counter,
-                    progress=config.progress)
-    accelerator.wait_for_everyone()
-    features = cache.open()
-    if len(features) == 0:
-        raise ValueError(f"no usable training images in {config.data} ({len(features.skipped)} skipped)")
+    if accelerator.is_main_process:
+        remove_debris(out / "checkpoints")  # what a kill during a checkpoint write left
+    features = prepare_features(config, models, accelerator, log_fn)
     uncond = {k: v.to(accelerator.device) for k, v in features.unconditional.items()}
 
-    resume = find_resume(config)
-    start_micro, before = 0, {"seconds": 0.0, "images_seen": 0}  # before: what earlier runs did
-    if resume is not None:
-        adapter.load_state_dict(load_file(resume / "adapter.safetensors"))
-        state = json.loads((resume / "state.json").read_text())
-        start_micro = state["micro_step"]
-        before = {k: state.get(k, v) for k, v in before.items()}
-    model = TrainingModel(adapter, unet, shared=config.variant == "shared")
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.lr_warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    run = Run(config, accelerator, pipe, encoder, variant, None, optimizer, lr_scheduler, noise_scheduler, features,
+              uncond, log_with=log_with)
     if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(resume / "lr_scheduler.pt", weights_only=True))
-        log_fn(f"resumed from {resume} (step {start_micro // config.gradient_accumulation})")
+        load_checkpoint(resume, adapter, optimizer, lr_scheduler)
+        # From the step, not the saved micro-step, so a changed gradient_accumulation counts steps right.
+        run.start_micro = int(state["step"]) * config.gradient_accumulation
+        run.before = {k: state.get(k, v) for k, v in run.before.items()}
+        log_fn(f"resumed from {resume} (step {state['step']})")
+    model = TrainingModel(adapter, unet, shared=config.variant == "shared")
     # The LR scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it
     # once per process, making the warm-up depend on the number of processes.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
     if log_with:
         accelerator.init_trackers("imprompt", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+    return run
 
-    total_micro = config.max_steps * config.gradient_accumulation
-    scaling = pipe.vae.config.scaling_factor
-    seen_keys: list[str] = []
-    losses: list[float] = []
-    bar = tqdm(total=config.max_steps, initial=start_micro // config.gradient_accumulation, desc="training",
-               disable=not (config.progress and accelerator.is_main_process))
-    started, images = time.perf_counter(), 0
-    for micro in range(start_micro, total_micro):
-        generator = step_generator(config.seed, micro, rank)
-        indices = batch_indices(len(features), config.seed, micro, rank, world, config.batch_size)
-        batch = {k: v.to(accelerator.device) for k, v in features.batch(indices).items()}
-        if config.record_data:
-            seen_keys += [features.keys[i] for i in indices]
-        n = len(indices)
-        inputs = step_inputs(batch, uncond, generator, config, noise_scheduler, scaling)
 
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                prediction = model(inputs.noisy, inputs.timesteps, inputs.text, inputs.image, inputs.added)
-            loss = F.mse_loss(prediction.float(), inputs.target.float())
-            accelerator.backward(loss)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                lr_scheduler.step()
-            optimizer.zero_grad()
-        images += n * world
-        losses.append(loss.item())
-        if not accelerator.sync_gradients:
-            continue
-        step = (micro + 1) // config.gradient_accumulation
-        rate = images / (time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
-        if step % config.log_every == 0 and log_with:
-            accelerator.log({"loss": losses[-1], "images_per_second": rate, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                totals = {"seconds": before["seconds"] + time.perf_counter() - started,
-                          "images_seen": before["images_seen"] + images}
-                save_checkpoint(out / "checkpoints", step, micro + 1, accelerator.unwrap_model(model).adapter,
-                                optimizer, lr_scheduler, config.keep_checkpoints, totals)
-        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-            write_samples(config, pipe, accelerator.unwrap_model(model), encoder, out / "samples" / f"step-{step:08d}.png")
-    bar.close()
-    seconds = time.perf_counter() - started
+def train_step(run: Run, micro: int) -> tuple[float, list[int]]:
+    """One micro-step on this process; returns its loss and the dataset indices it trained on."""
+    config, accelerator = run.config, run.accelerator
+    generator = step_generator(config.seed, micro, accelerator.process_index)
+    indices = batch_indices(len(run.features), config.seed, micro, accelerator.process_index,
+                            accelerator.num_processes, config.batch_size)
+    batch = {k: v.to(accelerator.device) for k, v in run.features.batch(indices).items()}
+    inputs = step_inputs(batch, run.uncond, generator, config, run.noise_scheduler, run.pipe.vae.config.scaling_factor)
+    with accelerator.accumulate(run.model):
+        with accelerator.autocast():
+            prediction = run.model(inputs.noisy, inputs.timesteps, inputs.text, inputs.image, inputs.added)
+        loss = F.mse_loss(prediction.float(), inputs.target.float())
+        accelerator.backward(loss)
+        run.optimizer.step()
+        if accelerator.sync_gradients:
+            run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return loss.item(), indices
 
+
+def checkpoint(run: Run, step: int, micro_step: int, images: int, seconds: float) -> None:
+    """Every process waits; the main one writes ``step-N/`` with the totals so far."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        state = {"micro_step": micro_step, "seconds": run.before["seconds"] + seconds,
+                 "images_seen": run.before["images_seen"] + images, "settings": adapter_settings(run.config, run.variant)}
+        save_checkpoint(run.out / "checkpoints", step, run.trained.adapter, run.optimizer, run.lr_scheduler,
+                        run.config.keep_checkpoints, state)
+
+
+def export(run: Run, images: int, seconds: float, losses: list[float], seen_keys: list[str],
+           log_fn: Callable[[str], None]) -> TrainResult:
+    """Write the adapter in the official format, its config and ``summary.json``; detach from the UNet."""
+    config, accelerator, out = run.config, run.accelerator, run.out
     accelerator.wait_for_everyone()
     adapter_file = out / EXPORT_NAME
+    skipped = run.features.skipped
     if config.record_data:
-        (out / f"seen-rank{rank}.json").write_text(json.dumps(seen_keys))
+        write_text(out / f"seen-rank{accelerator.process_index}.json", json.dumps(seen_keys))
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model).adapter
-        save_adapter(final, adapter_file)
-        (out / "ip_adapter.json").write_text(config.to_json())
+        save_adapter(run.trained.adapter, adapter_file)
+        write_text(out / "ip_adapter.json", config.to_json())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        total_images, total_seconds = before["images_seen"] + images, before["seconds"] + seconds
+        total_images, total_seconds = run.before["images_seen"] + images, run.before["seconds"] + seconds
         summary = {"steps": config.max_steps, "images_seen": total_images, "seconds": round(total_seconds, 2),
                    "seconds_this_run": round(seconds, 2),
                    "images_per_second": round(total_images / total_seconds, 3) if total_seconds else None,
                    "final_loss": losses[-1] if losses else None, "peak_rss_mb": round(peak, 1),
-                   "skipped_images": len(features.skipped), "skipped": features.skipped, "variant": variant.name}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log_fn(f"exported {adapter_file} ({len(features.skipped)} unreadable images skipped)")
-    trained = accelerator.unwrap_model(model)
-    if trained.attachment is not None:
-        trained.attachment.detach()  # leave the caller's UNet as it was
+                   "skipped_images": len(skipped), "skipped": skipped, "variant": run.variant.name}
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
+        log_fn(f"exported {adapter_file} ({len(skipped)} unreadable images skipped)")
+    if run.trained.attachment is not None:
+        run.trained.attachment.detach()  # leave the caller's UNet as it was
     accelerator.end_training()
-    return TrainResult(adapter_file, config.max_steps, images, features.skipped, seconds, losses)
+    return TrainResult(adapter_file, config.max_steps, images, skipped, seconds, losses)
+
+
+def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainResult:
+    """Train an adapter as ``config`` says (resuming a checkpoint if asked) and export it."""
+    from tqdm.auto import tqdm
+
+    config.check()
+    torch.set_flush_denormal(True)
+    run = set_up(config, log_fn)
+    accelerator, accumulation = run.accelerator, config.gradient_accumulation
+    losses: list[float] = []
+    seen_keys: list[str] = []
+    bar = tqdm(total=config.max_steps, initial=run.start_micro // accumulation, desc="training",
+               disable=not (config.progress and accelerator.is_main_process))
+    started, images = time.perf_counter(), 0
+    for micro in range(run.start_micro, config.max_steps * accumulation):
+        loss, indices = train_step(run, micro)
+        images += len(indices) * accelerator.num_processes
+        losses.append(loss)
+        if config.record_data:
+            seen_keys += [run.features.keys[i] for i in indices]
+        if not accelerator.sync_gradients:
+            continue
+        step = (micro + 1) // accumulation
+        rate = images / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+        if step % config.log_every == 0 and run.log_with:
+            accelerator.log({"loss": loss, "images_per_second": rate, "lr": run.lr_scheduler.get_last_lr()[0]}, step=step)
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            checkpoint(run, step, micro + 1, images, time.perf_counter() - started)
+        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+            write_samples(config, run.pipe, run.trained, run.encoder, run.out / "samples" / f"step-{step:08d}.png")
+    bar.close()
+    return export(run, images, time.perf_counter() - started, losses, seen_keys, log_fn)
 
 
 def write_samples(config: TrainConfig, pipe, model: TrainingModel, encoder: ImageEncoder, path: Path) -> None:
