@@ -17,7 +17,9 @@ class SchedulerChoice:
 
 SCHEDULERS: Mapping[str, SchedulerChoice] = {
     "ddim": SchedulerChoice("DDIMScheduler", "DDIM"),
-    "pndm": SchedulerChoice("PNDMScheduler", "PLMS"),
+    # A1111's PLMS is PNDM without its Runge-Kutta warm-up steps (SD1.5's own scheduler config sets
+    # this too); with them, fewer than 4 steps crash and other models' configs lack the flag.
+    "pndm": SchedulerChoice("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
     "euler": SchedulerChoice("EulerDiscreteScheduler", "Euler"),
     "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler", "Euler a"),
     "heun": SchedulerChoice("HeunDiscreteScheduler", "Heun"),
