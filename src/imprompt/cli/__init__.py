@@ -30,17 +30,22 @@ def _train(namespace: argparse.Namespace) -> int:
 
 
 def _info(namespace: argparse.Namespace) -> int:
-    from ..generation.pnginfo import parse_parameters, read_png_parameters
+    from ..generation.pnginfo import TRUNCATED, escape_controls, json_safe, parse_parameters, read_parameters
 
-    text = read_png_parameters(namespace.image)
+    text = read_parameters(namespace.image)
     if text is None:
-        print(f"{namespace.image}: no generation parameters (no 'parameters' PNG text chunk)", file=sys.stderr)
+        print(f"imprompt info: {escape_controls(namespace.image)}: no generation parameters (no 'parameters' PNG "
+              "text chunk or EXIF UserComment)", file=sys.stderr)
         return 1
+    params = parse_parameters(text)
+    if TRUNCATED in params:
+        print(f"imprompt info: note: {params[TRUNCATED]}", file=sys.stderr)
     if namespace.json:
-        print(json.dumps(parse_parameters(text), indent=2, ensure_ascii=False))
+        print(json_safe(json.dumps(params, indent=2, ensure_ascii=False)))
     else:
-        for key, value in parse_parameters(text).items():
-            print(f"{key}: {value}")
+        # The text comes from a file anyone can write: no terminal escape sequence is printed raw.
+        for key, value in params.items():
+            print(f"{escape_controls(key)}: {escape_controls(value)}")
     return 0
 
 
@@ -73,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
     add_arguments(trainer, TrainConfig, all_optional=True)
     trainer.set_defaults(func=_train)
-    info = sub.add_parser("info", help="show the generation parameters stored in a PNG")
-    info.add_argument("image", help="a PNG written by imprompt or AUTOMATIC1111")
+    info = sub.add_parser("info", help="show the generation parameters stored in a PNG, JPEG or WebP")
+    info.add_argument("image", help="an image written by imprompt or AUTOMATIC1111 (PNG, JPEG or WebP)")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(func=_info)
     evaluate = sub.add_parser("eval", help="evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)",
@@ -92,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {"eval": _eval, "toy": _toy}
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line, safe to print on a terminal."""
+    from ..generation.pnginfo import escape_controls
+
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+    return escape_controls(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
@@ -99,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))
-    from ..adapter.variants import CheckpointError
-    from ..encoding import ImageInputError
-    from ..generation.pipelines import ModelNotFoundError
-
     try:
         return namespace.func(namespace)
-    except (CheckpointError, ImageInputError, ModelNotFoundError, ValueError) as err:
-        # Expected user errors: one clear line, no traceback.
-        print(f"imprompt {namespace.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:
+        # Errors a user can cause (CheckpointError, ImageInputError, UnsafeFileError, PickleRefusedError,
+        # ConfigError are ValueErrors; ModelNotFoundError is a FileNotFoundError): one line, no traceback.
+        # Anything else is a bug and keeps its traceback.
+        print(f"imprompt {namespace.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"imprompt {namespace.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
