@@ -13,7 +13,7 @@ from PIL import Image
 import tiny_models as tm
 from imprompt.adapter.checkpoint import save_adapter
 from imprompt.cli import main
-from imprompt.generation.pnginfo import parse_parameters, read_png_parameters
+from imprompt.generation.pnginfo import parse_parameters, read_parameters
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def files(tmp_path_factory):
     # The official layout: models/ip-adapter_*.safetensors beside models/image_encoder/.
     encoder.save_pretrained(root / "models" / "image_encoder")
     save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
-    save_adapter(tm.random_adapter(pipe.unet, "resampler", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
+    save_adapter(tm.random_adapter(pipe.unet, "plus", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
     for i, image in enumerate(tm.reference_images(2)):
         image.save(root / f"ref{i}.png")
     return root
@@ -40,9 +40,10 @@ def _args(files, out, *extra):
 def test_generate_writes_pngs_that_match_diffusers(files, tmp_path):
     assert main(_args(files, tmp_path, "--scale", "0.5", "--num-images", "2", "--negative-prompt", "blurry")) == 0
     written = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in written] == ["00000-7.png", "00001-7.png"]
+    # Image i uses seed S+i (as A1111 does), so it does not depend on how the run was batched.
+    assert [p.name for p in written] == ["00000-7.png", "00001-8.png"]
 
-    # --seed S gives what diffusers gives with torch.Generator("cpu").manual_seed(S).
+    # Image i is what diffusers gives with torch.Generator("cpu").manual_seed(S + i).
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
@@ -54,7 +55,7 @@ def test_generate_writes_pngs_that_match_diffusers(files, tmp_path):
     pipe.set_ip_adapter_scale(0.5)
     expected = pipe("a red star, big", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5,
                     num_images_per_prompt=2, ip_adapter_image=[[Image.open(files / "ref0.png").convert("RGB")]],
-                    generator=torch.Generator("cpu").manual_seed(7)).images
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in (7, 8)]).images
     for path, image in zip(written, expected):
         got = np.asarray(Image.open(path), dtype=np.int16)
         assert np.abs(got - np.asarray(image, dtype=np.int16)).max() <= 1
@@ -64,7 +65,7 @@ def test_png_parameters_in_a1111_format(files, tmp_path, capsys):
     assert main(_args(files, tmp_path, "--scale", "0.5", "--negative-prompt", "blurry", "--scheduler", "euler",
                       "--layers", "style")) == 0
     png = next(tmp_path.glob("*.png"))
-    text = read_png_parameters(png)
+    text = read_parameters(png)
     lines = text.split("\n")
     assert lines[0] == "a red star, big"
     assert lines[1] == "Negative prompt: blurry"
@@ -83,7 +84,7 @@ def test_several_adapters_and_per_adapter_options(files, tmp_path):
                  "--image", str(files / "ref1.png"), "--scale", "0.4", "--scale", "1=0.9", "--combine", "0=average",
                  "--start", "1=0.5")
     assert main(args) == 0
-    params = parse_parameters(read_png_parameters(next(tmp_path.glob("*.png"))))
+    params = parse_parameters(read_parameters(next(tmp_path.glob("*.png"))))
     assert params["IP-Adapter 0"].startswith("Model: ip-base, Weight: 0.4, Images: ref0.png+ref1.png, Combine: average")
     assert params["IP-Adapter 1"].startswith("Model: ip-plus, Weight: 0.9, Images: ref1.png, Combine: concat")
     assert "Start: 0.5" in params["IP-Adapter 1"]
@@ -97,7 +98,7 @@ def test_img2img_and_inpainting_from_the_command_line(files, tmp_path):
     assert main(_args(files, tmp_path / "i2i", "--init-image", str(tmp_path / "init.png"), "--strength", "0.5")) == 0
     assert main(_args(files, tmp_path / "inp", "--init-image", str(tmp_path / "init.png"),
                       "--mask-image", str(tmp_path / "mask.png"))) == 0
-    params = parse_parameters(read_png_parameters(next((tmp_path / "i2i").glob("*.png"))))
+    params = parse_parameters(read_parameters(next((tmp_path / "i2i").glob("*.png"))))
     assert params["Denoising strength"] == "0.5"
     assert len(list((tmp_path / "inp").glob("*.png"))) == 1
 
@@ -155,14 +156,47 @@ def test_without_model_the_bundled_toy_world_is_used(files, tmp_path, monkeypatc
     # A stand-in for the shipped toy package: the same layout, tiny random models.
     package = tmp_path / "package"
     shutil.copytree(files / "sd", package / "pipeline")
-    shutil.copytree(files / "models" / "image_encoder", package / "pipeline" / "image_encoder")
+    shutil.copytree(files / "models" / "image_encoder", toy.toy_paths(package)["image_encoder"])
     shutil.copy(files / "models" / "ip-base.safetensors", package / "ip_adapter.safetensors")
     monkeypatch.setattr(toy, "PACKAGE_DIR", package)
     assert main(["generate", "--image", str(files / "ref0.png"), "--steps", "2", "--seed", "1",
                  "--output", str(tmp_path / "out")]) == 0
     assert "bundled toy model" in capsys.readouterr().out
-    params = parse_parameters(read_png_parameters(next((tmp_path / "out").glob("*.png"))))
-    assert params["Model"] == "pipeline" and params["IP-Adapter 0"].startswith("Model: ip_adapter, Weight: 0.6")
+    params = parse_parameters(read_parameters(next((tmp_path / "out").glob("*.png"))))
+    assert params["Model"] == "imprompt-toy" and params["IP-Adapter 0"].startswith("Model: ip_adapter, Weight: 0.6")
     monkeypatch.setattr(toy, "PACKAGE_DIR", tmp_path / "nowhere")
     assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "out")]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.png", "does not exist"),
+    (lambda d: d, "is a directory"),
+    (lambda d: (d / "notes.png").write_text("not an image") and d / "notes.png", "cannot read notes.png as an image"),
+])
+def test_info_on_what_is_not_an_image_gives_one_line(tmp_path, capsys, make, message):
+    assert main(["info", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("imprompt info: error: ") and message in err
+
+
+def test_info_reads_jpeg_caps_long_text_and_escapes_control_characters(tmp_path, capsys):
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    text = "a cat\x1b[2J\nSteps: 20, Sampler: Euler, Seed: 3, Size: 8x8"
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"UNICODE\x00" + text.encode("utf_16_be")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", exif=exif)
+    assert main(["info", str(tmp_path / "a.jpg")]) == 0
+    out = capsys.readouterr().out
+    assert "Prompt: a cat\\x1b[2J\n" in out and "\x1b" not in out and "Seed: 3\n" in out
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "y" * 1_000_000 + "\nSteps: 1, Seed: 2, Size: 4x4")
+    Image.new("RGB", (4, 4)).save(tmp_path / "long.png", pnginfo=info)
+    assert main(["info", str(tmp_path / "long.png"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "only the first 65536 were read" in captured.err
+    assert len(json.loads(captured.out)["Prompt"]) == 65536

@@ -29,14 +29,41 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def _hub_id_candidate(text: str) -> bool:
+    """Could ``text`` be a hub id ('org/name')? Only if it is also not plainly a local path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return False
+    # 'models/image_encoder' where ./models exists is a local path that is missing, not a hub id.
+    if Path(text.split("/")[0]).exists():
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _missing_local(kind: str, text: str, what: str = "folder") -> str:
+    return f"{kind} {text!r} does not exist (no {what} {str(Path(text).absolute())!r})"
+
+
 def resolve_model(path_or_id: str | os.PathLike, kind: str = "model") -> Path:
-    """A local folder, or a hub id resolved to its snapshot in the huggingface_hub cache."""
+    """A local folder, or a hub id resolved to its snapshot in the huggingface_hub cache.
+
+    A missing local path is reported as such; only a name that could be a hub id ('org/name', its
+    first part not a local folder) is looked up on the hub, and the message then names both.
+    """
     path = Path(path_or_id)
     if path.is_dir():
         return path
     text = str(path_or_id)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
-        raise ModelNotFoundError(f"{kind} {text!r} is not a folder; give a diffusers folder or a hub id such as 'org/name'")
+    if path.exists():
+        raise ModelNotFoundError(f"{kind} {text!r} is a file, not a folder; give a model folder or a hub id such as 'org/name'")
+    if not _hub_id_candidate(text):
+        raise ModelNotFoundError(_missing_local(kind, text) + "; check the path")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -48,19 +75,24 @@ def resolve_model(path_or_id: str | os.PathLike, kind: str = "model") -> Path:
         return Path(snapshot_download(text))
     except Exception as err:  # network errors come in many types; the message says what to do
         raise ModelNotFoundError(
-            f"{kind} {text!r} is not in the Hugging Face cache and could not be downloaded ({type(err).__name__}); "
-            "download it once with network access, or pass a local diffusers folder"
+            f"{_missing_local(kind, text)}, and as a Hugging Face hub id it is not in the cache and could not "
+            f"be downloaded ({type(err).__name__}); check the path, or download the model once with network access"
         ) from err
 
 
-def resolve_file(path_or_ref: str | os.PathLike) -> Path:
+def resolve_file(path_or_ref: str | os.PathLike, kind: str = "file") -> Path:
     """A local file, or 'org/repo/path/in/repo.safetensors' from the hub cache (then the hub)."""
     path = Path(path_or_ref)
     if path.is_file():
         return path
-    parts = str(path_or_ref).split("/")
-    if path.exists() or len(parts) < 3 or str(path_or_ref).startswith((".", "/")):
-        raise ModelNotFoundError(f"file {str(path_or_ref)!r} does not exist")
+    text = str(path_or_ref)
+    if path.is_dir():
+        raise ModelNotFoundError(f"{kind} {text!r} is a folder; give the checkpoint file in it")
+    if path.exists():
+        raise ModelNotFoundError(f"{kind} {text!r} is not a regular file")
+    parts = text.split("/")
+    if len(parts) < 3 or not _hub_id_candidate("/".join(parts[:2])):
+        raise ModelNotFoundError(_missing_local(kind, text, "file") + "; check the path")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -72,9 +104,30 @@ def resolve_file(path_or_ref: str | os.PathLike) -> Path:
             return Path(hf_hub_download(repo, filename))
         except Exception as err:
             raise ModelNotFoundError(
-                f"{str(path_or_ref)!r} is neither a local file nor cached from the hub, and could not be downloaded "
-                f"({type(err).__name__})"
+                f"{_missing_local(kind, text, 'file')}, and as a Hugging Face hub file ({repo}: {filename}) it is "
+                f"not in the cache and could not be downloaded ({type(err).__name__}); check the path"
             ) from err
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device ``name``, or ValueError saying why it cannot be used here (before any loading)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(device.type)
+    if backend is None:
+        raise ValueError(f"device {str(name)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        build = f"torch {torch.__version__}"
+        raise ValueError(f"device {str(name)!r} is not available here ({build} finds no {device.type.upper()} device); "
+                         "use device 'cpu', or install a torch build for your accelerator")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(name)!r}: only {count} {device.type} device(s) here (0 to {count - 1})")
+    return device
 
 
 def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controlnet: str | os.PathLike | None = None,
@@ -82,6 +135,7 @@ def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controln
     """The diffusers pipeline for ``task`` (SD1.5 or SDXL, with a ControlNet if given)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_device(device)
     folder = resolve_model(model)
     index = folder / "model_index.json"
     if not index.is_file():

@@ -1,16 +1,30 @@
-"""A whole generation job as one typed request: load everything, generate, write PNGs with metadata.
+"""A whole generation job as one typed request: check, load, generate, write PNGs with metadata.
 
 The command line (``imprompt generate``), and later the web UI and the API, build a
-:class:`GenerateRequest` and call :func:`run`; they hold no logic of their own.
+:class:`GenerateRequest` and call :func:`run`; they hold no logic of their own. A request is a
+:class:`GenerationSettings` (the text and sampling settings, declared once there) plus what to load
+and where to write.
 
 Per-adapter options (``scale``, ``layers``, ...) accept ``VALUE`` for every adapter or ``N=VALUE``
-for adapter N (0-based, in ``--adapter`` order); ``image`` and ``negative_image`` accept ``PATH`` (adapter 0) or
-``N=PATH``.
+for adapter N (0-based, in ``--adapter`` order); ``image`` and ``negative_image`` accept ``PATH``
+(adapter 0) or ``N=PATH``. :func:`adapter_options` turns these strings into one typed, checked
+:class:`AdapterOptions` per adapter before anything is read or loaded.
+
+Order of work, so that a mistake costs a second, not a model load or a finished generation: every
+argument, the device and the output folder are checked; then the small inputs (reference images,
+masks) are read; then the adapters and image encoders; then the model. Images are generated
+``batch_size`` at a time and written as each batch finishes.
+
+Seeds: image ``i`` of a run uses seed ``SEED + i`` with its own ``torch.Generator('cpu')``, as
+AUTOMATIC1111 does, and its PNG records that seed. So an image does not depend on how the run was
+batched, and ``--seed SEED+i --num-images 1`` generates image ``i`` again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -21,53 +35,65 @@ import torch
 
 from ..adapter.attach import attach
 from ..adapter.checkpoint import load_adapter
-from ..adapter.layers import PRESETS
-from ..config import option as _m
+from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
+from ..config import option
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
-from .generate import GenerationSettings, generate
-from .pipelines import load_pipeline, resolve_file, resolve_model
+from ..files import remove_debris
+from .generate import generate
+from .pipelines import check_device, load_pipeline, resolve_file, resolve_model
 from .pnginfo import format_parameters, save_png
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 from .schedulers import SCHEDULERS, sampler_name
+from .settings import MAX_SEED, GenerationSettings
 
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_BATCH = 64
+MAX_SCALE = 100.0  # far beyond any useful image-prompt scale; 1e30 turns every pixel black
 
 
 @dataclass
-class GenerateRequest:
-    model: str = field(default="", metadata=_m("Stable Diffusion model: a diffusers folder or a hub id (cached hub ids work "
-                                                "offline); default: imprompt's bundled toy model"))
-    prompt: str = field(default="", metadata=_m("text prompt"))
-    adapter: list[str] = field(default_factory=list, metadata=_m("IP-Adapter checkpoint (.safetensors or .bin, official format); repeat for several", metavar="FILE"))
-    image: list[str] = field(default_factory=list, metadata=_m("reference image, PATH or N=PATH for adapter N; repeat for several", metavar="REF"))
-    negative_prompt: str = field(default="", metadata=_m("negative text prompt"))
-    scale: list[str] = field(default_factory=list, metadata=_m(f"image prompt scale, VALUE or N=VALUE (default {DEFAULT_SCALE})"))
-    steps: int = field(default=30, metadata=_m("denoising steps"))
-    guidance: float = field(default=7.5, metadata=_m("classifier-free guidance scale"))
-    seed: int | None = field(default=None, metadata=_m("random seed (same images as diffusers with torch.Generator('cpu').manual_seed(seed)); random if not given"))
-    width: int | None = field(default=None, metadata=_m("image width (default: the model's)"))
-    height: int | None = field(default=None, metadata=_m("image height (default: the model's)"))
-    num_images: int = field(default=1, metadata=_m("images to generate"))
-    image_encoder: list[str] = field(default_factory=list, metadata=_m("image encoder folder, PATH or N=PATH (default: image_encoder/ beside the adapter file)", metavar="PATH"))
-    output: str = field(default="outputs", metadata=_m("folder for the PNGs"))
-    scheduler: str | None = field(default=None, metadata=_m("scheduler (default: the model's own)", choices=list(SCHEDULERS)))
-    combine: list[str] = field(default_factory=list, metadata=_m(f"how several images of one adapter combine: {'|'.join(COMBINE_MODES)}, or N=MODE"))
-    weights: list[str] = field(default_factory=list, metadata=_m("weights for combine=weighted, 'W1,W2,...' or N=W1,W2"))
-    layers: list[str] = field(default_factory=list, metadata=_m(f"layer weights: a preset ({'|'.join(PRESETS)}) or 'block=w,...,default=w'; or N=..."))
-    start: list[str] = field(default_factory=list, metadata=_m("first fraction of the steps the image prompt acts in (default 0), or N=VALUE"))
-    end: list[str] = field(default_factory=list, metadata=_m("fraction of the steps where the image prompt stops (default 1), or N=VALUE"))
-    mask: list[str] = field(default_factory=list, metadata=_m("region mask per reference image (white = acts), in --image order", metavar="PATH"))
-    negative_image: list[str] = field(default_factory=list, metadata=_m("negative image prompt (replaces the unconditional image), PATH or N=PATH", metavar="PATH"))
-    crop: str = field(default="center", metadata=_m("reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
-    init_image: str | None = field(default=None, metadata=_m("img2img / inpainting start image", metavar="PATH"))
-    strength: float = field(default=0.8, metadata=_m("img2img / inpainting strength"))
-    mask_image: str | None = field(default=None, metadata=_m("inpainting mask (white = repaint); needs --init-image", metavar="PATH"))
-    controlnet: str | None = field(default=None, metadata=_m("ControlNet model folder or hub id", metavar="PATH"))
-    control_image: str | None = field(default=None, metadata=_m("ControlNet conditioning image", metavar="PATH"))
-    controlnet_scale: float = field(default=1.0, metadata=_m("ControlNet conditioning scale"))
-    dtype: str = field(default="float32", metadata=_m("weights dtype", choices=list(DTYPES)))
-    device: str = field(default="cpu", metadata=_m("torch device, e.g. cpu or cuda"))
+class GenerateRequest(GenerationSettings):
+    """A generation job: the settings, plus the models, references and output."""
+
+    model: str = field(default="", metadata=option(
+        "Stable Diffusion model: a diffusers folder or a hub id (cached hub ids work offline); "
+        "default: imprompt's bundled toy model"))
+    adapter: list[str] = field(default_factory=list, metadata=option(
+        "IP-Adapter checkpoint (.safetensors or .bin, official format); repeat for several", metavar="FILE"))
+    image: list[str] = field(default_factory=list, metadata=option(
+        "reference image, PATH or N=PATH for adapter N; repeat for several", metavar="REF"))
+    scale: list[str] = field(default_factory=list, metadata=option(
+        f"image prompt scale, VALUE or N=VALUE (default {DEFAULT_SCALE})"))
+    combine: list[str] = field(default_factory=list, metadata=option(
+        f"how several images of one adapter combine: {'|'.join(COMBINE_MODES)}, or N=MODE "
+        "(default concat; weighted when --weights is given)"))
+    weights: list[str] = field(default_factory=list, metadata=option(
+        "weights of the images for combine=weighted (implied), 'W1,W2,...' or N=W1,W2"))
+    layers: list[str] = field(default_factory=list, metadata=option(
+        f"layer weights: a preset ({'|'.join(PRESETS)}) or 'block=w,...,default=w'; or N=..."))
+    start: list[str] = field(default_factory=list, metadata=option(
+        "first fraction of the steps the image prompt acts in (default 0), or N=VALUE"))
+    end: list[str] = field(default_factory=list, metadata=option(
+        "fraction of the steps where the image prompt stops (default 1), or N=VALUE"))
+    mask: list[str] = field(default_factory=list, metadata=option(
+        "region mask per reference image (white = acts), in --image order", metavar="PATH"))
+    negative_image: list[str] = field(default_factory=list, metadata=option(
+        "negative image prompt (replaces the unconditional image), PATH or N=PATH", metavar="PATH"))
+    image_encoder: list[str] = field(default_factory=list, metadata=option(
+        "image encoder folder, PATH or N=PATH (default: image_encoder/ beside the adapter file)", metavar="PATH"))
+    crop: str = field(default="center", metadata=option(
+        "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
+    init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
+    mask_image: str | None = field(default=None, metadata=option(
+        "inpainting mask (white = repaint); needs --init-image", metavar="PATH"))
+    controlnet: str | None = field(default=None, metadata=option("ControlNet model folder or hub id", metavar="PATH"))
+    control_image: str | None = field(default=None, metadata=option("ControlNet conditioning image", metavar="PATH"))
+    output: str = field(default="outputs", metadata=option("folder for the PNGs"))
+    batch_size: int = field(default=4, metadata=option(
+        f"images per pipeline call (1 to {MAX_BATCH}); lower it if memory runs out. Images do not depend on it"))
+    dtype: str = field(default="float32", metadata=option("weights dtype", choices=list(DTYPES)))
+    device: str = field(default="cpu", metadata=option("torch device: cpu, cuda, cuda:N or mps"))
 
     @property
     def task(self) -> str:
@@ -75,7 +101,14 @@ class GenerateRequest:
             return "inpaint"
         return "img2img" if self.init_image is not None else "text2img"
 
+    def settings(self, **changes) -> GenerationSettings:
+        """The GenerationSettings part of this request (with ``changes``)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)}
+        return GenerationSettings(**{**values, **changes})
+
     def check(self) -> None:
+        """Every check that needs no file read and no model loaded; raises ValueError."""
+        super().check()
         if self.mask_image is not None and self.init_image is None:
             raise ValueError("--mask-image (inpainting) needs --init-image")
         if (self.controlnet is None) != (self.control_image is None):
@@ -84,6 +117,70 @@ class GenerateRequest:
             raise ValueError("--image needs an --adapter to read it")
         if self.adapter and not self.image:
             raise ValueError("give at least one --image for the adapter(s)")
+        if self.init_image is not None and int(self.steps * self.strength) < 1:
+            raise ValueError(f"--steps {self.steps} at --strength {self.strength:g} leaves no denoising step "
+                             f"(img2img runs steps x strength); raise one of them")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be 1 to {MAX_BATCH}, got {self.batch_size}")
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} + {self.num_images} images runs past 2**64-1 (image i uses seed+i); "
+                             "give a smaller seed")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        check_device(self.device)
+        check_output_folder(Path(self.output))
+
+
+def check_output_folder(folder: Path) -> None:
+    """Raise unless PNGs can be written in ``folder`` (made if missing): checked before generating,
+    so that a typo does not cost the images."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {str(folder)!r} is a file; give a folder for the PNGs")
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {str(folder)!r} cannot be made: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {str(folder)!r}: no permission to write in {str(existing)!r}; choose another folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-adapter options: strings in, typed and checked objects out
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """One ``--adapter`` and everything given for it, parsed and checked."""
+
+    index: int
+    file: str
+    images: tuple[str, ...]
+    masks: tuple[str, ...] | None = None  # one per image, or None
+    negative_images: tuple[str, ...] = ()
+    image_encoder: str | None = None  # None: image_encoder/ beside the adapter file
+    scale: float = DEFAULT_SCALE
+    combine: str = "concat"
+    weights: tuple[float, ...] | None = None
+    layers: LayerScales | str | None = None  # a preset's name (resolved for the UNet later) or weights
+    start: float = 0.0
+    end: float = 1.0
+    crop: str = "center"  # the same for every adapter (--crop)
+
+    def describe(self) -> str:
+        """The PNG info of this adapter: every option that acted, nothing else."""
+        layers = self.layers.describe() if isinstance(self.layers, LayerScales) else self.layers
+        parts = {
+            "Model": Path(self.file).stem, "Weight": f"{self.scale:g}",
+            "Images": "+".join(Path(p).name for p in self.images), "Combine": self.combine,
+            "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
+            "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
+            "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
+        }
+        return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
 
 _TARGETED = re.compile(r"^(\d+)=(.*)$", re.S)
@@ -95,8 +192,12 @@ def split_target(value: str) -> tuple[int | None, str]:
     return (int(match.group(1)), match.group(2)) if match else (None, value)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def per_adapter(values: Sequence[str], count: int, convert: Callable[[str], T], default: T, name: str) -> list[T]:
-    """One value per adapter from 'VALUE' (all adapters) and 'N=VALUE' (adapter N) entries."""
+    """One value per adapter from 'VALUE' (all adapters not named otherwise) and 'N=VALUE' (adapter N)."""
     out = [default] * count
     targeted = set()
     for raw in values:
@@ -104,11 +205,11 @@ def per_adapter(values: Sequence[str], count: int, convert: Callable[[str], T], 
         try:
             value = convert(text)
         except ValueError as err:
-            raise ValueError(f"--{name.replace('_', '-')} {raw!r}: {err}") from None
+            raise ValueError(f"{_flag(name)} {raw!r}: {err}") from None
         if index is None:
             out = [value if i not in targeted else out[i] for i in range(count)]
         elif index >= count:
-            raise ValueError(f"--{name.replace('_', '-')} {raw!r} names adapter {index}, but {count} adapter(s) were given")
+            raise ValueError(f"{_flag(name)} {raw!r} names adapter {index}, but {count} adapter(s) were given")
         else:
             out[index] = value
             targeted.add(index)
@@ -122,9 +223,127 @@ def grouped(values: Sequence[str], count: int, name: str) -> list[list[str]]:
         index, text = split_target(raw)
         index = 0 if index is None else index
         if index >= count:
-            raise ValueError(f"--{name.replace('_', '-')} {raw!r} names adapter {index}, but {count} adapter(s) were given")
+            raise ValueError(f"{_flag(name)} {raw!r} names adapter {index}, but {count} adapter(s) were given")
         groups[index].append(text)
     return groups
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _scale(text: str) -> float:
+    value = finite(text)
+    if abs(value) > MAX_SCALE:
+        raise ValueError(f"a scale beyond +-{MAX_SCALE:g} only overflows (image prompt scales are typically 0 to 1.5)")
+    return value
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    items = text.split(",")
+    if any(not item.strip() for item in items):
+        raise ValueError("expected numbers separated by commas, e.g. 0.7,0.3")
+    return tuple(finite(item) for item in items)
+
+
+def _combine(text: str) -> str:
+    if text not in COMBINE_MODES:
+        raise ValueError(f"expected one of {', '.join(COMBINE_MODES)}")
+    return text
+
+
+def _layers(text: str) -> LayerScales | str:
+    if "=" in text:
+        # Block names are checked against the UNet once it is loaded (attach checks them).
+        return parse_layer_scales(text, "SD1.5")
+    if text not in PRESETS:
+        raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)} or give 'block=weight,...'")
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a fraction of the steps, 0 to 1")
+    return value
+
+
+PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder")
+
+
+def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
+    """The per-adapter strings of ``request`` as one checked AdapterOptions per ``--adapter``."""
+    count = len(request.adapter)
+    if count == 0:
+        given = [name for name in ("image", *PER_ADAPTER) if getattr(request, name)]
+        if given:
+            raise ValueError(f"{_flag(given[0])} applies to an image prompt, but no --adapter was given")
+        return []
+    images = grouped(request.image, count, "image")
+    negatives = grouped(request.negative_image, count, "negative_image")
+    scales = per_adapter(request.scale, count, _scale, DEFAULT_SCALE, "scale")
+    combines = per_adapter(request.combine, count, _combine, None, "combine")
+    weights = per_adapter(request.weights, count, _weights, None, "weights")
+    layers = per_adapter(request.layers, count, _layers, None, "layers")
+    starts = per_adapter(request.start, count, _fraction, 0.0, "start")
+    ends = per_adapter(request.end, count, _fraction, 1.0, "end")
+    encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
+    if request.mask and len(request.mask) != len(request.image):
+        raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
+    # Masks pair with --image in command-line order, whichever adapter each image goes to.
+    masks = grouped([f"{split_target(i)[0] or 0}={m}" for i, m in zip(request.image, request.mask)], count, "mask")
+
+    options = []
+    for i, file in enumerate(request.adapter):
+        if not images[i]:
+            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH, "
+                             "or leave that --adapter out")
+        combine = combines[i]
+        if weights[i] is not None:
+            # Weights act only when combining by weights: imply it, refuse a contradiction.
+            if combine is None:
+                combine = "weighted"
+            elif combine != "weighted":
+                raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
+                                 "drop one of them")
+            if len(weights[i]) != len(images[i]):
+                raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
+                                 "give one weight per image")
+            if sum(weights[i]) == 0:
+                raise ValueError(f"--weights for adapter {i} sum to zero; give at least one non-zero weight")
+        elif combine == "weighted":
+            raise ValueError(f"--combine weighted (adapter {i}) needs --weights: one weight per image "
+                             f"({len(images[i])} image(s))")
+        combine = combine or "concat"
+        if masks[i] and combine != "concat":
+            raise ValueError(f"adapter {i}: region masks apply per image; use --combine concat with --mask")
+        if not starts[i] < ends[i]:
+            raise ValueError(f"adapter {i}: --start {starts[i]:g} must be below --end {ends[i]:g}")
+        options.append(AdapterOptions(
+            index=i, file=file, images=tuple(images[i]), masks=tuple(masks[i]) if request.mask else None,
+            negative_images=tuple(negatives[i]), image_encoder=encoders[i], scale=scales[i], combine=combine,
+            weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
+        ))
+    return options
+
+
+def load_image_prompts(options: Sequence[AdapterOptions]) -> list[ImagePrompt]:
+    """Read every reference, mask and negative image (the small inputs, before any model)."""
+    return [
+        ImagePrompt(
+            images=[load_image(p) for p in o.images], adapter=o.index, scale=o.scale, combine=o.combine,
+            weights=o.weights, layers=o.layers, start=o.start, end=o.end,
+            masks=[load_image(m, "L") for m in o.masks] if o.masks else None,
+            negative_images=[load_image(p) for p in o.negative_images] or None, crop=o.crop,
+        )
+        for o in options
+    ]
 
 
 def default_encoder_path(adapter_file: Path) -> Path:
@@ -132,46 +351,47 @@ def default_encoder_path(adapter_file: Path) -> Path:
     return adapter_file.parent / "image_encoder"
 
 
-def build_image_prompts(request: GenerateRequest, count: int) -> list[ImagePrompt]:
-    images = grouped(request.image, count, "image")
-    negatives = grouped(request.negative_image, count, "negative_image")
-    scales = per_adapter(request.scale, count, float, DEFAULT_SCALE, "scale")
-    combines = per_adapter(request.combine, count, str, "concat", "combine")
-    weights = per_adapter(request.weights, count, lambda s: [float(w) for w in s.split(",")], None, "weights")
-    layers = per_adapter(request.layers, count, str, None, "layers")
-    starts = per_adapter(request.start, count, float, 0.0, "start")
-    ends = per_adapter(request.end, count, float, 1.0, "end")
-    if request.mask and len(request.mask) != len(request.image):
-        raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
-    # Masks pair with --image in command-line order, whichever adapter each image goes to.
-    masks = grouped([f"{split_target(i)[0] or 0}={m}" for i, m in zip(request.image, request.mask)], count, "mask")
-    prompts = []
-    for i in range(count):
-        if not images[i]:
-            continue  # an adapter with no image is attached but idle
-        prompts.append(ImagePrompt(
-            images=[load_image(p) for p in images[i]], adapter=i, scale=scales[i], combine=combines[i],
-            weights=weights[i], layers=layers[i], start=starts[i], end=ends[i],
-            masks=[load_image(m, "L") for m in masks[i]] if request.mask else None,
-            negative_images=[load_image(p) for p in negatives[i]] or None, crop=request.crop,
-        ))
-    return prompts
-
-
-def describe_prompt(prompt: ImagePrompt, adapter_name: str, image_names: Sequence[str]) -> str:
-    parts = {
-        "Model": adapter_name, "Weight": f"{prompt.scale:g}", "Images": "+".join(image_names),
-        "Combine": prompt.combine, "Weights": ",".join(f"{w:g}" for w in prompt.weights) if prompt.weights else None,
-        "Layers": prompt.layers if isinstance(prompt.layers, str) else (prompt.layers.describe() if prompt.layers else None),
-        "Start": f"{prompt.start:g}", "End": f"{prompt.end:g}", "Crop": prompt.crop,
-        "Masked": "yes" if prompt.masks else None, "Negative images": "yes" if prompt.negative_images else None,
-    }
-    return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
+def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Path], dtype: torch.dtype,
+                  device: str) -> list[ImageEncoder]:
+    """One image encoder per adapter; adapters sharing a folder share the loaded encoder."""
+    loaded: dict[Path, ImageEncoder] = {}
+    encoders = []
+    for o, file in zip(options, adapter_files):
+        if o.image_encoder is not None:
+            folder = resolve_model(o.image_encoder, "image encoder")
+        else:
+            folder = default_encoder_path(file)
+            if not folder.is_dir():
+                raise ValueError(f"no --image-encoder given and no image_encoder folder beside the adapter "
+                                 f"({str(folder)!r}); pass --image-encoder PATH (the official models/image_encoder "
+                                 "for SD1.5 adapters, sdxl_models/image_encoder for most SDXL ones)")
+        key = folder.resolve()
+        if key not in loaded:
+            loaded[key] = ImageEncoder.from_pretrained(folder, dtype)
+            loaded[key].model.to(device)
+        encoders.append(loaded[key])
+    return encoders
 
 
 def next_index(folder: Path) -> int:
     numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d+)-", p.name))]
     return max(numbers, default=-1) + 1
+
+
+# Folder names that say nothing about the model (the toy package's "pipeline").
+_GENERIC_NAMES = {"pipeline", "model", "diffusers"}
+
+
+def model_name(model: str) -> str:
+    """The model's name for PNG info: its folder's (or hub id's) name, the parent's if that is generic."""
+    from .. import toy
+
+    path = Path(model)
+    if path == toy.toy_paths()["model"]:
+        return "imprompt-toy"
+    if path.name.lower() in _GENERIC_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name or model
 
 
 def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> GenerateRequest:
@@ -186,72 +406,67 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     paths = toy.toy_paths()
     log("note: no --model given, using imprompt's bundled toy model (32x32 shapes world); "
         "pass --model PATH_OR_HUB_ID (and --adapter) for Stable Diffusion")
-    adapters = request.adapter or ([str(paths["adapter"])] if request.image else [])
-    encoders = request.image_encoder or ([str(paths["image_encoder"])] if not request.adapter else [])
-    return dataclasses.replace(request, model=str(paths["model"]), adapter=adapters, image_encoder=encoders)
+    changes: dict = {"model": str(paths["model"])}
+    if request.image and not request.adapter:
+        changes["adapter"] = [str(paths["adapter"])]
+        changes["image_encoder"] = request.image_encoder or [str(paths["image_encoder"])]
+    return dataclasses.replace(request, **changes)
 
 
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
-    """Load the model, adapters and encoders; generate; write PNGs with A1111 parameters."""
+    """Check everything, load the models, generate, and write PNGs with A1111 parameters."""
     request = with_toy_defaults(request, log)
     request.check()
+    options = adapter_options(request)
     dtype = DTYPES[request.dtype]
-    adapter_files = [resolve_file(a) for a in request.adapter]
-    adapters = [load_adapter(f, dtype) for f in adapter_files]  # validate checkpoints before the big load
-    encoder_dirs = per_adapter(request.image_encoder, len(adapters), str, None, "image_encoder")
-    encoder_dirs = [Path(d) if d else default_encoder_path(f) for d, f in zip(encoder_dirs, adapter_files)]
-    encoders_by_dir: dict[Path, ImageEncoder] = {}
-    for folder in encoder_dirs:
-        if folder not in encoders_by_dir:
-            encoders_by_dir[folder] = ImageEncoder.from_pretrained(resolve_model(folder, "image encoder"), dtype)
-            encoders_by_dir[folder].model.to(request.device)
-    encoders = [encoders_by_dir[d] for d in encoder_dirs]
-    for adapter, encoder in zip(adapters, encoders):
-        check_encoder(adapter.variant, encoder)
 
-    # Every small input is read and checked before the large model is loaded.
-    prompts = build_image_prompts(request, len(adapters))
+    # The small inputs are read and checked before anything large is loaded.
+    prompts = load_image_prompts(options)
     init = load_image(request.init_image) if request.init_image else None
     mask = load_image(request.mask_image, "L") if request.mask_image else None
     control = load_image(request.control_image) if request.control_image else None
+    adapter_files = [resolve_file(o.file, "adapter") for o in options]
+    adapters = [load_adapter(f, dtype) for f in adapter_files]
+    encoders = load_encoders(options, adapter_files, dtype, request.device)
+    for adapter, encoder in zip(adapters, encoders):
+        check_encoder(adapter.variant, encoder)
     pipe = load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=request.device)
-    seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
-    settings = GenerationSettings(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-        guidance=request.guidance, seed=seed, width=request.width, height=request.height,
-        num_images=request.num_images, scheduler=request.scheduler, strength=request.strength,
-        controlnet_scale=request.controlnet_scale,
-    )
 
+    seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
+    sampling = {
+        "Steps": request.steps,
+        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(pipe.scheduler),
+        "CFG scale": f"{request.guidance:g}",
+    }  # then Seed and Size, per image, in A1111's order
+    rest = {
+        "Model": model_name(request.model),
+        "Denoising strength": f"{request.strength:g}" if init is not None else None,
+        "ControlNet": f"{model_name(request.controlnet)} ({request.controlnet_scale:g})" if request.controlnet else None,
+        **{f"IP-Adapter {o.index}": o.describe() for o in options},
+    }
+    out_dir = Path(request.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_debris(out_dir, "*.png"):
+        log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
+    first_index = next_index(out_dir)
+
+    written: list[Path] = []
     attachment = attach(pipe.unet, adapters) if adapters else None
     try:
-        images = generate(pipe, attachment, settings, prompts, encoders,
-                          init_image=init, mask_image=mask, control_image=control)
+        for first in range(0, request.num_images, request.batch_size):
+            seeds = [seed + i for i in range(first, min(first + request.batch_size, request.num_images))]
+            # One generator per image: image i is the same whatever the batching (see the module doc).
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            settings = request.settings(seed=None, num_images=len(seeds),
+                                        extra={**request.extra, "generator": generators})
+            images = generate(pipe, attachment, settings, prompts, encoders,
+                              init_image=init, mask_image=mask, control_image=control)
+            for i, (image_seed, image) in enumerate(zip(seeds, images), start=first):
+                record = {**sampling, "Seed": image_seed, "Size": f"{image.width}x{image.height}", **rest}
+                text = format_parameters(request.prompt, request.negative_prompt, record)
+                written.append(save_png(image, out_dir / f"{first_index + i:05d}-{image_seed}.png", text))
+                log(f"wrote {written[-1]}")
     finally:
         if attachment is not None:
             attachment.detach()
-
-    names = grouped(request.image, len(adapters), "image") if adapters else []
-    info = {
-        "Steps": settings.steps,
-        "Sampler": SCHEDULERS[settings.scheduler].a1111 if settings.scheduler else sampler_name(pipe.scheduler),
-        "CFG scale": f"{settings.guidance:g}", "Seed": seed,
-        "Size": f"{images[0].width}x{images[0].height}", "Model": Path(str(request.model)).name,
-        "Batch size": settings.num_images if settings.num_images > 1 else None,
-        "Denoising strength": f"{settings.strength:g}" if init is not None else None,
-        "ControlNet": f"{Path(request.controlnet).name} ({settings.controlnet_scale:g})" if request.controlnet else None,
-    }
-    for prompt in prompts:
-        info[f"IP-Adapter {prompt.adapter}"] = describe_prompt(
-            prompt, adapter_files[prompt.adapter].stem, [Path(p).name for p in names[prompt.adapter]]
-        )
-    out_dir = Path(request.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = next_index(out_dir)
-    written = []
-    for i, image in enumerate(images):
-        extra = {"Batch pos": i} if settings.num_images > 1 else {}
-        text = format_parameters(settings.prompt, settings.negative_prompt, {**info, **extra})
-        written.append(save_png(image, out_dir / f"{start + i:05d}-{seed}.png", text))
-        log(f"wrote {written[-1]}")
     return written
