@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,7 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow  # over 10 s
 def test_toy_report_has_one_row_per_method_and_every_file(world, tmp_path):
     out = tmp_path / "toy"
     result = evaluate(config(world, out, ALL_KINDS, data="toy:test", references=2, sheet_references=2), log=lambda m: None)
@@ -129,6 +132,7 @@ def test_toy_report_has_one_row_per_method_and_every_file(world, tmp_path):
     assert set(result.images["ip"]) == set(ip["passes"])
 
 
+@pytest.mark.slow  # over 10 s
 def test_same_seeds_for_every_method_through_the_command_line(world, tmp_path, capsys):
     out = tmp_path / "seeds"
     argv = ["--model", str(world / "sd"), "--data", str(world / "refs"), "--references", "2", "--samples", "2",
@@ -212,6 +216,35 @@ def test_bad_files_are_reported_before_the_model_loads(world, tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
+def test_bad_inputs_give_one_line_before_the_model_loads(world, tmp_path, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    bomb = bytearray((world / "refs" / "ref0.png").read_bytes())
+    bomb[16:24] = struct.pack(">II", 50000, 50000)  # the PNG header now declares 2500 MP
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
+    (refs / "bomb.png").write_bytes(bytes(bomb))
+    (refs / "bomb.txt").write_text("a bomb")
+    base = ["--model", str(world / "sd"), "--clip-model", str(world / "clip"), "--references", "1",
+            "--method", "t:text_only", "--no-progress"]
+    assert main([*base, "--data", str(refs), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png declares" in err and "over the" in err and err.count("\n") == 1, err
+    (tmp_path / "file").write_text("not a folder")
+    assert main([*base, "--data", str(world / "refs"), "--output-dir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "is a file" in err and err.count("\n") == 1, err
+
+
+def test_no_model_outside_the_toy_sets_names_the_real_fix(world, capsys):
+    # Without --model, only toy: sets get the shipped defaults; the adapter method is not to blame.
+    assert main(["--data", str(world / "refs"), "--method", "ip:ip_adapter", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation needs --model" in err and "defaults only for --data toy:test" in err and "needs an adapter" not in err
+    with pytest.raises(ValueError, match=r"needs an adapter file: adapter=PATH \(the toy defaults fill adapters in only "
+                                         r"when --model is not given\)"):
+        EvalConfig(model="mine", clip_model="c", methods=[MethodSpec("ip", "ip_adapter")]).check()
+
+
 def test_toy_defaults(tmp_path, monkeypatch):
     import imprompt.toy
 
@@ -224,7 +257,7 @@ def test_toy_defaults(tmp_path, monkeypatch):
         with_toy_defaults(EvalConfig(methods=methods))
     cfg = with_toy_defaults(EvalConfig(methods=methods, clip_model="clip"))
     assert cfg.model == str(tmp_path / "pipeline") and cfg.methods[0].adapter == str(tmp_path / "ip_adapter.safetensors")
-    assert cfg.methods[0].image_encoder == str(tmp_path / "pipeline" / "image_encoder") and cfg.methods[1].adapter == ""
+    assert cfg.methods[0].image_encoder == str(imprompt.toy.toy_paths(tmp_path)["image_encoder"]) and cfg.methods[1].adapter == ""
     assert cfg.methods[2].adapter == str(tmp_path / "simple_adapter.safetensors")
     given = EvalConfig(model="mine", methods=methods, data="toy:heldout")
     assert with_toy_defaults(given) is given  # an explicit model gets no toy defaults

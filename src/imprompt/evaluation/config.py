@@ -167,17 +167,25 @@ class EvalConfig:
     def check(self) -> None:
         if not self.methods:
             raise ValueError("give at least one method (--method NAME:KIND[:key=value,...] or 'methods:' in the config file)")
+        if not self.model:
+            # Checked before the methods: without a model no defaults were filled in, and an adapter
+            # method would otherwise be blamed for the missing adapter.
+            raise ValueError(f"evaluation needs --model (or 'model:' in the config file): the shipped toy model, "
+                             f"adapters and scoring CLIP are defaults only for --data toy:test / toy:heldout; for "
+                             f"{self.data!r} give --model, adapter=PATH for each adapter method, and --clip-model")
         for method in self.methods:
             if not isinstance(method, MethodSpec):
                 raise ValueError(f"methods must be MethodSpec entries, got {type(method).__name__}")
-            method.check()
+            try:
+                method.check()
+            except ValueError as err:
+                if self.toy_split is not None and method.kind in ADAPTER_KINDS and not method.adapter:
+                    raise ValueError(f"{err} (the toy defaults fill adapters in only when --model is not given)") from None
+                raise
         names = [m.name for m in self.methods]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"method names must be unique; {duplicates} appear more than once")
-        if not self.model:
-            raise ValueError("evaluation needs --model (or 'model:' in the config file); with a toy: set it defaults "
-                             "to the shipped toy model")
         if not self.clip_model:
             raise ValueError("evaluation needs a scoring CLIP: --clip-model FOLDER (a transformers CLIPModel with its "
                              "tokenizer and image processor)")

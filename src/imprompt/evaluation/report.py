@@ -18,15 +18,23 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from ..files import atomic_path, write_text
 from ..sheets import contact_sheet
-from ..toy.shapes import Attributes
+from ..toy.judge import ATTRIBUTE_NAMES
 from .plot import Panel, Point, line_plot
 from .references import Reference
 from .scoring import CONTENT
 
-ATTRIBUTES: tuple[str, ...] = tuple(Attributes.__dataclass_fields__) + ("all",)
+ATTRIBUTES: tuple[str, ...] = ATTRIBUTE_NAMES + ("all",)
 EDIT_COLUMNS = {"follows_text": "changed attribute follows the text", "keeps_reference": "others keep the reference",
                 "both": "both"}
+
+
+def write_png(image, path: Path) -> Path:
+    """Save ``image`` as a PNG atomically (a reader or a killed run never sees half a file)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
 def _finite(x: float | None) -> bool:
@@ -162,7 +170,7 @@ def write_sheets(folder: Path, result, references: Sequence[Reference]) -> list[
     def save(name: str, rows, row_labels, column_labels) -> None:
         if rows:
             path = folder / f"{name}.png"
-            contact_sheet(rows, row_labels, column_labels).save(path)
+            write_png(contact_sheet(rows, row_labels, column_labels), path)
             written.append(path)
 
     shown = sorted({i for method in images.values() for kept in method.values() for i in kept})
@@ -191,11 +199,10 @@ def write_sheets(folder: Path, result, references: Sequence[Reference]) -> list[
 def write_report(result, references: Sequence[Reference]) -> Path:
     """Write report.md, results.json, the contact sheets and the scale plot into ``result.folder``."""
     folder = Path(result.folder)
-    (folder / "sheets").mkdir(parents=True, exist_ok=True)
     write_sheets(folder / "sheets", result, references)
     plot = scale_plot(result.results["methods"])
     if plot is not None:
-        plot.save(folder / "scale_sweep.png")
-    (folder / "results.json").write_text(json.dumps(_clean(result.results), indent=1, ensure_ascii=False), encoding="utf-8")
-    (folder / "report.md").write_text(markdown(result.results), encoding="utf-8")
+        write_png(plot, folder / "scale_sweep.png")
+    write_text(folder / "results.json", json.dumps(_clean(result.results), indent=1, ensure_ascii=False))
+    write_text(folder / "report.md", markdown(result.results))
     return folder / "report.md"

@@ -16,6 +16,7 @@ Sample ``j`` of reference ``i`` uses seed ``seed + i * samples + j`` in every pa
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ class Scores:
 
     def score(self, index: int, generated: list[Image.Image], seeds: list[int], multimodal: bool) -> list[dict]:
         """One record per generation of reference ``index``: CLIP-I, CLIP-T and (toy world) attribute hits."""
-        from ..toy.reader import read_many
+        from ..toy.judge import read_many
 
         embeds = self.scorer.image_embeds(generated)
         clip_i = metrics.clip_i(embeds, self.reference_embeds[index].expand_as(embeds))
@@ -135,9 +136,22 @@ class Scores:
 
 
 def save_images(folder: Path, name: str, images: list[Image.Image]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    from .report import write_png
+
     for j, image in enumerate(images):
-        image.save(folder / f"{name}-{j}.png")
+        write_png(image, folder / f"{name}-{j}.png")
+
+
+def check_output_dir(folder: Path) -> None:
+    """Make the report folder before anything loads, so that a bad --output-dir does not cost the run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--output-dir {str(folder)!r} is a file, or inside one; give a folder for the report") from None
+    except OSError as err:
+        raise ValueError(f"--output-dir {str(folder)!r} cannot be made ({err.strerror}); choose another folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {str(folder)!r}: no permission to write in it; choose another folder")
 
 
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResult:
@@ -149,6 +163,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
     started = time.perf_counter()
     config = with_toy_defaults(config)
     config.check()
+    check_output_dir(Path(config.output_dir))
     dtype = DTYPES[config.dtype]
     toy = config.toy_split is not None
     # Small inputs first, so a bad path fails before the big model loads.
