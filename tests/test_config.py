@@ -25,6 +25,7 @@ class Example:
     limit: int | None = field(default=None, metadata=option("an optional limit"))
     paths: list[str] = field(default_factory=list, metadata=option("paths"))
     scales: list[float] = field(default_factory=list, metadata=option("scales"))
+    extra: dict = field(default_factory=dict)  # library-only: no option(), no flag
 
 
 def yaml_file(tmp_path, text: str):
@@ -126,6 +127,7 @@ def test_from_namespace_coerces_too():
     assert cfg == Example(count=3, flag=False, paths=["a"], mode="exact")
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "slow"])  # Literal fields become choices
+    assert "--extra" not in parser.format_help()
 
 
 def _help(argv: list[str], capsys) -> str:

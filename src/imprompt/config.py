@@ -1,8 +1,9 @@
 """Typed dataclass configs: command-line flags, YAML files and overrides built from one declaration.
 
-A field's metadata may give ``help``, ``choices``, ``short``, ``metavar``, ``required`` and ``parse``
-(a function ``(value, where) -> element`` for element types that are not plain values, such as
-evaluation methods); ``list[...]`` fields become repeatable flags, ``bool`` fields ``--flag / --no-flag``,
+A field declared with :func:`option` becomes a flag (one without it is library-only); its metadata
+may give ``help``, ``choices``, ``short``, ``metavar``, ``required`` and ``parse`` (a function
+``(value, where) -> element`` for element types that are not plain values, such as evaluation
+methods). ``list[...]`` fields become repeatable flags, ``bool`` fields ``--flag / --no-flag``,
 ``Literal[...]`` fields flags with those choices.
 
 Every config, from a YAML file, flags or a mapping, goes through :func:`load_config` (or
@@ -169,10 +170,13 @@ def _scalar(annotation, value: Any, name: str) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type, all_optional: bool = False) -> None:
-    """Add a flag per field. ``all_optional``: no flag is required (values may come from a file)."""
+    """Add a flag per field declared with :func:`option` (fields without it are library-only, e.g.
+    extra pipeline arguments). ``all_optional``: no flag is required (values may come from a file)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         meta = field.metadata
+        if "help" not in meta:
+            continue
         flag = "--" + field.name.replace("_", "-")
         element, is_list = _base_type(hints[field.name])
         has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
