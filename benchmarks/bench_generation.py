@@ -132,7 +132,7 @@ def build_adapter(unet, kind: str, s: Shape):
     if kind == "base":
         variant = AdapterVariant("linear", s.embed_dim, s.dim, 4)
     else:
-        variant = AdapterVariant("resampler", s.vision_width, s.dim, 16, resampler_width=s.resampler_width,
+        variant = AdapterVariant("plus", s.vision_width, s.dim, 16, resampler_width=s.resampler_width,
                                  resampler_depth=s.resampler_depth, resampler_ff_mult=4)
     torch.manual_seed(SEED + 2)  # random (PyTorch default init) to_k_ip / to_v_ip and projection
     return adapter_for_unet(unet, variant, copy_text_kv=False).eval()

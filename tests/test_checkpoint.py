@@ -111,14 +111,14 @@ OFFICIAL = {
     "ip-adapter_sd15_vit-G": (lambda: official_linear(1280, 768, 4), SD15_WIDTHS, 768,
                               AdapterVariant("linear", 1280, 768, 4)),
     "ip-adapter-plus_sd15": (lambda: official_resampler(1280, 768, 4, 16, 768), SD15_WIDTHS, 768,
-                             AdapterVariant("resampler", 1280, 768, 16, resampler_width=768, resampler_depth=4,
+                             AdapterVariant("plus", 1280, 768, 16, resampler_width=768, resampler_depth=4,
                                             resampler_ff_mult=4)),
     "ip-adapter-full-face_sd15": (lambda: official_mlp(1280, 768), SD15_WIDTHS, 768,
-                                  AdapterVariant("mlp", 1280, 768, None)),
+                                  AdapterVariant("full", 1280, 768, None)),
     "ip-adapter_sdxl": (lambda: official_linear(1280, 2048, 4), SDXL_WIDTHS, 2048,
                         AdapterVariant("linear", 1280, 2048, 4)),
     "ip-adapter-plus_sdxl_vit-h": (lambda: official_resampler(1280, 1280, 4, 16, 2048), SDXL_WIDTHS, 2048,
-                                   AdapterVariant("resampler", 1280, 2048, 16, resampler_width=1280,
+                                   AdapterVariant("plus", 1280, 2048, 16, resampler_width=1280,
                                                   resampler_depth=4, resampler_ff_mult=4)),
 }
 
@@ -157,13 +157,33 @@ def test_detected_variant_names_and_encoder_outputs():
     assert OFFICIAL["ip-adapter-plus_sdxl_vit-h"][3].resampler_heads == 20
 
 
+def test_one_vocabulary_of_projection_kinds():
+    """linear / plus / full everywhere (training's --variant adds only 'shared'); the official release
+    names are display names derived from the kind, and the former kind names are refused by name."""
+    from imprompt.adapter.projection import PROJECTIONS
+    from imprompt.adapter.variants import DISPLAY_NAMES, PROJECTION_KINDS, TRAINING_VARIANTS
+
+    assert PROJECTION_KINDS == ("linear", "plus", "full")
+    assert TRAINING_VARIANTS == ("linear", "plus", "full", "shared")
+    assert set(PROJECTIONS) == set(DISPLAY_NAMES) == set(PROJECTION_KINDS)
+    assert {name: OFFICIAL[name][3].projection for name in OFFICIAL} == {
+        "ip-adapter_sd15": "linear", "ip-adapter_sd15_vit-G": "linear", "ip-adapter-plus_sd15": "plus",
+        "ip-adapter-full-face_sd15": "full", "ip-adapter_sdxl": "linear", "ip-adapter-plus_sdxl_vit-h": "plus"}
+    for former, now in (("resampler", "plus"), ("mlp", "full")):
+        with pytest.raises(ValueError, match=rf"unknown projection kind '{former}'; expected one of linear, plus, "
+                                             rf"full \('{former}' is now called '{now}'\)"):
+            AdapterVariant(former, 32, 32, 4)
+    with pytest.raises(ValueError, match="unknown projection kind 'shared'"):
+        AdapterVariant("shared", 32, 32, 4)  # a training variant, not a projection
+
+
 def test_detection_reads_widths_not_names():
     """Non-standard sizes are read off the shapes: depth, token count, width, ff multiplier."""
     variant = detect_variant(official_resampler(48, 128, 3, 5, 40, ff_mult=2), official_ip_adapter([24, 56], 40))
-    assert variant == AdapterVariant("resampler", 48, 40, 5, resampler_width=128, resampler_depth=3,
+    assert variant == AdapterVariant("plus", 48, 40, 5, resampler_width=128, resampler_depth=3,
                                      resampler_ff_mult=2)
     assert detect_variant(official_linear(20, 16, 7), official_ip_adapter([8], 16)) == AdapterVariant("linear", 20, 16, 7)
-    assert detect_variant(official_mlp(20, 16), official_ip_adapter([8], 16)) == AdapterVariant("mlp", 20, 16, None)
+    assert detect_variant(official_mlp(20, 16), official_ip_adapter([8], 16)) == AdapterVariant("full", 20, 16, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +255,7 @@ def test_plus_of_any_official_shape_loads_and_matches_diffusers(shape):
     adapter = IPAdapter.from_state_dict(flat(image_proj, official_ip_adapter([16, 8], out_dim)))
     variant = adapter.variant
     assert (variant.projection, variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens) == (
-        "resampler", embed, out_dim, queries)
+        "plus", embed, out_dim, queries)
     assert (variant.resampler_width, variant.resampler_depth, variant.resampler_heads) == (width, depth, heads)
     assert int(width * variant.resampler_ff_mult) == int(width * ff_mult)
 
@@ -270,7 +290,7 @@ def test_plus_with_inner_width_not_a_multiple_of_64_is_refused_clearly():
 # Round trips
 # --------------------------------------------------------------------------------------------------
 
-KINDS = ["linear", "resampler", "mlp"]
+KINDS = ["linear", "plus", "full"]
 EXTS = [".safetensors", ".bin"]
 
 
@@ -322,7 +342,7 @@ def test_load_with_dtype(adapters, tmp_path):
 
 
 def test_bin_is_the_official_nested_layout_and_loads_weights_only(adapters, tmp_path):
-    adapter = adapters["resampler"]
+    adapter = adapters["plus"]
     path = save_adapter(adapter, tmp_path / "a.bin")
     nested = torch.load(path, map_location="cpu", weights_only=True)
     assert set(nested) == {"image_proj", "ip_adapter"}
@@ -354,9 +374,9 @@ def test_safetensors_is_the_official_flat_layout(adapters, tmp_path):
 def test_save_is_atomic_and_overwrites(adapters, tmp_path, ext):
     path = tmp_path / "sub" / f"a{ext}"
     save_adapter(adapters["linear"], path)
-    save_adapter(adapters["mlp"], path)  # replace with a different adapter
+    save_adapter(adapters["full"], path)  # replace with a different adapter
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
-    assert load_adapter(path).variant == adapters["mlp"].variant
+    assert load_adapter(path).variant == adapters["full"].variant
 
 
 def test_official_hand_written_file_round_trips(tmp_path):
@@ -465,7 +485,7 @@ def test_sd15_plus_adapter_has_49_087_488_parameters(sd15_unet_meta):
     to_k_ip / to_v_ip      (same as the base adapter)                 = 19,169,280
     adapter total                                                     = 49,087,488
     """
-    variant = AdapterVariant("resampler", 1280, 768, 16, resampler_width=768, resampler_depth=4, resampler_ff_mult=4)
+    variant = AdapterVariant("plus", 1280, 768, 16, resampler_width=768, resampler_depth=4, resampler_ff_mult=4)
     with torch.device("meta"):
         adapter = adapter_for_unet(sd15_unet_meta, variant, copy_text_kv=False)
     layer = adapter.image_proj.layers[0]

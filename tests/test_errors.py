@@ -37,12 +37,12 @@ def linear_state(sd15):
 
 @pytest.fixture(scope="module")
 def plus_state(sd15):
-    return dict(tm.random_adapter(sd15, "resampler").state_dict())
+    return dict(tm.random_adapter(sd15, "plus").state_dict())
 
 
 @pytest.fixture(scope="module")
 def mlp_state(sd15):
-    return dict(tm.random_adapter(sd15, "mlp").state_dict())
+    return dict(tm.random_adapter(sd15, "full").state_dict())
 
 
 def processors(unet) -> dict:
@@ -54,7 +54,7 @@ def processors(unet) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["linear", "resampler", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "plus", "full"])
 def test_sdxl_adapter_on_sd15_unet(kind):
     adapter = tm.random_adapter(tm.sdxl_unet(), kind)
     unet = tm.sd15_unet()
@@ -149,7 +149,7 @@ def test_linear_adapter_with_encoder_of_other_projection_dim(sd15):
 
 
 def test_plus_adapter_with_encoder_of_other_hidden_size(sd15):
-    adapter = tm.random_adapter(sd15, "resampler")  # reads hidden states of width 32
+    adapter = tm.random_adapter(sd15, "plus")  # reads hidden states of width 32
     encoder = ImageEncoder(tm.image_encoder(hidden=48))
     with pytest.raises(CheckpointError, match=r"reads penultimate_hidden of width 32 .*but this image encoder gives width 48"):
         check_encoder(adapter.variant, encoder)
@@ -158,7 +158,7 @@ def test_plus_adapter_with_encoder_of_other_hidden_size(sd15):
 
 
 def test_encoder_mismatch_names_the_official_encoders():
-    variant = AdapterVariant("resampler", 1280, 768, 16, resampler_width=768, resampler_depth=4, resampler_ff_mult=4)
+    variant = AdapterVariant("plus", 1280, 768, 16, resampler_width=768, resampler_depth=4, resampler_ff_mult=4)
 
     class FakeEncoder:  # only output_width is consulted
         def output_width(self, output):

@@ -37,7 +37,7 @@ def _run(pipe, **kwargs):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("kind", ["linear", "resampler"])
+@pytest.mark.parametrize("kind", ["linear", "plus"])
 @pytest.mark.parametrize("num_images", [1, 2])
 @pytest.mark.parametrize("control", [False, True], ids=["txt2img", "controlnet"])
 def test_matches_diffusers(family, kind, num_images, control):
@@ -67,7 +67,7 @@ def test_two_adapters_match_diffusers():
     ours, theirs = _pipelines("sd15", control=False)
     encoder = tm.image_encoder()
     base = tm.random_adapter(ours.unet, "linear", seed=1, encoder=encoder)
-    plus = tm.random_adapter(ours.unet, "resampler", seed=2, encoder=encoder)
+    plus = tm.random_adapter(ours.unet, "plus", seed=2, encoder=encoder)
     refs = tm.reference_images(2)
 
     theirs.image_encoder = copy.deepcopy(encoder)
@@ -92,7 +92,7 @@ def test_img2img_and_inpainting_match_diffusers(family, task):
     base, base_copy = _pipelines(family, control=False)
     ours, theirs = auto.from_pipe(base), auto.from_pipe(base_copy)
     encoder = tm.image_encoder()
-    adapter = tm.random_adapter(ours.unet, "resampler", encoder=encoder)
+    adapter = tm.random_adapter(ours.unet, "plus", encoder=encoder)
     refs = tm.reference_images(1)
     init = tm.reference_images(1, 64)[0].resize((64, 64))
     mask = Image.new("L", (64, 64), 0)

@@ -120,10 +120,12 @@ def controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
 def variant(kind: str, cross_attention_dim: int, encoder_width: int) -> AdapterVariant:
     if kind == "linear":
         return AdapterVariant("linear", encoder_width, cross_attention_dim, 4)
-    if kind == "resampler":
-        return AdapterVariant("resampler", encoder_width, cross_attention_dim, 8, resampler_width=64,
+    if kind == "plus":
+        return AdapterVariant("plus", encoder_width, cross_attention_dim, 8, resampler_width=64,
                               resampler_depth=4, resampler_ff_mult=4)
-    return AdapterVariant("mlp", encoder_width, cross_attention_dim, None)
+    if kind == "full":
+        return AdapterVariant("full", encoder_width, cross_attention_dim, None)
+    raise ValueError(f"unknown adapter kind {kind!r}; expected linear, plus or full")
 
 
 def random_adapter(unet, kind: str = "linear", seed: int = 0, encoder: CLIPVisionModelWithProjection | None = None):

@@ -121,21 +121,31 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+def _linear(variant: AdapterVariant) -> nn.Module:
+    return LinearProjection(variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens)
+
+
+def _plus(variant: AdapterVariant) -> nn.Module:
+    return Resampler(
+        embed_dim=variant.image_embed_dim,
+        width=variant.resampler_width,
+        depth=variant.resampler_depth,
+        heads=variant.resampler_heads,
+        head_dim=RESAMPLER_HEAD_DIM,
+        num_tokens=variant.num_tokens,
+        cross_attention_dim=variant.cross_attention_dim,
+        ff_width=variant.resampler_ff_width,
+    )
+
+
+def _full(variant: AdapterVariant) -> nn.Module:
+    return MLPProjection(variant.image_embed_dim, variant.cross_attention_dim)
+
+
+# The registry of projection kinds (variants.PROJECTION_KINDS) -> the module each builds.
+PROJECTIONS = {"linear": _linear, "plus": _plus, "full": _full}
+
+
 def build_projection(variant: AdapterVariant) -> nn.Module:
-    """The projection module for a variant (the registry of projection kinds)."""
-    if variant.projection == "linear":
-        return LinearProjection(variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens)
-    if variant.projection == "mlp":
-        return MLPProjection(variant.image_embed_dim, variant.cross_attention_dim)
-    if variant.projection == "resampler":
-        return Resampler(
-            embed_dim=variant.image_embed_dim,
-            width=variant.resampler_width,
-            depth=variant.resampler_depth,
-            heads=variant.resampler_heads,
-            head_dim=RESAMPLER_HEAD_DIM,
-            num_tokens=variant.num_tokens,
-            cross_attention_dim=variant.cross_attention_dim,
-            ff_width=variant.resampler_ff_width,
-        )
-    raise ValueError(f"unknown projection kind {variant.projection!r}")
+    """The projection module for a variant."""
+    return PROJECTIONS[variant.projection](variant)

@@ -15,7 +15,19 @@ from typing import Iterable, Literal, Mapping
 
 import torch
 
-ProjectionKind = Literal["linear", "resampler", "mlp"]
+# One vocabulary for variants, used by detection, training and messages alike:
+#   linear  ImageProjModel: the pooled embedding -> a few tokens (the paper's IP-Adapter, 3.2.1)
+#   plus    Resampler: learned queries read the penultimate hidden states (ip-adapter-plus*)
+#   full    MLPProjModel: every penultimate hidden state becomes a token (ip-adapter-full-face)
+# plus "shared", a training variant only: the paper's simple adapter (4.4.1), a linear projection
+# whose tokens join the text tokens in the frozen attention (no to_k_ip / to_v_ip).
+ProjectionKind = Literal["linear", "plus", "full"]
+PROJECTION_KINDS: tuple[ProjectionKind, ...] = ("linear", "plus", "full")
+TRAINING_VARIANTS: tuple[str, ...] = (*PROJECTION_KINDS, "shared")
+# The official release names, for display only: the shapes cannot tell base from light, or plus from
+# plus-face (same modules, other training data), so the display says the family's first name.
+DISPLAY_NAMES: dict[str, str] = {"linear": "base", "plus": "plus", "full": "full-face"}
+_FORMER_NAMES = {"resampler": "plus", "mlp": "full"}
 EncoderOutput = Literal["image_embeds", "penultimate_hidden"]
 
 # The official Resampler takes dim_head as an argument, but every released plus model uses 64 and
@@ -33,7 +45,7 @@ class CheckpointError(ValueError):
 class AdapterVariant:
     """What a checkpoint is, in the terms needed to build and validate it.
 
-    ``num_tokens`` is None for the MLP projection (full-face), whose token count is the image
+    ``num_tokens`` is None for the ``full`` projection (full-face), whose token count is the image
     encoder's sequence length (257 for ViT-H/14 at 224 px).
     """
 
@@ -50,7 +62,11 @@ class AdapterVariant:
     resampler_heads: int = 0  # 0: width // 64, the released models' choice
 
     def __post_init__(self) -> None:
-        if self.projection == "resampler":
+        if self.projection not in PROJECTION_KINDS:
+            former = _FORMER_NAMES.get(self.projection)
+            raise ValueError(f"unknown projection kind {self.projection!r}; expected one of {', '.join(PROJECTION_KINDS)}"
+                             + (f" ({self.projection!r} is now called {former!r})" if former else ""))
+        if self.projection == "plus":
             if not self.resampler_heads:
                 object.__setattr__(self, "resampler_heads", self.resampler_width // RESAMPLER_HEAD_DIM)
             if min(self.resampler_width, self.resampler_depth, self.resampler_heads) <= 0 or self.resampler_ff_mult <= 0:
@@ -79,8 +95,7 @@ class AdapterVariant:
 
     @property
     def name(self) -> str:
-        kind = {"linear": "base", "resampler": "plus", "mlp": "full-face"}[self.projection]
-        return f"{kind} ({unet_family(self.cross_attention_dim)}, {encoder_family(self)})"
+        return f"{DISPLAY_NAMES[self.projection]} ({unet_family(self.cross_attention_dim)}, {encoder_family(self)})"
 
 
 def unet_family(cross_attention_dim: int) -> str:
@@ -171,7 +186,7 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
             )
         ff = _shape(image_proj, "layers.0.1.1.weight", 2)[0]
         return AdapterVariant(
-            projection="resampler",
+            projection="plus",
             image_embed_dim=_shape(image_proj, "proj_in.weight", 2)[1],
             cross_attention_dim=_shape(image_proj, "proj_out.weight", 2)[0],
             num_tokens=tokens,
@@ -192,7 +207,7 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[s
     if "proj.0.weight" in keys and "norm.weight" not in keys:
         _require(image_proj, "proj.2.weight", "proj.3.weight")
         return AdapterVariant(
-            "mlp", _shape(image_proj, "proj.0.weight", 2)[1], _shape(image_proj, "proj.3.weight", 1)[0], None
+            "full", _shape(image_proj, "proj.0.weight", 2)[1], _shape(image_proj, "proj.3.weight", 1)[0], None
         )
     raise CheckpointError(
         "unrecognised image projection: expected 'image_proj.proj.weight' (base), 'image_proj.latents' "
