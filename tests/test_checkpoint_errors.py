@@ -319,3 +319,15 @@ def test_failed_save_leaves_the_old_file_and_no_debris(linear_state, tmp_path, m
         checkpoint.save_adapter(IPAdapter.from_state_dict(linear_state), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("ext", [".safetensors", ".bin"])
+def test_fifo_or_folder_named_like_a_checkpoint(tmp_path, ext):
+    """Said for what it is (not 'does not exist'), and a FIFO is never opened for a blocking read."""
+    os.mkfifo(tmp_path / f"pipe{ext}")
+    with pytest.raises(CheckpointError, match=rf"pipe\{ext}' is not a regular file"):
+        read_state(tmp_path / f"pipe{ext}")
+    (tmp_path / f"folder{ext}").mkdir()
+    with pytest.raises(CheckpointError, match=rf"folder\{ext}' is a directory"):
+        read_state(tmp_path / f"folder{ext}")

@@ -89,7 +89,8 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def sniff(path: Path) -> str:
     """What a file holds, from its first bytes: 'empty', 'safetensors', 'torch' (a ``torch.save`` zip
     or legacy pickle), 'cut' (too short to tell), 'lfs' (a Git LFS pointer), 'html', 'text' or 'unknown'."""
-    with open(path, "rb") as f:
+    # O_NONBLOCK: should the checked file have been swapped for a FIFO since, open does not block.
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
         head = f.read(4096)
         size = os.fstat(f.fileno()).st_size
     if not head:
