@@ -188,3 +188,18 @@ def test_pickles_load_weights_only_and_never_advise_otherwise(tmp_path):
     cut.write_bytes(good.read_bytes()[:100])
     with pytest.raises(PickleRefusedError, match="truncated"):
         load_torch_weights(cut)
+
+
+def test_debris_of_a_live_writer_is_kept(tmp_path):
+    # Two runs writing into one folder: the second must not delete the first's file in progress.
+    with atomic_write(tmp_path / "a.png") as f:
+        f.write(b"in progress")
+        assert remove_debris(tmp_path) == 0
+        assert len(list(tmp_path.glob(".a.png.*.tmp"))) == 1
+    assert (tmp_path / "a.png").read_bytes() == b"in progress"
+
+
+def test_image_errors_do_not_show_buffer_addresses():
+    with pytest.raises(ImageInputError) as err:
+        decode_image(b"hello", name="image x.png")
+    assert "BytesIO" not in str(err.value) and "cannot read image x.png" in str(err.value)

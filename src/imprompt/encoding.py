@@ -94,7 +94,9 @@ def decode_image(data: bytes, mode: str = "RGB", *, name: str = "image", max_pix
             f"{name} declares {size}, over the {limit / 1e6:.0f} MP limit (a decompression bomb?); resize it"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageInputError(f"cannot read {name}: {err}; is it a complete PNG/JPEG/WebP file?") from None
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), which tells a user nothing.
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)) or type(err).__name__
+        raise ImageInputError(f"cannot read {name}: {detail}; is it a complete PNG/JPEG/WebP file?") from None
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB", *, max_pixels: int | None = None) -> Image.Image:

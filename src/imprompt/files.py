@@ -40,7 +40,9 @@ def default_mode(directory: bool = False) -> int:
 
 def _temporary_name(path: Path) -> Path:
     # A leading dot and a .tmp suffix: hidden from globs such as *.png, and recognisable as debris.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's process id in the name lets remove_debris tell a dead writer's leftovers from a
+    # file another live process (a second run into the same folder) is writing right now.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
 
@@ -108,13 +110,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
     old = None
     try:
         yield staging
         os.chmod(staging, default_mode(directory=True))
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".tmp"))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.{os.getpid()}.", suffix=".tmp"))
             os.replace(path, old / path.name)
         os.replace(staging, path)
     finally:
@@ -124,10 +126,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_debris(folder: str | os.PathLike, name: str = "*") -> int:
-    """Remove temporary files a killed writer left in ``folder`` (``.NAME.*.tmp``); returns the count."""
+    """Remove temporary files and folders that a killed writer left in ``folder`` (``.NAME.PID.*.tmp``);
+    returns the count. Leftovers of processes still alive (this one included: another thread may be
+    writing) are kept, so two runs writing into one folder never delete each other's files."""
     count = 0
     for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rsplit(".", 2)[-2]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
