@@ -203,3 +203,22 @@ def test_image_errors_do_not_show_buffer_addresses():
     with pytest.raises(ImageInputError) as err:
         decode_image(b"hello", name="image x.png")
     assert "BytesIO" not in str(err.value) and "cannot read image x.png" in str(err.value)
+
+
+def test_exclusive_writes_never_replace_a_file(tmp_path):
+    target = tmp_path / "00000-1.png"
+    target.write_bytes(b"first run's image")
+    with pytest.raises(FileExistsError):
+        with atomic_path(target, exclusive=True) as tmp:
+            tmp.write_bytes(b"second run's image")
+    assert target.read_bytes() == b"first run's image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1.png"]
+
+
+def test_numbered_pngs_skip_names_another_run_took(tmp_path):
+    from imprompt.generation.request import save_numbered_png
+
+    (tmp_path / "00003-9.png").write_bytes(b"taken")
+    path, index = save_numbered_png(tmp_path, 3, 9, Image.new("RGB", (4, 4)), "a prompt")
+    assert (path.name, index) == ("00004-9.png", 4)
+    assert (tmp_path / "00003-9.png").read_bytes() == b"taken"

@@ -72,9 +72,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path for libraries that insist on writing to a file name themselves
-    (``safetensors.save_file``, ``PIL.Image.save``); renamed over ``path`` when the block ends."""
+    (``safetensors.save_file``, ``PIL.Image.save``); renamed over ``path`` when the block ends.
+
+    ``exclusive``: never replace an existing ``path``; raise FileExistsError instead (a hard link
+    is created atomically or not at all, so two writers racing for one name cannot both win).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
@@ -83,7 +87,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

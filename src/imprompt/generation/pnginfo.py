@@ -143,12 +143,13 @@ def parse_parameters(text: str, max_chars: int = MAX_PARAMETERS_CHARS) -> dict[s
     return result
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
-    """Write a PNG with a ``parameters`` chunk, atomically, with the permissions the umask gives."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, *, exclusive: bool = False) -> Path:
+    """Write a PNG with a ``parameters`` chunk, atomically, with the permissions the umask gives.
+    ``exclusive``: raise FileExistsError rather than replace an existing file."""
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, exclusive=exclusive) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return path
 

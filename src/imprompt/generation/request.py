@@ -373,6 +373,20 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     return encoders
 
 
+def save_numbered_png(out_dir: Path, index: int, seed: int, image, text: str) -> tuple[Path, int]:
+    """Write ``INDEX-SEED.png`` at the first free index from ``index`` on; returns (path, index used).
+
+    Another run writing into the same folder (a second command, the server) may take a number
+    between our listing and our write: the exclusive write refuses to overwrite its image, and we
+    move on to the next free number.
+    """
+    while True:
+        try:
+            return save_png(image, out_dir / f"{index:05d}-{seed}.png", text, exclusive=True), index
+        except FileExistsError:
+            index = max(index + 1, next_index(out_dir))
+
+
 def next_index(folder: Path) -> int:
     numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d+)-", p.name))]
     return max(numbers, default=-1) + 1
@@ -448,7 +462,7 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     if removed := remove_debris(out_dir, "*.png"):
         log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
-    first_index = next_index(out_dir)
+    index = next_index(out_dir)
 
     written: list[Path] = []
     attachment = attach(pipe.unet, adapters) if adapters else None
@@ -461,11 +475,13 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
                                         extra={**request.extra, "generator": generators})
             images = generate(pipe, attachment, settings, prompts, encoders,
                               init_image=init, mask_image=mask, control_image=control)
-            for i, (image_seed, image) in enumerate(zip(seeds, images), start=first):
+            for image_seed, image in zip(seeds, images):
                 record = {**sampling, "Seed": image_seed, "Size": f"{image.width}x{image.height}", **rest}
                 text = format_parameters(request.prompt, request.negative_prompt, record)
-                written.append(save_png(image, out_dir / f"{first_index + i:05d}-{image_seed}.png", text))
-                log(f"wrote {written[-1]}")
+                path, index = save_numbered_png(out_dir, index, image_seed, image, text)
+                written.append(path)
+                index += 1
+                log(f"wrote {path}")
     finally:
         if attachment is not None:
             attachment.detach()
