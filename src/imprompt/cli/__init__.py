@@ -105,24 +105,28 @@ def one_line(err: BaseException) -> str:
     return escape_controls(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        return DELEGATED[argv[0]](argparse.Namespace(args=argv[1:]))
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))
+def _guarded(command: str, run) -> int:
+    """The one error handler of every subcommand."""
     try:
-        return namespace.func(namespace)
+        return run()
     except (ValueError, FileNotFoundError) as err:
         # Errors a user can cause (CheckpointError, ImageInputError, UnsafeFileError, PickleRefusedError,
         # ConfigError are ValueErrors; ModelNotFoundError is a FileNotFoundError): one line, no traceback.
         # Anything else is a bug and keeps its traceback.
-        print(f"imprompt {namespace.command}: error: {one_line(err)}", file=sys.stderr)
+        print(f"imprompt {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"imprompt {namespace.command}: interrupted", file=sys.stderr)
+        print(f"imprompt {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))
+    if argv and argv[0] in DELEGATED:
+        return _guarded(argv[0], lambda: DELEGATED[argv[0]](argparse.Namespace(args=argv[1:])))
+    namespace = build_parser().parse_args(argv)
+    return _guarded(namespace.command, lambda: namespace.func(namespace))
 
 
 if __name__ == "__main__":
