@@ -14,6 +14,7 @@ and files over a size cap.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -220,11 +221,13 @@ def load_torch_weights(path: str | os.PathLike, what: str = "checkpoint", map_lo
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message goes on to advise weights_only=False, i.e. running the file's code: never
-        # pass that on. Keep only the first line, which names what the file wanted to load.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's message advises weights_only=False, i.e. running the file's code: never pass that
+        # on. Keep only what names the object the file wanted to build ("Unsupported global: GLOBAL
+        # os.system ..."), without torch's terminal escape codes.
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. Please use|\n|$)", str(err))
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", found.group(1)).strip()[:200] if found else "objects other than tensors"
         raise PickleRefusedError(
-            f"{what} {path.name} holds more than tensors and was refused without running it ({first[:200]}); "
+            f"{what} {path.name} holds more than tensors and was refused without running it ({detail}); "
             "use a .safetensors file, or re-save the weights as a plain dict of tensors"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError) as err:
