@@ -222,3 +222,23 @@ def test_numbered_pngs_skip_names_another_run_took(tmp_path):
     path, index = save_numbered_png(tmp_path, 3, 9, Image.new("RGB", (4, 4)), "a prompt")
     assert (path.name, index) == ("00004-9.png", 4)
     assert (tmp_path / "00003-9.png").read_bytes() == b"taken"
+
+
+def test_output_folders_are_checked_before_any_work(tmp_path):
+    from imprompt.files import check_writable_folder
+    from imprompt.training.config import TrainConfig
+    from imprompt.training.trainer import train
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(UnsafeFileError, match="--output-dir .*taken' is a file"):
+        check_writable_folder(a_file, "--output-dir")
+    with pytest.raises(UnsafeFileError, match="cannot be made: .*taken' is a file"):
+        check_writable_folder(a_file / "sub", "--output")
+    check_writable_folder(tmp_path / "new" / "deeper")  # creatable: fine, and nothing is made
+    assert not (tmp_path / "new").exists()
+    # Training refuses such a folder before looking at the (missing) model or data.
+    config = TrainConfig(model=str(tmp_path / "no-model"), image_encoder=str(tmp_path / "no-encoder"),
+                         data=str(tmp_path / "no-data"), output_dir=str(a_file))
+    with pytest.raises(UnsafeFileError, match="is a file"):
+        train(config)

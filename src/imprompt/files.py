@@ -235,3 +235,21 @@ def load_torch_weights(path: str | os.PathLike, what: str = "checkpoint", map_lo
             f"cannot read {what} {path.name}: truncated or not a torch file ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'}); re-create or re-download it"
         ) from None
+
+
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--output") -> None:
+    """Raise unless files can be written in ``folder`` (or in the folder that would be made there).
+
+    Checked before any long work starts, so a typo does not cost a generation, an evaluation or a
+    training run. Nothing is created here.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UnsafeFileError(f"{flag} {str(folder)!r} is a file; give a folder")
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UnsafeFileError(f"{flag} {str(folder)!r} cannot be made: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UnsafeFileError(f"{flag} {str(folder)!r}: no permission to write in {str(existing)!r}; choose another folder")

@@ -16,7 +16,6 @@ Sample ``j`` of reference ``i`` uses seed ``seed + i * samples + j`` in every pa
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..files import check_writable_folder
 from ..generation.pipelines import load_pipeline, resolve_model
 from ..generation.request import DTYPES
 from ..generation.schedulers import make_scheduler
@@ -142,18 +142,6 @@ def save_images(folder: Path, name: str, images: list[Image.Image]) -> None:
         write_png(image, folder / f"{name}-{j}.png")
 
 
-def check_output_dir(folder: Path) -> None:
-    """Make the report folder before anything loads, so that a bad --output-dir does not cost the run."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--output-dir {str(folder)!r} is a file, or inside one; give a folder for the report") from None
-    except OSError as err:
-        raise ValueError(f"--output-dir {str(folder)!r} cannot be made ({err.strerror}); choose another folder") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {str(folder)!r}: no permission to write in it; choose another folder")
-
-
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResult:
     """Run the evaluation ``config`` describes and write its report folder; returns the results."""
     from tqdm.auto import tqdm
@@ -163,7 +151,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
     started = time.perf_counter()
     config = with_toy_defaults(config)
     config.check()
-    check_output_dir(Path(config.output_dir))
+    check_writable_folder(config.output_dir, "--output-dir")
     dtype = DTYPES[config.dtype]
     toy = config.toy_split is not None
     # Small inputs first, so a bad path fails before the big model loads.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from ..adapter.checkpoint import load_adapter
 from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
 from ..config import option
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
-from ..files import remove_debris
+from ..files import check_writable_folder, remove_debris
 from .generate import generate
 from .pipelines import check_device, load_pipeline, resolve_file, resolve_model
 from .pnginfo import format_parameters, save_png
@@ -130,21 +129,7 @@ class GenerateRequest(GenerationSettings):
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         check_device(self.device)
-        check_output_folder(Path(self.output))
-
-
-def check_output_folder(folder: Path) -> None:
-    """Raise unless PNGs can be written in ``folder`` (made if missing): checked before generating,
-    so that a typo does not cost the images."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {str(folder)!r} is a file; give a folder for the PNGs")
-    existing = folder
-    while not (existing.exists() or existing.is_symlink()):
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--output {str(folder)!r} cannot be made: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {str(folder)!r}: no permission to write in {str(existing)!r}; choose another folder")
+        check_writable_folder(self.output, "--output")
 
 
 # --------------------------------------------------------------------------------------------------

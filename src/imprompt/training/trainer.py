@@ -32,7 +32,7 @@ from ..adapter.layers import LayerScales
 from ..adapter.model import IPAdapter
 from ..adapter.variants import AdapterVariant
 from ..encoding import ImageEncoder, load_image
-from ..files import atomic_dir, atomic_write, load_torch_weights, remove_debris, write_text
+from ..files import atomic_dir, atomic_write, check_writable_folder, load_torch_weights, remove_debris, write_text
 from ..generation.pipelines import load_pipeline, resolve_model
 from .config import TrainConfig
 from .data import SkipCounter, data_fingerprint, open_source
@@ -303,6 +303,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         log_with = "tensorboard"
     out = Path(config.output_dir)
+    check_writable_folder(out, "--output-dir")  # before the models load and the cache is built
     # On a machine without an accelerator, say so to accelerate: that is what turns several
     # processes (torchrun / accelerate launch --multi_gpu) into multi-CPU DDP over gloo.
     cpu = config.cpu or not torch.accelerator.is_available()
