@@ -8,9 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapter.variants import TRAINING_VARIANTS as VARIANTS
 from ..config import load_config as _load_config, option as _m
-
-VARIANTS = ("linear", "plus", "full", "shared")
 
 
 @dataclass
