@@ -9,7 +9,10 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from imprompt.toy import build, judge, models, shapes
+from imprompt.toy import build, judge, models, shapes, toy_paths
+from imprompt.toy.config import STAGES, BuildConfig, StageSelection
+from imprompt.toy.loop import TrainingLoop
+from imprompt.toy.package import stage_package
 from imprompt.toy import tokenizer as toy_tokenizer
 
 torch.set_flush_denormal(True)
@@ -61,18 +64,18 @@ def test_edits_are_valid_attribute_changes():
 
 
 def test_build_stages_smoke(tmp_path):
-    cfg = build.BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
-                            clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
-                            quality_samples=2, quality_steps=2, progress=False)
-    results = build.run(cfg, until="quality")
-    assert set(results) == set(build.STAGES[:build.STAGES.index("quality") + 1])
+    cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
+                      clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
+                      quality_samples=2, quality_steps=2, progress=False)
+    results = build.run(cfg, StageSelection(until="quality"))
+    assert set(results) == set(STAGES[:STAGES.index("quality") + 1])
     assert results["tokenizer"]["longest_caption_tokens"] <= toy_tokenizer.MAX_LENGTH
     assert set(results["clip"]["zero_shot"]) == {"shape", "color", "background", "style"}
     assert results["unet"]["steps"] == 2
     for part in ("text_to_image", "unconditional", "image_only", "multimodal"):
         assert part in results["quality"]
     # A second run skips every finished stage.
-    assert build.run(cfg, until="quality") == results
+    assert build.run(cfg, StageSelection(until="quality")) == results
 
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -85,23 +88,33 @@ def test_build_stages_smoke(tmp_path):
     assert list(processor.image_mean) == list(models.CLIP_MEAN)
 
     dest = tmp_path / "package" / "data"
-    info = build.stage_package(cfg, dest)
+    info = stage_package(cfg, dest)
     assert info["total_bytes"] <= 25 * 2 ** 20
     assert (dest / "MODEL_CARD.md").is_file() and (dest / "ip_adapter.safetensors").is_file()
     assert json.loads((dest / "references" / "attributes.json").read_text())
     shipped = StableDiffusionPipeline.from_pretrained(dest / "pipeline", torch_dtype=torch.float32)
     assert shipped.unet.dtype == torch.float32
+    # The package follows the official layout: the image encoder beside the adapter files.
+    paths = toy_paths(dest)
+    assert paths["image_encoder"] == dest / "image_encoder" and not (dest / "pipeline" / "image_encoder").exists()
+    assert CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).config.image_size == 32
+    scoring = models.load_shared_tower_clip(paths["clip"])
+    assert torch.equal(scoring.vision_model.embeddings.patch_embedding.weight,
+                       vision.vision_model.embeddings.patch_embedding.weight.half().float())
 
 
 def test_loop_resumes_from_checkpoint(tmp_path):
-    cfg = build.BuildConfig(work=tmp_path, checkpoint_seconds=0.0, progress=False)
-    (tmp_path / "toy").mkdir()
     layer = torch.nn.Linear(2, 2)
-    calls = []
-    info = build._Loop(cfg, "toy", 3, {"model": layer}).run(lambda i: calls.append(i) or 0.0)
+    calls, logs = [], []
+
+    def loop(total):
+        return TrainingLoop(tmp_path / "toy", total, {"model": layer}, name="toy", checkpoint_seconds=0.0,
+                            progress=False, log=logs.append)
+
+    info = loop(3).run(lambda i: calls.append(i) or 0.0)
     assert info["steps"] == 3 and calls == [0, 1, 2]
-    resumed = build._Loop(cfg, "toy", 5, {"model": layer})
-    assert resumed.step == 3
+    resumed = loop(5)
+    assert resumed.step == 3 and len(logs) == 1 and logs[0].startswith("toy: resumed at step 3 ")
     resumed.run(lambda i: calls.append(i) or 0.0)
     assert calls == [0, 1, 2, 3, 4]
 

@@ -7,59 +7,71 @@ adapter trained on the base UNet to it. ``imprompt toy derive`` needs only the s
 build's pipeline folder): the subset is regenerated from the seeded world and encoded with the
 pipeline's own VAE and text encoder.
 
-Training is resumable (``imprompt.toy.build``'s loop: atomic checkpoints every two minutes); the
-result is a full diffusers pipeline folder (the base one with the new UNet) plus ``derive.json``:
-settings, loss and how often the base and the derived model draw the style unprompted.
+Training is resumable (:class:`imprompt.toy.loop.TrainingLoop`: atomic checkpoints every two
+minutes) and draws its batches and noise from the training recipe's streams; the result is a full
+diffusers pipeline folder (the base one with the new UNet) plus ``derive.json``: settings, loss and
+how often the base and the derived model draw the style unprompted.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
+import json
 import shutil
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import shapes, toy_paths
-from .build import BuildConfig, _atomic_json, _batch_indices, _Loop, _vae_pixels, denoising_step
+from ..config import ConfigError, option
+from ..files import atomic_dir, write_text
+from . import models, shapes, toy_paths
+from .config import path_option
+from .judge import read
+from .loop import TrainingLoop, denoising_step, step_batch
 
 
 @dataclass
 class DeriveConfig:
-    out: Path = Path("build/toy/derived-striped")
-    base: Path | None = None  # a diffusers pipeline folder; default: the shipped toy model
-    style: str = "striped"
-    world_size: int = 8000  # train samples drawn; about a quarter have the style
-    steps: int = 300
-    batch: int = 64
-    lr: float = 1e-4
-    caption_dropout: float = 0.1  # keeps classifier-free guidance working
-    seed: int = 0
-    threads: int = 1
-    check_samples: int = 64
-    progress: bool = True
+    out: Path = field(default=Path("build/toy/derived-striped"), metadata=path_option(
+        "output folder: pipeline/ (the derived model), training/ (its checkpoint) and derive.json"))
+    base: Path | None = field(default=None, metadata=path_option(
+        "base diffusers pipeline folder (default: the shipped toy model)"))
+    style: str = field(default="striped", metadata=option("the style to fine-tune on", choices=shapes.STYLES))
+    world_size: int = field(default=8000, metadata=option("train samples drawn; about a quarter have the style"))
+    steps: int = field(default=300, metadata=option("fine-tuning steps"))
+    batch: int = field(default=64, metadata=option("batch size"))
+    lr: float = field(default=1e-4, metadata=option("learning rate"))
+    caption_dropout: float = field(default=0.1, metadata=option(
+        "share of steps with the empty caption (keeps classifier-free guidance working)"))
+    seed: int = field(default=0, metadata=option("seed of the samples and the training streams"))
+    threads: int = field(default=1, metadata=option("torch threads"))
+    check_samples: int = field(default=64, metadata=option(
+        "unprompted generations per model to measure how often each draws the style"))
+    progress: bool = field(default=True, metadata=option("progress bar"))
 
     def __post_init__(self):
+        self.out = Path(self.out)
+        self.base = None if self.base is None else Path(self.base)
         if self.style not in shapes.STYLES:
-            raise ValueError(f"style must be one of {', '.join(shapes.STYLES)}, got {self.style!r}")
-        if self.steps < 1 or self.batch < 1:
-            raise ValueError(f"steps and batch must be >= 1, got {self.steps} and {self.batch}")
+            raise ConfigError(f"style must be one of {', '.join(shapes.STYLES)}, got {self.style!r}")
+        for name in ("world_size", "steps", "batch", "threads", "check_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ConfigError(f"caption_dropout must be between 0 and 1, got {self.caption_dropout}")
 
 
 @torch.no_grad()
 def _encode(pipe, samples: list[shapes.Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VAE latents (posterior mode, scaled), text states of the captions, and the empty text's state."""
-    pixels = _vae_pixels(np.stack([np.asarray(s.image) for s in samples]))
+    pixels = models.vae_pixels(np.stack([np.asarray(s.image) for s in samples]))
     latents = torch.cat([pipe.vae.encode(c).latent_dist.mode() for c in pixels.split(500)]) * pipe.vae.config.scaling_factor
-    tok = pipe.tokenizer
-    ids = torch.tensor(tok([s.caption for s in samples] + [""], padding="max_length", truncation=True,
-                           max_length=tok.model_max_length)["input_ids"])
+    ids = models.token_ids(pipe.tokenizer, [s.caption for s in samples] + [""])
     states = torch.cat([pipe.text_encoder(input_ids=c).last_hidden_state for c in ids.split(1000)])
     return latents, states[:-1], states[-1:]
 
@@ -67,8 +79,6 @@ def _encode(pipe, samples: list[shapes.Sample]) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def style_rate(pipe, style: str, n: int, seed: int) -> float:
     """How often unprompted generations (empty text, guidance 1) read as ``style``."""
-    from .reader import read
-
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     images = pipe(prompt=[""] * n, num_inference_steps=20, guidance_scale=1.0, generator=generators).images
     return float(np.mean([read(image).style == style for image in images]))
@@ -78,38 +88,34 @@ def derive(cfg: DeriveConfig, log=print) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from ..generation.pipelines import load_pipeline
-    from .models import SCHEDULER_CONFIG
 
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
     base = Path(cfg.base or toy_paths()["model"])
-    out = Path(cfg.out)
+    out = cfg.out
     pipe = load_pipeline(base)
     samples = [s for s in shapes.sample("train", cfg.world_size, cfg.seed) if s.attributes.style == cfg.style]
+    if not samples:
+        raise ConfigError(f"none of the {cfg.world_size} drawn train samples is {cfg.style}; raise world_size")
     latents, text, empty = _encode(pipe, samples)
     log(f"[toy derive] {len(samples)} {cfg.style} train images encoded; fine-tuning the UNet of {base}")
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
-    loop = _Loop(BuildConfig(work=out, progress=cfg.progress), "training", cfg.steps, {"model": unet, "opt": opt})
-    alphas = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod
+    loop = TrainingLoop(out / "training", cfg.steps, {"model": unet, "opt": opt}, name="training",
+                        progress=cfg.progress, log=lambda m: log(f"[toy derive] {m}"))
+    noise_scheduler = DDPMScheduler.from_config(models.SCHEDULER_CONFIG)
 
     def step(i: int) -> float:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + i)
-        idx = _batch_indices(len(latents), cfg.batch, cfg.seed + 7, i)
-        cond = text[idx].clone()
-        cond[torch.rand(len(idx), generator=g) < cfg.caption_dropout] = empty
-        return denoising_step(unet, opt, latents[idx], cond, alphas, g)
+        idx = step_batch(len(latents), cfg.batch, cfg.seed, i)
+        return denoising_step(unet, opt, noise_scheduler, latents[idx], text[idx], empty, cfg.caption_dropout, cfg.seed, i)
 
     started = time.perf_counter()
     info = loop.run(step)
-    staging = out / ".pipeline.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(base, staging)
-    shutil.rmtree(staging / "unet")
-    unet.eval().save_pretrained(staging / "unet")
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    os.replace(staging, out / "pipeline")
+    with atomic_dir(out / "pipeline") as staging:
+        shutil.copytree(base, staging, dirs_exist_ok=True)
+        shutil.rmtree(staging / "unet")
+        unet.eval().save_pretrained(staging / "unet")
 
     derived = load_pipeline(out / "pipeline")
     rates = {"base": style_rate(pipe, cfg.style, cfg.check_samples, cfg.seed),
@@ -117,27 +123,7 @@ def derive(cfg: DeriveConfig, log=print) -> dict:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     report = {**info, "settings": {**settings, "base": str(base)}, "images": len(samples),
               "seconds": round(time.perf_counter() - started, 1), f"unprompted {cfg.style} rate": rates}
-    _atomic_json(out / "derive.json", report)
+    write_text(out / "derive.json", json.dumps(report, indent=2, default=str))
     log(f"[toy derive] {out / 'pipeline'}: unprompted {cfg.style} rate {rates['base']:.0%} (base) -> "
         f"{rates['derived']:.0%} (derived), {info['steps']} steps")
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="imprompt toy derive", description=__doc__.split("\n\n")[0])
-    defaults = DeriveConfig()
-    parser.add_argument("--out", type=Path, default=defaults.out, help=f"output folder (default {defaults.out})")
-    parser.add_argument("--base", type=Path, help="base pipeline folder (default: the shipped toy model)")
-    parser.add_argument("--style", default=defaults.style, choices=shapes.STYLES)
-    for name in ("world_size", "steps", "batch", "seed", "threads", "check_samples"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--no-progress", action="store_true")
-    args = vars(parser.parse_args(argv))
-    args["progress"] = not args.pop("no_progress")
-    derive(DeriveConfig(**args))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

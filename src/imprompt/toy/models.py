@@ -2,14 +2,14 @@
 
 All are the standard classes (transformers ``CLIPModel``, diffusers ``AutoencoderKL`` /
 ``UNet2DConditionModel`` / ``DPMSolverMultistepScheduler``), so the built models save and load with
-``from_pretrained`` like any Stable Diffusion. Widths follow the CPU costs measured in
-``shared/notes/toy-world-measurements.md``: the UNet works on 8x8x4 latents at (64, 128, ...)
-channels, about 0.7 s per batch-64 training step on 2 cores.
+``from_pretrained`` like any Stable Diffusion. Widths follow the CPU costs measured when the world was
+designed: the UNet works on 8x8x4 latents at (64, 128, ...) channels, about 0.7 s per batch-64
+training step on 2 cores.
 
 * **CLIP**: 128 wide in both towers, so the UNet's ``cross_attention_dim`` is 128. The vision tower
   sees 32x32 images in 8x8 patches (16 patches + CLS).
 * **VAE**: three blocks (two 2x downsamplings), 32x32x3 -> 8x8x4. ``scaling_factor`` is measured on
-  the training latents after the VAE is trained (:func:`imprompt.toy.build`), as SD's 0.18215 was.
+  the training latents after the VAE is trained (:func:`imprompt.toy.stages.stage_vae`), as SD's 0.18215 was.
 * **UNet**: SD1.5's block layout (three cross-attention down blocks and a plain one, mirrored up
   blocks, a cross-attention mid block), one layer per block, so ``down_blocks.2`` / ``up_blocks.1``
   (the layer presets' composition / style blocks) exist and sit at 1/4 of the latent resolution as
@@ -22,8 +22,12 @@ channels, about 0.7 s per batch-64 training step on 2 cores.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
+import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -70,6 +74,9 @@ class ToySpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SPEC = ToySpec()  # the widths the toy build uses (and the shipped models have)
 
 
 def clip(spec: ClipSpec, vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPModel:
@@ -119,6 +126,32 @@ def scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
 
 
+# ------------------------------------------------------------------ what the models take as input
+
+def clip_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 images -> the CLIP vision tower's input (what :func:`image_processor` gives)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def vae_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 images -> the VAE's input, [-1, 1] as Stable Diffusion's."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """The VAE's output in [-1, 1] -> (N, 32, 32, 3) uint8 images (the inverse of :func:`vae_pixels`)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length, as Stable Diffusion pipelines encode prompts."""
+    return torch.tensor(tokenizer(captions, padding="max_length", truncation=True,
+                                  max_length=tokenizer.model_max_length)["input_ids"])
+
+
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -126,7 +159,7 @@ def parameter_count(module) -> int:
 # ------------------------------------------------- the scoring CLIP, sharing the pipeline's towers
 #
 # The package ships the CLIP text tower as the pipeline's text_encoder and the vision tower (with its
-# projection) as pipeline/image_encoder. A full CLIPModel beside them would store both towers twice and
+# projection) as image_encoder/. A full CLIPModel beside them would store both towers twice and
 # push the package over its 25 MB budget, so the scoring CLIP's folder holds only what the towers lack
 # (text_projection, logit_scale), the CLIPConfig, tokenizer and image processor, and ``towers.json``
 # naming the two tower folders; ``load_shared_tower_clip`` assembles the CLIPModel.
@@ -136,11 +169,8 @@ _OWN_WEIGHTS = ("text_projection.weight", "logit_scale")
 
 
 def save_shared_tower_clip(model: CLIPModel, folder, text_encoder: str = "../pipeline/text_encoder",
-                           image_encoder: str = "../pipeline/image_encoder", dtype=None) -> None:
+                           image_encoder: str = "../image_encoder", dtype=None) -> None:
     """Write ``folder`` with the CLIP's own weights only; the tower folders are relative to it."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -154,10 +184,6 @@ def save_shared_tower_clip(model: CLIPModel, folder, text_encoder: str = "../pip
 
 def load_shared_tower_clip(folder, dtype=None) -> CLIPModel:
     """The CLIPModel saved by ``save_shared_tower_clip``: every weight accounted for, or a clear error."""
-    import json
-    from pathlib import Path
-
-    import torch
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 

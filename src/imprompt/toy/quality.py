@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,10 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import ConfigError, option
+from ..files import write_text
 from . import shapes
+from .config import path_option
 from .judge import accuracy, edit_accuracy, edit_plan, read_many
 from .shapes import Attributes
 
+PARTS: tuple[str, ...] = ("text_to_image", "unconditional", "image_only", "multimodal")
 TARGETS = {
     "text_to_image": {"color": 0.9, "background": 0.9, "shape": 0.8},
     "image_only": {"color": 0.9, "background": 0.9, "shape": 0.8},
@@ -35,17 +40,19 @@ TARGETS = {
 }
 
 
-def load(pipeline: str | Path, adapter_file: str | Path | None):
-    """The toy pipeline, its image encoder and (optionally) the adapter, attached."""
-    from ..adapter.attach import attach
+def load(pipeline: str | Path, adapter_file: str | Path | None, image_encoder: str | Path | None = None):
+    """The toy pipeline and, given an adapter file, the adapter and its image encoder (by default the
+    ``image_encoder/`` folder beside the adapter file, the official layout)."""
     from ..adapter.checkpoint import load_adapter
     from ..encoding import ImageEncoder
     from ..generation.pipelines import load_pipeline
+    from ..generation.request import default_encoder_path
 
     pipe = load_pipeline(pipeline)
-    encoder = ImageEncoder.from_pretrained(Path(pipeline) / "image_encoder")
-    attachment = attach(pipe.unet, load_adapter(adapter_file)) if adapter_file else None
-    return pipe, encoder, attachment
+    if adapter_file is None:
+        return pipe, None, None
+    encoder = ImageEncoder.from_pretrained(image_encoder or default_encoder_path(Path(adapter_file)))
+    return pipe, load_adapter(adapter_file), encoder
 
 
 def _as_arrays(images) -> list[np.ndarray]:
@@ -69,8 +76,9 @@ def text_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, g
 @torch.no_grad()
 def image_prompted(pipe, attachment, encoder, references: Sequence[Image.Image], texts: Sequence[str],
                    seeds: Sequence[int], steps: int, guidance: float, scale: float) -> list[np.ndarray]:
-    from ..generation.generate import GenerationSettings, generate
+    from ..generation.generate import generate
     from ..generation.prompts import ImagePrompt
+    from ..generation.settings import GenerationSettings
 
     out = []
     for reference, text, seed in zip(references, texts, seeds):
@@ -85,15 +93,19 @@ def _score(images: Sequence[np.ndarray], truth: Sequence[Attributes]) -> dict[st
 
 def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: str | Path, n: int = 200,
             steps: int = 20, guidance: float = 3.0, scales: Sequence[float] = (0.5, 0.7, 1.0),
-            progress: bool = True, multimodal_n: int | None = None, parts: Sequence[str] = ("text_to_image", "unconditional", "image_only", "multimodal")) -> dict:
+            progress: bool = True, multimodal_n: int | None = None, parts: Sequence[str] = PARTS,
+            image_encoder: str | Path | None = None) -> dict:
     """All quality numbers on the first ``n`` test samples; a JSON-ready dict."""
-    rows = shapes.read_metadata(test_folder)[:n]
     folder = Path(test_folder)
+    if not (folder / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl; give a split folder written by `imprompt toy build` "
+                                "(e.g. build/toy/data/test)")
+    rows = shapes.read_metadata(folder)[:n]
     references = [Image.open(folder / name).convert("RGB") for name, _, _ in rows]
     captions = [c for _, c, _ in rows]
     truth = [a for _, _, a in rows]
     seeds = list(range(len(rows)))
-    pipe, encoder, attachment = load(pipeline, adapter_file)
+    pipe, adapter, encoder = load(pipeline, adapter_file, image_encoder)
     report: dict = {"n": len(rows), "steps": steps, "guidance": guidance, "targets": TARGETS}
 
     def timed(name, fn):
@@ -104,18 +116,15 @@ def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: 
             print(f"[toy quality] {name}: {json.dumps(value)}", flush=True)
         return value
 
-    if attachment is not None:
-        attachment.detach()  # text-only parts run on the plain UNet
-    if "text_to_image" in parts:
+    if "text_to_image" in parts:  # the text-only parts run on the plain UNet
         report["text_to_image"] = timed("text_to_image", lambda: _score(text_batch(pipe, captions, seeds, steps, guidance), truth))
     if "unconditional" in parts:
         report["unconditional"] = timed("unconditional", lambda: _score(text_batch(pipe, [""] * len(rows), seeds, steps, 1.0), truth))
-    if attachment is None:
+    if adapter is None:
         return report
     from ..adapter.attach import attach
 
-    attachment = attach(pipe.unet, attachment.adapters)
-    try:
+    with attach(pipe.unet, adapter) as attachment:
         if "image_only" in parts:
             report["image_only"] = timed("image_only", lambda: _score(
                 image_prompted(pipe, attachment, encoder, references, [""] * len(rows), seeds, steps, guidance, 1.0), truth))
@@ -127,38 +136,52 @@ def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: 
                 report["multimodal"][f"scale {scale:g}"] = timed(f"multimodal scale {scale:g}", lambda: edit_accuracy(
                     read_many(image_prompted(pipe, attachment, encoder, references[:m], [e.text for e in plan], seeds[:m],
                                              steps, guidance, scale)), plan))
-    finally:
-        attachment.detach()
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+@dataclass
+class QualityConfig:
+    """``imprompt toy quality``: the quality targets of a toy pipeline (and adapter) on a test split folder."""
 
-    parser = argparse.ArgumentParser(description="Measure the toy world's quality targets")
-    parser.add_argument("--pipeline", default="build/toy/pipeline")
-    parser.add_argument("--adapter", default=None, help="ip_adapter.safetensors (omit: text-to-image only)")
-    parser.add_argument("--test", default="build/toy/data/test")
-    parser.add_argument("-n", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--multimodal-n", type=int, default=None, help="references for the multimodal part (default: -n)")
-    parser.add_argument("--scales", default="0.5,0.7,1.0", help="adapter scales of the multimodal part")
-    parser.add_argument("--parts", default="text_to_image,unconditional,image_only,multimodal")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="write the report as JSON here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    pipeline: Path = field(default=Path("build/toy/pipeline"), metadata=path_option(
+        "diffusers pipeline folder of the toy model"))
+    adapter: Path | None = field(default=None, metadata=path_option(
+        "ip_adapter.safetensors (omit: the text-to-image and unconditional parts only)"))
+    image_encoder: Path | None = field(default=None, metadata=path_option(
+        "image encoder folder (default: image_encoder/ beside the adapter file)"))
+    test: Path = field(default=Path("build/toy/data/test"), metadata=path_option(
+        "a split folder written by the toy build (images + metadata.jsonl)"))
+    n: int = field(default=200, metadata=option("test references", short="-n"))
+    steps: int = field(default=20, metadata=option("sampling steps"))
+    guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
+    multimodal_n: int | None = field(default=None, metadata=option("references of the image + text part (default: n)"))
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.0], metadata=option(
+        "adapter scales of the image + text part (repeat the flag; default 0.5, 0.7, 1.0)"))
+    parts: list[str] = field(default_factory=lambda: list(PARTS), metadata=option(
+        "parts to measure (repeat the flag; default: all)", choices=PARTS))
+    threads: int = field(default=1, metadata=option("torch threads"))
+    out: Path | None = field(default=None, metadata=path_option("also write the report as JSON here"))
+
+    def __post_init__(self):
+        for name in ("pipeline", "adapter", "image_encoder", "test", "out"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        for name in ("n", "steps", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.multimodal_n is not None and self.multimodal_n < 1:
+            raise ConfigError(f"multimodal_n must be at least 1, got {self.multimodal_n}")
+
+
+def run(config: QualityConfig) -> dict:
+    """Measure, print the report as JSON (and write it to ``config.out``)."""
+    torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)
-    report = measure(args.pipeline, args.adapter, args.test, n=args.n, steps=args.steps, guidance=args.guidance,
-                     multimodal_n=args.multimodal_n, scales=[float(x) for x in args.scales.split(",")],
-                     parts=args.parts.split(","))
+    report = measure(config.pipeline, config.adapter, config.test, n=config.n, steps=config.steps,
+                     guidance=config.guidance, multimodal_n=config.multimodal_n, scales=config.scales,
+                     parts=config.parts, image_encoder=config.image_encoder)
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if config.out is not None:
+        write_text(config.out, text + "\n")
+    return report

@@ -3,8 +3,8 @@
 Why this world looks the way it does:
 
 * **32x32 pixels.** A 4x-downsampling VAE turns them into 8x8x4 latents, and a UNet on 8x8x4 latents
-  is what a 2-core CPU can train in about an hour (~0.65 s per batch-64 step; see
-  ``shared/notes/toy-world-measurements.md``). A pixel-space model at 32x32 learned too little.
+  is what a 2-core CPU can train in about an hour (~0.65 s per batch-64 step, measured when the world
+  was designed). A pixel-space model at 32x32 learned too little.
 * **Few, far-apart values.** Six saturated shape colours, six backgrounds, five shapes with distinct
   silhouettes, two sizes, and only four placements (large shapes are always centred; small ones sit
   left, centre or right). Every free position a model has to learn costs training time, and colour and
@@ -34,8 +34,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +41,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from ..files import atomic_dir
 
 IMAGE_SIZE = 32
 
@@ -200,7 +200,7 @@ def render(attrs: Attributes) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------ captions
 
-_STYLE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outline": "outlined"}
+STYLE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outline": "outlined"}
 _POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
 _TEMPLATES = (
     "a {thing} on a {background} background",
@@ -218,7 +218,7 @@ def caption(attrs: Attributes, rng: random.Random) -> str:
     Size is mentioned half the time and position a third of the time, so a text-conditioned model
     learns them but also learns to fill them in when a prompt leaves them out.
     """
-    words = [_STYLE_WORDS[attrs.style], attrs.color]
+    words = [STYLE_WORDS[attrs.style], attrs.color]
     if rng.random() < 0.5:
         words.reverse()  # "striped red" and "red striped" are both natural
     if rng.random() < 0.5:
@@ -248,7 +248,7 @@ def partial_caption(attrs: Attributes, rng: random.Random, p_name: float = 0.5, 
     ``always`` are named whatever the draw (the draws are made all the same, so the stream does not shift).
     """
     named = {a for a in PARTIAL_ATTRIBUTES if rng.random() < p_name or a in always}
-    words = [w for a, w in (("style", _STYLE_WORDS[attrs.style]), ("color", attrs.color)) if a in named]
+    words = [w for a, w in (("style", STYLE_WORDS[attrs.style]), ("color", attrs.color)) if a in named]
     if len(words) == 2 and rng.random() < 0.5:
         words.reverse()
     if "shape" in named:
@@ -315,15 +315,14 @@ def write_folder(samples: Iterable[Sample], folder: str | os.PathLike) -> Path:
     """Write ``000000.png`` + ``000000.txt`` (caption) pairs and ``metadata.jsonl`` into ``folder``.
 
     ``metadata.jsonl`` has one line per image with ``file_name``, ``text`` and the attributes, the
-    layout Hugging Face ``datasets``' imagefolder loader reads. Files are written to a temporary
-    folder beside ``folder`` and renamed into place, so an interrupted run leaves no half dataset.
+    layout Hugging Face ``datasets``' imagefolder loader reads. Files are written to a staging
+    folder beside ``folder`` and renamed into place (:func:`imprompt.files.atomic_dir`), so an
+    interrupted run leaves no half dataset.
     """
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as staging:
         with open(staging / "metadata.jsonl", "w", encoding="utf-8") as metadata:
             for i, item in enumerate(samples):
                 name = f"{i:06d}"
@@ -331,10 +330,6 @@ def write_folder(samples: Iterable[Sample], folder: str | os.PathLike) -> Path:
                 (staging / f"{name}.txt").write_text(item.caption + "\n", encoding="utf-8")
                 record = {"file_name": f"{name}.png", "text": item.caption, **asdict(item.attributes)}
                 metadata.write(json.dumps(record) + "\n")
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
     return folder
 
 

@@ -1,0 +1,75 @@
+"""``imprompt toy build | derive | quality``: the toy world's commands.
+
+Each subcommand's flags are built from its typed config (:func:`imprompt.config.add_arguments`):
+:class:`~imprompt.toy.config.BuildConfig` and :class:`~imprompt.toy.config.StageSelection`,
+:class:`~imprompt.toy.derivative.DeriveConfig`, :class:`~imprompt.toy.quality.QualityConfig`. Errors a
+user can cause (a bad value, a missing folder, a refused checkpoint) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import add_arguments, from_namespace
+from .config import BuildConfig, StageSelection
+from .derivative import DeriveConfig
+from .quality import QualityConfig
+
+
+def _build(namespace: argparse.Namespace) -> None:
+    from .build import run
+
+    run(from_namespace(BuildConfig, namespace), from_namespace(StageSelection, namespace))
+
+
+def _derive(namespace: argparse.Namespace) -> None:
+    from .derivative import derive
+
+    derive(from_namespace(DeriveConfig, namespace))
+
+
+def _quality(namespace: argparse.Namespace) -> None:
+    from .quality import run
+
+    run(from_namespace(QualityConfig, namespace))
+
+
+COMMANDS = (
+    ("build", "regenerate the toy models from a seed in resumable stages (data, tokenizer, clip, vae, latents, unet, "
+              "pipeline, adapter, simple_adapter, quality, package); finished stages are skipped",
+     (BuildConfig, StageSelection), _build),
+    ("derive", "fine-tune the toy UNet on one style: a derivative model, for the paper's reuse claim",
+     (DeriveConfig,), _derive),
+    ("quality", "measure the toy quality targets (text-to-image, image prompt alone, unconditional, image + text) "
+                "of a toy pipeline and adapter on a test split folder", (QualityConfig,), _quality),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imprompt toy", description="The toy world: build its models, derive a "
+                                     "fine-tuned model from them, measure their quality")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, description, configs, func in COMMANDS:
+        command = sub.add_parser(name, help=description.split(";")[0].split(" (")[0], description=description)
+        for config in configs:
+            add_arguments(command, config)
+        command.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        namespace.func(namespace)
+    except (ValueError, FileNotFoundError) as err:
+        # Users' errors (ConfigError, a refused pickle, a missing model: ValueError / FileNotFoundError
+        # subclasses): one line, no traceback.
+        print(f"imprompt toy {namespace.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
