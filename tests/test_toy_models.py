@@ -10,10 +10,10 @@ import torch
 from transformers import CLIPTokenizer
 
 from imprompt.toy import build, judge, models, shapes, toy_paths
+from imprompt.toy import tokenizer as toy_tokenizer
 from imprompt.toy.config import STAGES, BuildConfig, StageSelection
 from imprompt.toy.loop import TrainingLoop
 from imprompt.toy.package import stage_package
-from imprompt.toy import tokenizer as toy_tokenizer
 
 torch.set_flush_denormal(True)
 

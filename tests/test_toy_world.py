@@ -56,8 +56,8 @@ def test_image_prompts_carry_the_reference_far_above_unconditional():
 def test_shipped_scoring_clip_shares_the_pipeline_towers_and_reads_the_references():
     import json
 
-    from safetensors.torch import load_file
     from PIL import Image
+    from safetensors.torch import load_file
 
     from imprompt.evaluation.scoring import ClipScorer
 

@@ -132,10 +132,11 @@ def measure(pipeline: str | Path, adapter_file: str | Path | None, test_folder: 
             m = multimodal_n or len(rows)
             plan = edit_plan(truth[:m])
             report["multimodal"] = {"n": m}
+            texts = [e.text for e in plan]
             for scale in scales:
-                report["multimodal"][f"scale {scale:g}"] = timed(f"multimodal scale {scale:g}", lambda: edit_accuracy(
-                    read_many(image_prompted(pipe, attachment, encoder, references[:m], [e.text for e in plan], seeds[:m],
-                                             steps, guidance, scale)), plan))
+                report["multimodal"][f"scale {scale:g}"] = timed(f"multimodal scale {scale:g}", lambda s=scale: edit_accuracy(
+                    read_many(image_prompted(pipe, attachment, encoder, references[:m], texts, seeds[:m], steps, guidance, s)),
+                    plan))
     return report
 
 
