@@ -28,7 +28,7 @@ test-slow: $(STAMP)
 test-all: test test-slow
 
 demo: $(STAMP)
-	$(BIN)/python -m imprompt.demo
+	$(BIN)/imprompt demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generation.py

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,3 +202,28 @@ def test_info_reads_jpeg_caps_long_text_and_escapes_control_characters(tmp_path,
     captured = capsys.readouterr()
     assert "only the first 65536 were read" in captured.err
     assert len(json.loads(captured.out)["Prompt"]) == 65536
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "/nonexistent.png"], ["info", "--help"]])
+def test_commands_that_need_no_model_start_without_torch(argv):
+    """`imprompt --help` and `imprompt info` build no model parser and import no torch (a fast start)."""
+    code = ("import sys, runpy; sys.argv = ['imprompt', *sys.argv[1:]]\n"
+            "from imprompt.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert done.stderr.strip().splitlines()[-1] == "NO-TORCH", done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_and_subcommand_errors_are_one_escaped_line(tmp_path, capsys):
+    from imprompt.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--output", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imprompt demo: error: ") and err.count("\n") == 1, err
+    # Control characters in a user's value are escaped on the terminal, in delegated commands too.
+    assert main(["eval", "--data", "toy:no\x1b[31msuch", "--references", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imprompt eval: error: ") and "\x1b" not in err and err.count("\n") == 1, err

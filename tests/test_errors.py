@@ -579,3 +579,17 @@ def test_attach_over_diffusers_ip_adapter_raises():
     assert all(after[k] is before[k] for k in before)  # diffusers' processors are left in place
     pipe.unload_ip_adapter()
     attach(pipe.unet, adapter).detach()  # and once unloaded, attaching works
+
+
+def test_mask_message_uses_the_pipelines_vae_factor(tmp_path, capsys):
+    """The toy VAE has 4 pixels per latent: a 32x32 output is reported as 32x32, not 64x64 (factor 8)."""
+    from imprompt.cli import main
+    from imprompt.toy import toy_paths
+
+    reference = sorted(toy_paths()["references"].glob("*.png"))[0]
+    Image.new("L", (64, 16), 255).save(tmp_path / "wide.png")
+    code = main(["generate", "--image", str(reference), "--mask", str(tmp_path / "wide.png"), "--steps", "1",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "mask is 64x16 (width x height) but the image is 32x32" in err, err
+    assert not list(tmp_path.glob("out/*.png"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -226,9 +227,22 @@ def test_bad_inputs_give_one_line_before_the_model_loads(world, tmp_path, capsys
     (refs / "bomb.txt").write_text("a bomb")
     base = ["--model", str(world / "sd"), "--clip-model", str(world / "clip"), "--references", "1",
             "--method", "t:text_only", "--no-progress"]
+    # A bomb (and a caption that is a FIFO) are skipped and counted, never decoded or read; with
+    # nothing else usable, the run stops in one line before any model loads.
+    os.mkfifo(refs / "fifo.txt")
+    (refs / "fifo.png").write_bytes((world / "refs" / "ref0.png").read_bytes())
     assert main([*base, "--data", str(refs), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "bomb.png declares" in err and "over the" in err and err.count("\n") == 1, err
+    assert "skipped 2 unusable reference(s)" in err and "bomb.png declares" in err and "over the" in err, err
+    assert "has 0 usable images (2 skipped), fewer than references=1" in err and err.count("\n") == 2, err
+    assert not (tmp_path / "out").exists()
+    # A usable reference after them takes their place.
+    (refs / "zgood.png").write_bytes((world / "refs" / "ref0.png").read_bytes())
+    (refs / "zgood.txt").write_text("a good reference")
+    from imprompt.evaluation.references import folder_references
+
+    assert [r.name for r in folder_references(refs, 1)] == ["zgood"]
+    assert "skipped 2" in capsys.readouterr().err
     (tmp_path / "file").write_text("not a folder")
     assert main([*base, "--data", str(world / "refs"), "--output-dir", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_build_stages_smoke(tmp_path):
     assert info["total_bytes"] <= 25 * 2 ** 20
     assert (dest / "MODEL_CARD.md").is_file() and (dest / "ip_adapter.safetensors").is_file()
     assert json.loads((dest / "references" / "attributes.json").read_text())
-    shipped = StableDiffusionPipeline.from_pretrained(dest / "pipeline", torch_dtype=torch.float32)
+    shipped = StableDiffusionPipeline.from_pretrained(dest / "pipeline", dtype=torch.float32)
     assert shipped.unet.dtype == torch.float32
     # The package follows the official layout: the image encoder beside the adapter files.
     paths = toy_paths(dest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_pipeline
@@ -26,6 +27,7 @@ def test_shipped_models_load_with_the_standard_classes():
     assert simple.variant.num_tokens == 4 and len(simple.ip_adapter) == 0
 
 
+@pytest.mark.slow  # about 30 s
 def test_image_prompts_carry_the_reference_far_above_unconditional():
     torch.set_flush_denormal(True)
     paths = toy_paths()
@@ -82,6 +84,7 @@ def test_shipped_scoring_clip_shares_the_pipeline_towers_and_reads_the_reference
             assert options[int((text_embeds @ image_embed).argmax())] == p[attribute], (attribute, p, texts)
 
 
+@pytest.mark.slow  # about 20 s
 def test_toy_evaluation_end_to_end_adapter_beats_unconditional(tmp_path):
     """`imprompt eval` on the shipped toy world: the expected tables, and the adapter far above chance."""
     import json

@@ -8,24 +8,43 @@ The Python API, in data-flow order::
     with attach(pipe.unet, adapter) as attachment:                  # detaching restores the UNet
         images = generate(pipe, attachment, GenerationSettings(prompt="...", seed=1),
                           [ImagePrompt([reference], scale=0.6)], [encoder])
+
+The names are imported on first use (PEP 562), so that ``import imprompt.generation.pnginfo`` or
+``imprompt info`` do not pay for torch, diffusers and transformers (seconds) when they need none.
 """
 
-from .adapter.attach import Attachment, adapter_for_unet, attach, cross_attention_layers
-from .adapter.checkpoint import load_adapter, read_state, save_adapter
-from .adapter.layers import PRESETS, LayerScales
-from .adapter.model import IPAdapter
-from .adapter.variants import AdapterVariant, CheckpointError, detect_variant
-from .encoding import ImageEncoder, ImageInputError, load_image
-from .generation.generate import generate
-from .generation.settings import GenerationSettings
-from .generation.pipelines import load_pipeline
-from .generation.prompts import ImagePrompt
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterVariant", "Attachment", "CheckpointError", "GenerationSettings", "IPAdapter", "ImageEncoder",
-    "ImageInputError", "ImagePrompt", "LayerScales", "PRESETS", "adapter_for_unet", "attach",
-    "cross_attention_layers", "detect_variant", "generate", "load_adapter", "load_image", "load_pipeline",
-    "read_state", "save_adapter",
-]
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "Attachment": ".adapter.attach", "adapter_for_unet": ".adapter.attach", "attach": ".adapter.attach",
+    "cross_attention_layers": ".adapter.attach",
+    "load_adapter": ".adapter.checkpoint", "read_state": ".adapter.checkpoint", "save_adapter": ".adapter.checkpoint",
+    "PRESETS": ".adapter.layers", "LayerScales": ".adapter.layers",
+    "IPAdapter": ".adapter.model",
+    "AdapterVariant": ".adapter.variants", "CheckpointError": ".adapter.variants", "detect_variant": ".adapter.variants",
+    "ImageEncoder": ".encoding", "ImageInputError": ".encoding", "load_image": ".encoding",
+    "generate": ".generation.generate",
+    "GenerationSettings": ".generation.settings",
+    "load_pipeline": ".generation.pipelines",
+    "ImagePrompt": ".generation.prompts",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imprompt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

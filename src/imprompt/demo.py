@@ -18,10 +18,11 @@ import dataclasses
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from .config import add_arguments, from_namespace, option
+from .errors import guarded
 from .toy import PACKAGE_DIR, toy_available, toy_paths
 from .toy.judge import CONTENT, Attributes, change_background, change_color, content_hits, read
 
@@ -32,20 +33,44 @@ def plan(reference: Attributes, rng: random.Random) -> list[tuple[str, str, Attr
     return [("image only", "", reference)] + [(f"+ '{e.text}'", e.text, e.expected) for e in edits]
 
 
+@dataclass
+class DemoConfig:
+    output: str = field(default="outputs/demo", metadata=option("folder for the PNGs and the contact sheet"))
+    references: int = field(default=4, metadata=option("how many shipped references to use"))
+    # Scale 0.5 is where the toy adapter follows both the text and the reference most often, and guidance 3
+    # is the toy model's measured setting (docs/toy-results.md, claim 5; the model card's quality numbers).
+    scale: float = field(default=0.5, metadata=option("image prompt scale for the image + text prompts"))
+    steps: int = field(default=20, metadata=option("denoising steps"))
+    guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
+
+    def check(self) -> None:
+        if not 1 <= self.references <= 16:
+            raise ValueError(f"references must be 1 to 16, got {self.references}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imprompt demo", description=__doc__.split("\n")[0])
+    add_arguments(parser, DemoConfig)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    return guarded("demo", lambda: run(from_namespace(DemoConfig, namespace)))
+
+
+def run(args: DemoConfig) -> int:
+    import torch
+
     from . import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_image, load_pipeline
+    from .files import check_writable_folder
     from .generation.pnginfo import format_parameters, save_png
     from .sheets import contact_sheet
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="outputs/demo")
-    parser.add_argument("--references", type=int, default=4)
-    # Scale 0.5 is where the toy adapter follows both the text and the reference most often, and guidance 3
-    # is the toy model's measured setting (docs/toy-results.md, claim 5; the model card's quality numbers).
-    parser.add_argument("--scale", type=float, default=0.5, help="image prompt scale for the image + text prompts")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    args = parser.parse_args(argv)
+    args.check()
+    check_writable_folder(args.output, "--output")
 
     paths = toy_paths()
     if not toy_available():

@@ -1,15 +1,23 @@
-"""``imprompt`` command line: thin subcommands that build a typed request and call the library."""
+"""``imprompt`` command line: thin subcommands that build a typed request and call the library.
+
+Each sub-command's flags are built only when it is the one asked for, so ``imprompt --help`` and the
+commands that need no model (``imprompt info``) start without importing torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from ..config import add_arguments, from_namespace
+from ..errors import guarded
 
 
 def _generate(namespace: argparse.Namespace) -> int:
@@ -49,84 +57,124 @@ def _info(namespace: argparse.Namespace) -> int:
     return 0
 
 
-def _toy(namespace: argparse.Namespace) -> int:
-    from ..toy.build import main
+class _TorchvisionNote(logging.Filter):
+    """Drops transformers' note that an image processor falls back to its PIL implementation because
+    torchvision is missing: imprompt uses the PIL processors by design (torchvision would pull a CUDA
+    torch here), and diffusers' imports trigger the note for processors we never use."""
 
-    return main(namespace.args)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
 
 
-def _eval(namespace: argparse.Namespace) -> int:
-    from ..evaluation.cli import main
+def quiet_libraries() -> None:
+    """For commands that load models: no library progress bars or torchvision notes on normal use
+    (the command prints its own progress). Process-wide, so only the CLI, which owns the process, calls it."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
 
-    return main(namespace.args)
+    transformers.utils.logging.get_logger()  # makes transformers install its handler
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_TorchvisionNote())
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _demo(namespace: argparse.Namespace) -> int:
+    from ..demo import DemoConfig, run
+
+    return run(from_namespace(DemoConfig, namespace))
+
+
+def _config_arguments(module: str, name: str, **kwargs) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, getattr(importlib.import_module(module, __package__), name), **kwargs)
+
+    return add
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
+    _config_arguments("..training.config", "TrainConfig", all_optional=True)(parser)
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="an image written by imprompt or AUTOMATIC1111 (PNG, JPEG or WebP)")
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _delegated(module: str) -> Callable[[list[str]], int]:
+    """A sub-command with a parser of its own: ``main(argv)`` in ``module`` (which runs through the same
+    :func:`imprompt.errors.guarded`, naming its own sub-command, e.g. ``imprompt toy build``)."""
+
+    def run(argv: list[str]) -> int:
+        return importlib.import_module(module, __package__).main(argv)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None  # None: the command parses its own argv
+    run: Callable
+    loads_models: bool = True
+
+
+COMMANDS = (
+    Command("generate", "generate images from image + text prompts",
+            "Generate images with IP-Adapter image prompts. Per-adapter options take VALUE (all adapters) or "
+            "N=VALUE (adapter N, in --adapter order).", _config_arguments("..generation.request", "GenerateRequest"),
+            _generate),
+    Command("train", "train an IP-Adapter (paper recipe; cached features; resumable)",
+            "Train an IP-Adapter. Fields come from CONFIG.yaml; flags override them.", _train_arguments, _train),
+    Command("info", "show the generation parameters stored in a PNG, JPEG or WebP",
+            "Show the generation parameters (AUTOMATIC1111's format) stored in an image.", _info_arguments, _info,
+            loads_models=False),
+    Command("eval", "evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)", "",
+            None, _delegated("..evaluation.cli")),
+    Command("toy", "build the toy world's models (imprompt toy build --help)", "", None, _delegated("..toy.cli")),
+    Command("demo", "the demo on the bundled toy world (what `make demo` runs)",
+            "Generate from the bundled toy world's references and print how well each image matches.",
+            _config_arguments("..demo", "DemoConfig"), _demo),
+)
+BY_NAME = {c.name: c for c in COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..generation.request import GenerateRequest
-
-    parser = argparse.ArgumentParser(prog="imprompt", description="Image prompts (IP-Adapter) for Stable Diffusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images from image + text prompts",
-                         description="Generate images with IP-Adapter image prompts. Per-adapter options take "
-                                     "VALUE (all adapters) or N=VALUE (adapter N, in --adapter order).")
-    add_arguments(gen, GenerateRequest)
-    gen.set_defaults(func=_generate)
-    from ..training.config import TrainConfig
-
-    trainer = sub.add_parser("train", help="train an IP-Adapter (paper recipe; cached features; resumable)",
-                             description="Train an IP-Adapter. Fields come from CONFIG.yaml; flags override them.")
-    trainer.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
-    add_arguments(trainer, TrainConfig, all_optional=True)
-    trainer.set_defaults(func=_train)
-    info = sub.add_parser("info", help="show the generation parameters stored in a PNG, JPEG or WebP")
-    info.add_argument("image", help="an image written by imprompt or AUTOMATIC1111 (PNG, JPEG or WebP)")
-    info.add_argument("--json", action="store_true", help="print as JSON")
-    info.set_defaults(func=_info)
-    evaluate = sub.add_parser("eval", help="evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)",
-                              add_help=False)
-    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml and options")
-    evaluate.set_defaults(func=_eval)
-    toy = sub.add_parser("toy", help="build the toy world's models (imprompt toy build --help)", add_help=False)
-    toy.add_argument("args", nargs=argparse.REMAINDER, help="toy subcommand and its options")
-    toy.set_defaults(func=_toy)
+    """The top-level parser: the sub-commands' names and one-line help, none of their flags."""
+    parser = argparse.ArgumentParser(prog="imprompt", description="Image prompts (IP-Adapter) for Stable Diffusion",
+                                     epilog="`imprompt COMMAND --help` shows a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
-# Subcommands with parsers of their own get the rest of the command line untouched (argparse's
-# REMAINDER would not pass a leading option such as --help through).
-DELEGATED = {"eval": _eval, "toy": _toy}
-
-
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line, safe to print on a terminal."""
-    from ..generation.pnginfo import escape_controls
-
-    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
-    return escape_controls(text)
-
-
-def _guarded(command: str, run) -> int:
-    """The one error handler of every subcommand."""
-    try:
-        return run()
-    except (ValueError, FileNotFoundError) as err:
-        # Errors a user can cause (CheckpointError, ImageInputError, UnsafeFileError, PickleRefusedError,
-        # ConfigError are ValueErrors; ModelNotFoundError is a FileNotFoundError): one line, no traceback.
-        # Anything else is a bug and keeps its traceback.
-        print(f"imprompt {command}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"imprompt {command}: interrupted", file=sys.stderr)
-        return 130
+def command_parser(command: Command) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"imprompt {command.name}", description=command.description or command.help)
+    command.add_arguments(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=os.environ.get("IMPROMPT_LOG", "WARNING"))
-    if argv and argv[0] in DELEGATED:
-        return _guarded(argv[0], lambda: DELEGATED[argv[0]](argparse.Namespace(args=argv[1:])))
-    namespace = build_parser().parse_args(argv)
-    return _guarded(namespace.command, lambda: namespace.func(namespace))
+    if not argv or argv[0] not in BY_NAME:
+        build_parser().parse_args(argv)  # prints the usage or the help, and exits
+        return 2
+    command, rest = BY_NAME[argv[0]], argv[1:]
+
+    def run() -> int:
+        if command.loads_models:
+            quiet_libraries()
+        if command.add_arguments is None:
+            return command.run(rest)
+        result = command.run(command_parser(command).parse_args(rest))
+        return result if isinstance(result, int) else 0
+
+    return guarded(command.name, run)
 
 
 if __name__ == "__main__":

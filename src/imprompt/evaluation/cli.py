@@ -11,6 +11,7 @@ import dataclasses
 import sys
 
 from ..config import add_arguments
+from ..errors import guarded
 from .config import EvalConfig, load_config
 
 
@@ -28,22 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..adapter.variants import CheckpointError
-    from ..encoding import ImageInputError
-    from ..generation.pipelines import ModelNotFoundError
+def run(namespace: argparse.Namespace) -> None:
     from .run import evaluate
 
-    namespace = build_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     overrides = {k: v for k, v in vars(namespace).items() if k in fields and v is not None}
-    try:
-        evaluate(load_config(namespace.config, overrides))
-    except (CheckpointError, ImageInputError, ModelNotFoundError, ValueError, FileNotFoundError) as err:
-        # Expected user errors: one clear line, no traceback.
-        print(f"imprompt eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    evaluate(load_config(namespace.config, overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    return guarded("eval", lambda: run(namespace))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,22 @@ used by the image + text evaluation.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from ..encoding import load_image
+from ..files import UnsafeFileError, read_regular_file
+from ..images import ImageInputError, load_image
 from ..toy.judge import SPLITS, Attributes, Edit, reference_set
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+MAX_CAPTION_BYTES = 1 << 20  # a caption is a line of text
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,26 @@ def folder_references(folder: str | os.PathLike, n: int) -> list[Reference]:
     if len(images) < n:
         raise ValueError(f"evaluation set {str(folder)!r} has {len(images)} images, fewer than references={n}; "
                          f"set --references {len(images)} or fewer")
-    references = []
-    for path in images[:n]:
+    references: list[Reference] = []
+    skipped: list[str] = []
+    for path in images:
+        if len(references) == n:
+            break
         caption_file = path.with_suffix(".txt")
-        if not caption_file.is_file():
+        if not caption_file.exists():
             raise ValueError(f"{path.name} has no caption: {caption_file.name} is missing from {folder}")
-        caption = caption_file.read_text(encoding="utf-8").strip()
-        references.append(Reference(path.stem, load_image(path), caption))
+        try:
+            # As in training data: only regular, size-capped files; an unreadable image or a bomb is
+            # skipped and counted, and the next one takes its place.
+            caption = read_regular_file(caption_file, MAX_CAPTION_BYTES, what="caption").decode("utf-8").strip()
+            image = load_image(path)
+        except (ImageInputError, UnsafeFileError, UnicodeDecodeError) as err:
+            skipped.append(f"{path.name}: {err}")
+            continue
+        references.append(Reference(path.stem, image, caption))
+    if skipped:
+        log(f"skipped {len(skipped)} unusable reference(s) in {folder}; first: {skipped[0]}")
+    if len(references) < n:
+        raise ValueError(f"evaluation set {str(folder)!r} has {len(references)} usable images ({len(skipped)} skipped), "
+                         f"fewer than references={n}; set --references {len(references)} or fewer")
     return references

@@ -163,9 +163,10 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     img2img_pipe = None
     if any(m.kind == "img2img" for m in config.methods):
-        from diffusers import AutoPipelineForImage2Image
+        from ..generation.pipelines import pipeline_class
 
-        img2img_pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # shares the components, no second copy
+        # from_pipe shares the components: no second copy of the model.
+        img2img_pipe = pipeline_class(type(pipe).__name__, "img2img").from_pipe(pipe)
         img2img_pipe.set_progress_bar_config(disable=True)
     sampling = Sampling(config.steps, config.guidance, pipe.unet.config.sample_size * pipe.vae_scale_factor)
 

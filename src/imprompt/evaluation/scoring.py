@@ -32,7 +32,7 @@ class ClipScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ClipScorer":
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessorPil as CLIPImageProcessor, CLIPModel
 
         folder = Path(path)
         missing = [name for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -43,7 +43,7 @@ class ClipScorer:
         if is_shared_tower_clip(folder):  # the toy package's CLIP, sharing the pipeline's towers
             model = load_scoring_clip(folder, dtype).to(device)
         else:
-            model = CLIPModel.from_pretrained(folder, torch_dtype=dtype).to(device)
+            model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device)
         return cls(model, CLIPImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
     @property

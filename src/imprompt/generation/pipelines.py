@@ -12,17 +12,38 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import diffusers
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    ControlNetModel,
-)
 
 Task = Literal["text2img", "img2img", "inpaint"]
 TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint")
-_AUTO = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}
+
+# (model family, ControlNet or not) -> the diffusers pipeline class of each task. Named explicitly
+# rather than through AutoPipeline, which imports every pipeline diffusers has (seconds, and
+# transformers' warnings about image processors of models we never use).
+_PIPELINES: dict[tuple[str, bool], dict[str, str]] = {
+    ("sd", False): {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                    "inpaint": "StableDiffusionInpaintPipeline"},
+    ("sd", True): {"text2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+                   "inpaint": "StableDiffusionControlNetInpaintPipeline"},
+    ("sdxl", False): {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+                      "inpaint": "StableDiffusionXLInpaintPipeline"},
+    ("sdxl", True): {"text2img": "StableDiffusionXLControlNetPipeline",
+                     "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+                     "inpaint": "StableDiffusionXLControlNetInpaintPipeline"},
+}
+# model_index.json's _class_name -> family; any of a family's pipelines saved the folder.
+FAMILIES = {name: family for (family, _), tasks in _PIPELINES.items() for name in tasks.values()}
+
+
+def pipeline_class(class_name: str, task: Task, controlnet: bool = False):
+    """The diffusers class for ``task`` on a model saved by pipeline ``class_name``."""
+    family = FAMILIES.get(class_name)
+    if family is None:
+        auto = {"text2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+                "inpaint": "AutoPipelineForInpainting"}[task]
+        return getattr(diffusers, auto)  # another family: let diffusers map it
+    return getattr(diffusers, _PIPELINES[(family, controlnet)][task])
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -145,7 +166,9 @@ def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controln
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if controlnet is not None:
-        kwargs["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"), torch_dtype=dtype)
-    pipe = _AUTO[task].from_pretrained(folder, torch_dtype=dtype, **kwargs)
+        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"),
+                                                                         dtype=dtype)
+    cls = pipeline_class(str(components.get("_class_name", "")), task, controlnet is not None)
+    pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

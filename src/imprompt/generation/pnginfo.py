@@ -28,7 +28,7 @@ from typing import Mapping
 
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
-from ..encoding import MAX_IMAGE_BYTES, ImageInputError
+from ..images import MAX_IMAGE_BYTES, ImageInputError
 from ..files import atomic_path, read_regular_file
 
 NEGATIVE = "Negative prompt: "

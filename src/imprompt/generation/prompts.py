@@ -107,7 +107,7 @@ def region_masks(mask: torch.Tensor, latent_height: int, latent_width: int, leve
     """Resize a mask to every resolution the UNet's attention layers run at, keyed by query count.
 
     Each down-sampling halves the size rounding up (stride-2 convolution with padding 1).
-    ``vae_scale_factor`` (pixels per latent: 8 for SD, 2 for the toy VAE) is only used to report the
+    ``vae_scale_factor`` (pixels per latent: the pipeline's, 8 for SD, 4 for the toy VAE) is only used to report the
     image size in pixels.
     """
     mh, mw = mask.shape

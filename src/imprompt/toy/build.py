@@ -68,9 +68,3 @@ def run(cfg: BuildConfig, selection: StageSelection | None = None) -> dict[str, 
         results[stage] = info
     return results
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``imprompt toy ...`` (kept here until ``imprompt.cli`` calls :func:`imprompt.toy.cli.main` itself)."""
-    from .cli import main as toy_main
-
-    return toy_main(argv)

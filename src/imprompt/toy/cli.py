@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..config import add_arguments, from_namespace
+from ..errors import guarded
 from .config import BuildConfig, StageSelection
 from .derivative import DeriveConfig
 from .quality import QualityConfig
@@ -61,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        namespace.func(namespace)
-    except (ValueError, FileNotFoundError) as err:
-        # Users' errors (ConfigError, a refused pickle, a missing model: ValueError / FileNotFoundError
-        # subclasses): one line, no traceback.
-        print(f"imprompt toy {namespace.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(f"toy {namespace.command}", lambda: namespace.func(namespace))
 
 
 if __name__ == "__main__":

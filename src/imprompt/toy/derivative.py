@@ -100,7 +100,7 @@ def derive(cfg: DeriveConfig, log=print) -> dict:
     latents, text, empty = _encode(pipe, samples)
     log(f"[toy derive] {len(samples)} {cfg.style} train images encoded; fine-tuning the UNet of {base}")
 
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32).train()
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", dtype=torch.float32).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     loop = TrainingLoop(out / "training", cfg.steps, {"model": unet, "opt": opt}, name="training",
                         progress=cfg.progress, log=lambda m: log(f"[toy derive] {m}"))

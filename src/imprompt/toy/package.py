@@ -66,7 +66,7 @@ def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
     started = time.perf_counter()
     encoder_source = workdir.image_encoder(cfg.work)
     with atomic_dir(dest) as staging:  # the old package stays until the new one is complete
-        pipe = StableDiffusionPipeline.from_pretrained(cfg.work / "pipeline", torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.work / "pipeline", dtype=torch.float32)
         pipe.to(torch.float16).save_pretrained(staging / "pipeline")
         _half_copy(CLIPVisionModelWithProjection.from_pretrained(encoder_source), staging / "image_encoder")
         CLIPImageProcessor.from_pretrained(encoder_source).save_pretrained(staging / "image_encoder")

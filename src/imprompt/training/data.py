@@ -4,7 +4,7 @@ Every source yields :class:`Record` (a key, the raw image bytes loader, the capt
 truncated or oversized images, decompression bombs and special files (a FIFO named ``x.png``, a
 link to ``/dev/zero``) are skipped with a warning and counted (:class:`SkipCounter`), so a long run
 never dies, hangs or runs out of memory on one bad file: files are read only through
-:func:`imprompt.files.read_regular_file` and decoded only through :func:`imprompt.encoding.decode_image`.
+:func:`imprompt.files.read_regular_file` and decoded only through :func:`imprompt.images.decode_image`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..encoding import MAX_IMAGE_BYTES, decode_image
+from ..images import MAX_IMAGE_BYTES, decode_image
 from ..files import UnsafeFileError, check_regular_file, read_regular_file
 
 log = logging.getLogger(__name__)
