@@ -252,7 +252,9 @@ def test_missing_encoder_beside_the_adapter(world, tmp_path, capsys):
     lonely = tmp_path / "ip.safetensors"
     lonely.write_bytes((world / "models" / "ip-base.safetensors").read_bytes())
     assert main(_args(world, tmp_path / "out", adapter=lonely)) == 2
-    assert "no image_encoder folder beside the adapter" in _error(capsys)
+    err = _error(capsys)
+    assert "adapter ip.safetensors needs an image encoder with image_embeds width 24 and none was found" in err, err
+    assert "--image-encoder PATH" in err
 
 
 # --------------------------------------------------------------------------------------------------

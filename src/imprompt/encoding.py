@@ -78,6 +78,17 @@ class ImageEncoder:
             raise CheckpointError(f"cannot load the image encoder at {str(path)!r}: {first[:300]}") from None
         return cls(model)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "ImageEncoder":
+        """A CLIP vision folder (transformers) or a single file as ComfyUI and the A1111 ControlNet
+        extension keep them (``clip_vision/*.safetensors``, ``clip_h.pth``; transformers or OpenCLIP keys)."""
+        path = Path(path)
+        if path.is_file():
+            from .models.clip_vision import load_clip_vision_file
+
+            return cls(load_clip_vision_file(path, dtype))
+        return cls.from_pretrained(path, dtype)
+
     def output_width(self, output: EncoderOutput) -> int:
         config = self.model.config
         return config.projection_dim if output == "image_embeds" else config.hidden_size

@@ -79,6 +79,13 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _models(namespace: argparse.Namespace) -> int:
+    from ..models.listing import ModelsConfig, list_models
+
+    list_models(from_namespace(ModelsConfig, namespace))
+    return 0
+
+
 def _demo(namespace: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run
 
@@ -132,6 +139,10 @@ COMMANDS = (
     Command("info", "show the generation parameters stored in a PNG, JPEG or WebP",
             "Show the generation parameters (AUTOMATIC1111's format) stored in an image.", _info_arguments, _info,
             loads_models=False),
+    Command("models", "list the models found in A1111 / Forge / ComfyUI folders, by kind",
+            "List checkpoints, IP-Adapters (variant, base, encoder needed), image encoders, LoRAs, embeddings, "
+            "ControlNets and VAEs found under --models-dir, and what cannot be used and why.",
+            _config_arguments("..models.listing", "ModelsConfig"), _models, loads_models=False),
     Command("eval", "evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)", "",
             None, _delegated("..evaluation.cli")),
     Command("toy", "build the toy world's models (imprompt toy build --help)", "", None, _delegated("..toy.cli")),

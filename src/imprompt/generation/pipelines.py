@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -151,12 +152,82 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: the first of CUDA, MPS and the CPU that is available; any other name is checked."""
+    if str(name) != "auto":
+        return check_device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: float16 on a GPU (what the checkpoints are published in, half the memory), float32 on
+    the CPU (where float16 matmuls are slow or missing)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
+OFFLOAD_MODES: tuple[str, ...] = ("model", "sequential")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """diffusers' own switches for big models on small GPUs."""
+
+    attention_slicing: bool = False  # attention in slices: less peak memory, a little slower
+    vae_tiling: bool = False  # decode (and encode) large images tile by tile
+    cpu_offload: str | None = None  # "model": one component on the GPU at a time; "sequential": one layer
+
+    def check(self, device: torch.device) -> None:
+        if self.cpu_offload is not None:
+            if self.cpu_offload not in OFFLOAD_MODES:
+                raise ValueError(f"cpu offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.cpu_offload!r}")
+            if device.type == "cpu":
+                raise ValueError("--cpu-offload moves weights between the CPU and a GPU; it needs a GPU device "
+                                 "(the models already run on the CPU here)")
+
+    def apply(self, pipe, device: torch.device):
+        if self.attention_slicing:
+            pipe.enable_attention_slicing()
+        if self.vae_tiling:
+            pipe.vae.enable_tiling()
+        if self.cpu_offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif self.cpu_offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        return pipe
+
+
 def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controlnet: str | os.PathLike | None = None,
-                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The diffusers pipeline for ``task`` (SD1.5 or SDXL, with a ControlNet if given)."""
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  memory: MemoryOptions = MemoryOptions(), model_config: str | os.PathLike | None = None):
+    """The diffusers pipeline for ``task`` (SD1.5 or SDXL, with a ControlNet if given).
+
+    ``model`` is a diffusers folder, a hub id, or a single-file checkpoint (``.safetensors``, or a
+    ``.ckpt`` read weights-only) as A1111 and ComfyUI keep them (:mod:`imprompt.models.single_file`;
+    ``model_config``: a diffusers folder whose configs to use instead of the shipped ones).
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    check_device(device)
+    device = pick_device(device)
+    memory.check(device)
+    if Path(model).is_file():
+        from ..models.single_file import load_single_file_pipeline
+
+        pipe = load_single_file_pipeline(model, task, controlnet=controlnet, dtype=dtype, model_config=model_config)
+        pipe.set_progress_bar_config(disable=True)
+        return memory.apply(pipe, device)
     folder = resolve_model(model)
     index = folder / "model_index.json"
     if not index.is_file():
@@ -166,9 +237,18 @@ def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controln
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if controlnet is not None:
-        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"),
-                                                                         dtype=dtype)
+        kwargs["controlnet"] = load_controlnet(controlnet, dtype)
     cls = pipeline_class(str(components.get("_class_name", "")), task, controlnet is not None)
     pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return memory.apply(pipe, device)
+
+
+def load_controlnet(controlnet: str | os.PathLike, dtype: torch.dtype):
+    """A ControlNet from a diffusers folder, a hub id, or a single file (original ``control_model.*``
+    layout or diffusers keys; ``.pth`` read weights-only)."""
+    if Path(controlnet).is_file():
+        from ..models.single_file import load_single_file_controlnet
+
+        return load_single_file_controlnet(controlnet, dtype)
+    return diffusers.ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"), dtype=dtype)

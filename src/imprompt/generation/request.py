@@ -38,15 +38,18 @@ from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
 from ..config import option
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
 from ..files import check_writable_folder, remove_debris
+from ..models.catalog import Catalog, resolve_name, roots_from
+from ..models.pairing import find_encoder
 from .generate import generate
-from .pipelines import check_device, load_pipeline, resolve_file, resolve_model
+from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
+                        resolve_file, resolve_model)
 from .pnginfo import format_parameters, save_png
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 from .schedulers import SCHEDULERS, sampler_name
 from .settings import MAX_SEED, GenerationSettings
 
 T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = DTYPE_NAMES
 MAX_BATCH = 64
 MAX_SCALE = 100.0  # far beyond any useful image-prompt scale; 1e30 turns every pixel black
 
@@ -56,10 +59,18 @@ class GenerateRequest(GenerationSettings):
     """A generation job: the settings, plus the models, references and output."""
 
     model: str = field(default="", metadata=option(
-        "Stable Diffusion model: a diffusers folder or a hub id (cached hub ids work offline); "
-        "default: imprompt's bundled toy model"))
+        "Stable Diffusion model: a single-file checkpoint (.safetensors / .ckpt), a diffusers folder, a hub id "
+        "(cached hub ids work offline) or a name found in --models-dir; default: imprompt's bundled toy model"))
+    models_dir: list[str] = field(default_factory=list, metadata=option(
+        "root of an AUTOMATIC1111 / Forge / ComfyUI install or any folder of models, where --model, --adapter, "
+        "--controlnet and --image-encoder names are looked up; repeat for several (default: $IMPROMPT_MODELS_DIR)",
+        metavar="DIR"))
+    model_config: str | None = field(default=None, metadata=option(
+        "for a single-file --model: a diffusers folder whose configs and tokenizers to use instead of the "
+        "shipped SD1.5 / SD2 / SDXL ones", metavar="DIR"))
     adapter: list[str] = field(default_factory=list, metadata=option(
-        "IP-Adapter checkpoint (.safetensors or .bin, official format); repeat for several", metavar="FILE"))
+        "IP-Adapter checkpoint (.safetensors or .bin, official format) or its name; repeat for several",
+        metavar="FILE"))
     image: list[str] = field(default_factory=list, metadata=option(
         "reference image, PATH or N=PATH for adapter N; repeat for several", metavar="REF"))
     scale: list[str] = field(default_factory=list, metadata=option(
@@ -80,19 +91,32 @@ class GenerateRequest(GenerationSettings):
     negative_image: list[str] = field(default_factory=list, metadata=option(
         "negative image prompt (replaces the unconditional image), PATH or N=PATH", metavar="PATH"))
     image_encoder: list[str] = field(default_factory=list, metadata=option(
-        "image encoder folder, PATH or N=PATH (default: image_encoder/ beside the adapter file)", metavar="PATH"))
+        "image encoder (CLIP vision folder, single file or name), PATH or N=PATH (default: the one the adapter "
+        "needs, found beside it or in --models-dir)", metavar="PATH"))
     crop: str = field(default="center", metadata=option(
         "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
     mask_image: str | None = field(default=None, metadata=option(
         "inpainting mask (white = repaint); needs --init-image", metavar="PATH"))
-    controlnet: str | None = field(default=None, metadata=option("ControlNet model folder or hub id", metavar="PATH"))
+    controlnet: str | None = field(default=None, metadata=option(
+        "ControlNet: a single file, a diffusers folder, a hub id or a name", metavar="PATH"))
     control_image: str | None = field(default=None, metadata=option("ControlNet conditioning image", metavar="PATH"))
     output: str = field(default="outputs", metadata=option("folder for the PNGs"))
     batch_size: int = field(default=4, metadata=option(
         f"images per pipeline call (1 to {MAX_BATCH}); lower it if memory runs out. Images do not depend on it"))
-    dtype: str = field(default="float32", metadata=option("weights dtype", choices=list(DTYPES)))
-    device: str = field(default="cpu", metadata=option("torch device: cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=option(
+        "weights dtype (auto: float16 on a GPU, float32 on the CPU)", choices=["auto", *DTYPES]))
+    device: str = field(default="auto", metadata=option(
+        "torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps"))
+    attention_slicing: bool = field(default=False, metadata=option("compute attention in slices (less GPU memory)"))
+    vae_tiling: bool = field(default=False, metadata=option("decode large images tile by tile (less GPU memory)"))
+    cpu_offload: str | None = field(default=None, metadata=option(
+        "keep weights on the CPU and move them to the GPU as needed: per model, or per layer (least memory)",
+        choices=list(OFFLOAD_MODES)))
+
+    @property
+    def memory(self) -> MemoryOptions:
+        return MemoryOptions(self.attention_slicing, self.vae_tiling, self.cpu_offload)
 
     @property
     def task(self) -> str:
@@ -124,11 +148,11 @@ class GenerateRequest(GenerationSettings):
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise ValueError(f"seed {self.seed} + {self.num_images} images runs past 2**64-1 (image i uses seed+i); "
                              "give a smaller seed")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        device = pick_device(self.device)
+        pick_dtype(self.dtype, device)
+        self.memory.check(device)
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
-        check_device(self.device)
         check_writable_folder(self.output, "--output")
 
 
@@ -331,31 +355,46 @@ def load_image_prompts(options: Sequence[AdapterOptions]) -> list[ImagePrompt]:
     ]
 
 
-def default_encoder_path(adapter_file: Path) -> Path:
-    # Official layout: models/ip-adapter_sd15.safetensors beside models/image_encoder/.
-    return adapter_file.parent / "image_encoder"
-
-
-def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Path], dtype: torch.dtype,
-                  device: str) -> list[ImageEncoder]:
-    """One image encoder per adapter; adapters sharing a folder share the loaded encoder."""
+def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Path], adapters: Sequence,
+                  dtype: torch.dtype, device: torch.device, catalog: Catalog | None = None) -> list[ImageEncoder]:
+    """One image encoder per adapter: the one given, else the one its shapes need, found beside it
+    or in the model folders (:func:`imprompt.models.pairing.find_encoder`); shared when the same."""
     loaded: dict[Path, ImageEncoder] = {}
     encoders = []
-    for o, file in zip(options, adapter_files):
+    for o, file, adapter in zip(options, adapter_files, adapters):
         if o.image_encoder is not None:
-            folder = resolve_model(o.image_encoder, "image encoder")
+            given = Path(o.image_encoder)
+            path = given if given.is_file() else resolve_model(o.image_encoder, "image encoder")
         else:
-            folder = default_encoder_path(file)
-            if not folder.is_dir():
-                raise ValueError(f"no --image-encoder given and no image_encoder folder beside the adapter "
-                                 f"({str(folder)!r}); pass --image-encoder PATH (the official models/image_encoder "
-                                 "for SD1.5 adapters, sdxl_models/image_encoder for most SDXL ones)")
-        key = folder.resolve()
+            path = find_encoder(file, adapter.variant, catalog)
+        key = path.resolve()
         if key not in loaded:
-            loaded[key] = ImageEncoder.from_pretrained(folder, dtype)
+            loaded[key] = ImageEncoder.load(path, dtype)
             loaded[key].model.to(device)
         encoders.append(loaded[key])
     return encoders
+
+
+def resolve_names(request: GenerateRequest, catalog: Catalog | None) -> GenerateRequest:
+    """Model, adapter, ControlNet and encoder names looked up in the model folders (paths and hub ids stay)."""
+    if catalog is None:
+        return request
+
+    def targeted(values: list[str], kind: str) -> list[str]:
+        out = []
+        for raw in values:
+            index, text = split_target(raw)
+            name = resolve_name(text, kind, catalog)
+            out.append(name if index is None else f"{index}={name}")
+        return out
+
+    return dataclasses.replace(
+        request,
+        model=resolve_name(request.model, "checkpoint", catalog) if request.model else request.model,
+        adapter=[resolve_name(a, "adapter", catalog) for a in request.adapter],
+        controlnet=resolve_name(request.controlnet, "controlnet", catalog) if request.controlnet else None,
+        image_encoder=targeted(request.image_encoder, "image_encoder"),
+    )
 
 
 def save_numbered_png(out_dir: Path, index: int, seed: int, image, text: str) -> tuple[Path, int]:
@@ -414,10 +453,13 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
 
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
     """Check everything, load the models, generate, and write PNGs with A1111 parameters."""
-    request = with_toy_defaults(request, log)
+    roots = roots_from(request.models_dir)
+    catalog = Catalog.scan(roots) if roots else None
+    request = with_toy_defaults(resolve_names(request, catalog), log)
     request.check()
     options = adapter_options(request)
-    dtype = DTYPES[request.dtype]
+    device = pick_device(request.device)
+    dtype = pick_dtype(request.dtype, device)
 
     # The small inputs are read and checked before anything large is loaded.
     prompts = load_image_prompts(options)
@@ -426,10 +468,11 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
     control = load_image(request.control_image) if request.control_image else None
     adapter_files = [resolve_file(o.file, "adapter") for o in options]
     adapters = [load_adapter(f, dtype) for f in adapter_files]
-    encoders = load_encoders(options, adapter_files, dtype, request.device)
+    encoders = load_encoders(options, adapter_files, adapters, dtype, device, catalog)
     for adapter, encoder in zip(adapters, encoders):
         check_encoder(adapter.variant, encoder)
-    pipe = load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=request.device)
+    pipe = load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=device,
+                         memory=request.memory, model_config=request.model_config)
 
     seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
     sampling = {

@@ -46,12 +46,12 @@ def load(pipeline: str | Path, adapter_file: str | Path | None, image_encoder: s
     from ..adapter.checkpoint import load_adapter
     from ..encoding import ImageEncoder
     from ..generation.pipelines import load_pipeline
-    from ..generation.request import default_encoder_path
+    from ..models.pairing import official_candidates
 
     pipe = load_pipeline(pipeline)
     if adapter_file is None:
         return pipe, None, None
-    encoder = ImageEncoder.from_pretrained(image_encoder or default_encoder_path(Path(adapter_file)))
+    encoder = ImageEncoder.from_pretrained(image_encoder or official_candidates(Path(adapter_file))[0])
     return pipe, load_adapter(adapter_file), encoder
 
 

@@ -1,0 +1,134 @@
+"""Single-file checkpoints (A1111's ``models/Stable-diffusion``, ComfyUI's ``models/checkpoints``) and
+single-file ControlNets, loaded through diffusers' ``from_single_file``, offline.
+
+``from_single_file`` converts the original (LDM) key layout itself, but it would download the model's
+configs and tokenizers from the hub. We ship them instead (``configs/``: the published SD1.5, SD2.x
+768-v and SDXL base 1.0 pipeline configs and the SD1.5 / SDXL ControlNet configs, no weights; the
+tokenizers are built from CLIP's BPE file, :mod:`imprompt.models.tokenizers`), and pick one by the base
+read off the checkpoint's keys (:func:`imprompt.models.inspect.inspect_file`). A checkpoint whose sizes
+differ from the published ones (a custom architecture) loads with ``model_config``: any diffusers
+folder of the same architecture, whose configs and tokenizers are used instead.
+
+Pickled ``.ckpt`` / ``.pth`` files are first read through :func:`imprompt.files.load_torch_weights`
+(weights only), so that a file that would run code is refused with our message before diffusers
+(which also loads weights-only) sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..adapter.variants import CheckpointError
+from .inspect import inspect_file
+
+CONFIGS = Path(__file__).parent / "configs"
+BASE_CONFIGS = {"SD1.5": "sd15", "SD2": "sd2", "SDXL": "sdxl"}
+CONTROLNET_CONFIGS = {"SD1.5": "controlnet-sd15", "SDXL": "controlnet-sdxl"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_KIND_WORDS = {"adapter": "an IP-Adapter (give it as --adapter)", "lora": "a LoRA (use it in the prompt as <lora:NAME:1>)",
+               "embedding": "a textual-inversion embedding", "controlnet": "a ControlNet (give it as --controlnet)",
+               "image_encoder": "a CLIP image encoder (give it as --image-encoder)", "vae": "a VAE alone",
+               "checkpoint": "a Stable Diffusion checkpoint"}
+
+
+def _check_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        from ..files import load_torch_weights
+
+        load_torch_weights(path, what="checkpoint")  # refuses (by name) anything but tensors
+
+
+def _inspect(path: Path, kind: str) -> "object":
+    info = inspect_file(path, allow_pickle=True)
+    if info.problem:
+        raise CheckpointError(f"{path.name}: {info.problem}")
+    if info.kind != kind:
+        raise CheckpointError(f"{path.name} is {_KIND_WORDS.get(info.kind, 'not a model imprompt reads')}, not "
+                              f"{_KIND_WORDS[kind].split(' (')[0]}")
+    return info
+
+
+@contextmanager
+def _config_folder(base_folder: Path, unet_in_channels: int | None) -> Iterator[Path]:
+    """The shipped config folder, or a temporary copy with the UNet's input channels changed
+    (inpainting checkpoints take 9: latents, mask, masked-image latents)."""
+    if unet_in_channels in (None, json.loads((base_folder / "unet" / "config.json").read_text())["in_channels"]):
+        yield base_folder
+        return
+    with tempfile.TemporaryDirectory(prefix="imprompt-config-") as tmp:
+        folder = Path(tmp) / base_folder.name
+        shutil.copytree(base_folder, folder)
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        config["in_channels"] = unet_in_channels
+        (folder / "unet" / "config.json").write_text(json.dumps(config))
+        yield folder
+
+
+def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *, controlnet: str | os.PathLike | None = None,
+                              dtype: torch.dtype = torch.float32, model_config: str | os.PathLike | None = None):
+    """A diffusers pipeline for ``task`` from one SD1.5 / SD2 / SDXL checkpoint file."""
+    from ..generation.pipelines import load_controlnet, pipeline_class
+
+    path = Path(path)
+    info = _inspect(path, "checkpoint")
+    kwargs: dict = {}
+    if model_config is not None:
+        config = Path(model_config)
+        if not (config / "model_index.json").is_file():
+            raise CheckpointError(f"--model-config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)")
+    else:
+        if info.base not in BASE_CONFIGS:
+            raise CheckpointError(f"{path.name}: cannot tell from its keys whether it is SD1.5, SD2 or SDXL; pass "
+                                  "--model-config FOLDER, a diffusers folder of the same model family")
+        config = CONFIGS / BASE_CONFIGS[info.base]
+        from .tokenizers import clip_tokenizer
+
+        # Tokenizers built here, not read from the folder (which ships no vocabulary files).
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer_config = config / name / "tokenizer_config.json"
+            if tokenizer_config.is_file():
+                kwargs[name] = clip_tokenizer(json.loads(tokenizer_config.read_text())["pad_token"])
+    _check_pickle(path)
+    index = json.loads((config / "model_index.json").read_text())
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if controlnet is not None:
+        kwargs["controlnet"] = load_controlnet(controlnet, dtype)
+    cls = pipeline_class(str(index.get("_class_name", "")), task, controlnet is not None)
+    in_channels = info.details.get("in_channels") if model_config is None else None
+    with _config_folder(config, in_channels) as folder:
+        try:
+            return cls.from_single_file(str(path), config=str(folder), local_files_only=True, dtype=dtype, **kwargs)
+        except (ValueError, RuntimeError, KeyError, OSError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"cannot load {path.name} as a {info.base or 'Stable Diffusion'} checkpoint: {first}"
+                                  + ("" if model_config else "; if it is a custom architecture, pass --model-config "
+                                     "FOLDER (a diffusers folder of the same architecture)")) from None
+
+
+def load_single_file_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                                config: str | os.PathLike | None = None):
+    """A ``ControlNetModel`` from one file (original ``control_model.*`` keys or diffusers keys)."""
+    from diffusers import ControlNetModel
+
+    path = Path(path)
+    info = _inspect(path, "controlnet")
+    if config is None:
+        if info.base not in CONTROLNET_CONFIGS:
+            raise CheckpointError(f"{path.name}: a ControlNet for {info.base or 'an unknown base'}; imprompt ships "
+                                  "ControlNet configs for SD1.5 and SDXL")
+        config = CONFIGS / CONTROLNET_CONFIGS[info.base]
+    _check_pickle(path)
+    try:
+        return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype)
+    except (ValueError, RuntimeError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load the ControlNet {path.name}: {first}") from None
