@@ -143,7 +143,7 @@ def test_help_shows_the_choices(capsys):
     from imprompt.generation.schedulers import SCHEDULERS
 
     text = _help(["generate", "--help"], capsys)
-    assert "{" + ",".join(SCHEDULERS) + "}" in text and "{" + ",".join(DTYPES) + "}" in text
+    assert "{" + ",".join(SCHEDULERS) + "}" in text and "{" + ",".join(["auto", *DTYPES]) + "}" in text
     text = _help(["train", "--help"], capsys)
     assert "{linear,plus,full,shared}" in text and "{no,fp16,bf16}" in text
     text = _help(["eval", "--help"], capsys)
