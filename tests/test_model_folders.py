@@ -197,3 +197,57 @@ def test_each_adapter_kind_pairs_with_the_encoder_it_needs(tmp_path):
     with pytest.raises(CheckpointError, match=r"needs a ViT-H image encoder and none was found; found only .*clip_g"
                                               r".*CLIP-ViT-H-14-laion2B-s32B-b79K\.safetensors"):
         find_encoder(adapter, AdapterVariant("linear", 1024, 768, 4), Catalog.scan([only_g]))
+
+
+def _controlnet(unet, seed: int = 0, hint=(4, 8)):
+    """A ControlNet made from ``unet``; two hint widths downsample the hint 2x, the tiny VAE's factor."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # from_unet zero-initialises the outputs; make them act
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    return net.eval()
+
+
+def test_a_single_file_controlnet_by_name_gives_the_folder_controlnets_pixels(trees, tmp_path, capsys):
+    """Its config comes from the UNet it steers (no shipped config fits a tiny model), its hint encoder's
+    sizes from its own shapes (in diffusers keys here: the original layout's four hint widths downsample
+    8x, more than the tiny VAE does; that layout's conversion is checked in test_ldm_layout)."""
+    from imprompt.models.inspect import classify_shapes
+    from imprompt.models.ldm import controlnet_to_ldm
+
+    d = trees / "diffusers"
+    net = _controlnet(tm.sd15_pipeline().unet)
+    net.save_pretrained(tmp_path / "controlnet")
+    root = tmp_path / "a1111"
+    (root / "models" / "ControlNet").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              root / "models" / "ControlNet" / "control_tiny_canny.safetensors")
+    original = _controlnet(tm.sd15_pipeline().unet, hint=(4, 8, 12, 16))
+    shapes = {k: tuple(v.shape) for k, v in controlnet_to_ldm(original.state_dict(), original.config).items()}
+    hint = classify_shapes(shapes, "control_v11p_sd15_canny.pth").details
+    assert (hint["conditioning_channels"], hint["conditioning_embedding_out_channels"], hint["in_channels"]) == (
+        3, [4, 8, 12, 16], 4)
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    (root / "models" / "Stable-diffusion" / "tiny.safetensors").symlink_to(
+        trees / "a1111" / "models" / "Stable-diffusion" / "sd15" / "Tiny-SD15.safetensors")
+    tm.reference_images(2)[1].save(tmp_path / "edges.png")
+    common = ("--adapter", str(d / "ip-adapter_sd15.safetensors"), "--image-encoder", str(d / "image_encoder"),
+              "--control-image", str(tmp_path / "edges.png"))
+    folder = _generate(trees, tmp_path / "folder", "--model", str(d / "sd"), "--controlnet", str(tmp_path / "controlnet"),
+                       *common)
+    named = _generate(trees, tmp_path / "named", "--models-dir", str(root), "--model", "tiny", "--model-config",
+                      str(d / "sd"), "--controlnet", "control_tiny_canny", *common)
+    np.testing.assert_array_equal(named, folder)
+    plain = _generate(trees, tmp_path / "plain", "--model", str(d / "sd"), *common[:4])
+    assert not np.array_equal(plain, folder)  # the ControlNet did steer the image
+
+    other = _controlnet(tm.sdxl_unet())  # cross-attention width 64, not the SD1.5 model's 32
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, root / "models" / "ControlNet" / "xl.safetensors")
+    assert main(["generate", "--models-dir", str(root), "--model", str(d / "sd"), "--controlnet", "xl", *common,
+                 "--image", str(trees / "ref0.png"), "--steps", "1", "--output", str(tmp_path / "xl")]) == 2
+    err = capsys.readouterr().err
+    assert "the ControlNet xl.safetensors is for SDXL (cross-attention width 64)" in err, err
+    assert "UNet has width 32" in err and err.count("\n") == 1

@@ -16,6 +16,8 @@ from typing import Literal
 import diffusers
 import torch
 
+from ..adapter.variants import CheckpointError
+
 Task = Literal["text2img", "img2img", "inpaint"]
 TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint")
 
@@ -237,18 +239,29 @@ def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controln
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if controlnet is not None:
-        kwargs["controlnet"] = load_controlnet(controlnet, dtype)
+        kwargs["controlnet"] = load_controlnet(controlnet, dtype, unet_config=folder / "unet" / "config.json")
     cls = pipeline_class(str(components.get("_class_name", "")), task, controlnet is not None)
     pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return memory.apply(pipe, device)
 
 
-def load_controlnet(controlnet: str | os.PathLike, dtype: torch.dtype):
+def load_controlnet(controlnet: str | os.PathLike, dtype: torch.dtype, unet_config: str | os.PathLike | None = None):
     """A ControlNet from a diffusers folder, a hub id, or a single file (original ``control_model.*``
-    layout or diffusers keys; ``.pth`` read weights-only)."""
+    layout or diffusers keys; ``.pth`` read weights-only).
+
+    ``unet_config``: the config.json of the UNet it will steer. A single file's config is made from it, and
+    a ControlNet for another base (its cross-attention width differs) is refused here rather than failing
+    with a shape error in the middle of the first step.
+    """
+    unet = json.loads(Path(unet_config).read_text()) if unet_config and Path(unet_config).is_file() else None
     if Path(controlnet).is_file():
         from ..models.single_file import load_single_file_controlnet
 
-        return load_single_file_controlnet(controlnet, dtype)
-    return diffusers.ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"), dtype=dtype)
+        return load_single_file_controlnet(controlnet, dtype, unet_config=unet)
+    net = diffusers.ControlNetModel.from_pretrained(resolve_model(controlnet, "controlnet"), dtype=dtype)
+    if unet is not None and net.config.cross_attention_dim != unet.get("cross_attention_dim"):
+        raise CheckpointError(f"the ControlNet {str(controlnet)!r} has cross-attention width "
+                              f"{net.config.cross_attention_dim}, but the model's UNet has "
+                              f"{unet.get('cross_attention_dim')}; use a ControlNet made for the model's base")
+    return net

@@ -554,15 +554,43 @@ def _controlnet_original(shapes: Shapes) -> ModelInfo:
     width = _cross_width(shapes, prefix)
     sdxl = width is None and any(k.startswith(prefix + "label_emb.") for k in shapes)
     base = "SDXL" if sdxl else _base_of_width(width)
-    return ModelInfo("controlnet", base, {"format": "original", "cross_attention_dim": width},
-                     None if base else "no cross-attention weights to tell its base model by")
+    convs = [shapes[k] for k in _numbered(shapes, prefix + "input_hint_block.", ".weight")]
+    details = {"format": "original", "cross_attention_dim": width,
+               **_hint_details(convs[:-1], shapes.get(prefix + "input_blocks.0.0.weight"))}
+    return ModelInfo("controlnet", base, details, _controlnet_problem(base, width))
 
 
 def _controlnet_diffusers(shapes: Shapes) -> ModelInfo:
     width = _cross_width(shapes)
     base = "SDXL" if any(k.startswith("add_embedding.") for k in shapes) else _base_of_width(width)
-    return ModelInfo("controlnet", base, {"format": "diffusers", "cross_attention_dim": width},
-                     None if base else "no cross-attention weights to tell its base model by")
+    blocks = [shapes[k] for k in _numbered(shapes, "controlnet_cond_embedding.blocks.", ".weight")]
+    convs = [shapes.get("controlnet_cond_embedding.conv_in.weight", ()), *blocks]
+    details = {"format": "diffusers", "cross_attention_dim": width, **_hint_details(convs, shapes.get("conv_in.weight"))}
+    return ModelInfo("controlnet", base, details, _controlnet_problem(base, width))
+
+
+def _controlnet_problem(base: str | None, width: int | None) -> str | None:
+    # A known width of no published base (a tiny or custom model) is usable with a UNet of that width;
+    # the loader checks the match.
+    return None if base or width else "no cross-attention weights to tell its base model by"
+
+
+def _numbered(shapes: Shapes, prefix: str, suffix: str) -> list[str]:
+    """The keys ``prefix + N + suffix`` in the order of N."""
+    found = [(int(k[len(prefix):-len(suffix)]), k) for k in shapes
+             if k.startswith(prefix) and k.endswith(suffix) and k[len(prefix):-len(suffix)].isdigit()]
+    return [k for _, k in sorted(found)]
+
+
+def _hint_details(convs: list[tuple[int, ...]], conv_in: tuple[int, ...] | None) -> dict:
+    """The sizes of a ControlNet's hint encoder, which are not the UNet's: diffusers'
+    ControlNetConditioningEmbedding is conv_in (hint channels -> c0), then per step a conv c_i -> c_i and a
+    strided conv c_i -> c_i+1; the original input_hint_block is the same convolutions numbered 0, 2, 4, ...
+    So, the zero conv left out, ``conditioning_embedding_out_channels`` are the outputs of convs 0, 2, 4, ..."""
+    if not convs or any(len(c) != 4 for c in convs):
+        return {}
+    return {"conditioning_channels": convs[0][1], "conditioning_embedding_out_channels": [c[0] for c in convs[0::2]],
+            **({"in_channels": conv_in[1]} if conv_in and len(conv_in) == 4 else {})}
 
 
 # --- VAE ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -101,7 +101,7 @@ def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if controlnet is not None:
-        kwargs["controlnet"] = load_controlnet(controlnet, dtype)
+        kwargs["controlnet"] = load_controlnet(controlnet, dtype, unet_config=config / "unet" / "config.json")
     cls = pipeline_class(str(index.get("_class_name", "")), task, controlnet is not None)
     in_channels = info.details.get("in_channels") if model_config is None else None
     with _config_folder(config, in_channels) as folder:
@@ -114,21 +114,58 @@ def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *
                                      "FOLDER (a diffusers folder of the same architecture)")) from None
 
 
+# The config entries ControlNetModel.from_unet copies from its UNet (diffusers, controlnets/controlnet.py):
+# a ControlNet is a trainable copy of its base UNet's encoder half, so the UNet's config describes it.
+_FROM_UNET = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+              "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+              "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+              "encoder_hid_dim", "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads",
+              "use_linear_projection", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+              "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+              "projection_class_embeddings_input_dim", "mid_block_type")
+# What only the ControlNet's own file tells: its hint encoder (read by inspect from the shapes).
+_HINT_ENTRIES = ("conditioning_channels", "conditioning_embedding_out_channels", "in_channels")
+
+
+def controlnet_config(unet_config: Mapping, details: Mapping) -> dict:
+    """The ``ControlNetModel`` config of a ControlNet made for the UNet of ``unet_config``, with the hint
+    encoder sizes ``details`` read off the ControlNet file (:func:`imprompt.models.inspect.inspect_file`)."""
+    config = {"_class_name": "ControlNetModel", **{k: unet_config[k] for k in _FROM_UNET if k in unet_config}}
+    config.update({k: details[k] for k in _HINT_ENTRIES if k in details})
+    return config
+
+
 def load_single_file_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                                config: str | os.PathLike | None = None):
-    """A ``ControlNetModel`` from one file (original ``control_model.*`` keys or diffusers keys)."""
+                                config: str | os.PathLike | None = None, unet_config: Mapping | None = None):
+    """A ``ControlNetModel`` from one file (original ``control_model.*`` keys or diffusers keys).
+
+    Its config is, in this order: the folder ``config`` (holding a ControlNet config.json); the one made
+    from ``unet_config``, the config of the UNet it will steer (so ControlNets of any size load, tiny
+    test models and custom architectures included); the shipped SD1.5 / SDXL one for its base.
+    """
     from diffusers import ControlNetModel
 
     path = Path(path)
-    info = _inspect(path, "controlnet")
-    if config is None:
-        if info.base not in CONTROLNET_CONFIGS:
-            raise CheckpointError(f"{path.name}: a ControlNet for {info.base or 'an unknown base'}; imprompt ships "
-                                  "ControlNet configs for SD1.5 and SDXL")
-        config = CONFIGS / CONTROLNET_CONFIGS[info.base]
+    info = inspect_file(path, True)
+    if info.kind != "controlnet" or info.problem:
+        _inspect(path, "controlnet")  # raises with the message for what the file is
+    width = info.details.get("cross_attention_dim")
+    if unet_config is not None and width is not None and width != unet_config.get("cross_attention_dim"):
+        raise CheckpointError(f"the ControlNet {path.name} is for {info.base or 'another model'} (cross-attention width "
+                              f"{width}), but the model's UNet has width {unet_config.get('cross_attention_dim')}; use a "
+                              "ControlNet made for the model's base")
     _check_pickle(path)
-    try:
-        return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype)
-    except (ValueError, RuntimeError, KeyError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load the ControlNet {path.name}: {first}") from None
+    with tempfile.TemporaryDirectory(prefix="imprompt-controlnet-") as tmp:
+        if config is None and unet_config is not None:
+            Path(tmp, "config.json").write_text(json.dumps(controlnet_config(unet_config, info.details)))
+            config = tmp
+        elif config is None:
+            if info.base not in CONTROLNET_CONFIGS:
+                raise CheckpointError(f"{path.name}: a ControlNet for {info.base or 'an unknown base'}; imprompt ships "
+                                      "ControlNet configs for SD1.5 and SDXL")
+            config = CONFIGS / CONTROLNET_CONFIGS[info.base]
+        try:
+            return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype)
+        except (ValueError, RuntimeError, KeyError, OSError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"cannot load the ControlNet {path.name}: {first}") from None
