@@ -147,7 +147,7 @@ def test_help_shows_the_choices(capsys):
     text = _help(["train", "--help"], capsys)
     assert "{linear,plus,full,shared}" in text and "{no,fp16,bf16}" in text
     text = _help(["eval", "--help"], capsys)
-    assert "{" + ",".join(SCHEDULERS) + "}" in text and "{" + ",".join(DTYPES) + "}" in text
+    assert "{" + ",".join(SCHEDULERS) + "}" in text and "{" + ",".join(["auto", *DTYPES]) + "}" in text
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
 import tiny_models as tm
 from imprompt.adapter.checkpoint import load_shared_adapter, save_adapter
@@ -315,3 +315,31 @@ def test_clip_intervals_are_over_references():
     assert summary["clip_i"]["mean"] == pytest.approx(expected.mean) and summary["clip_i"]["n"] == 3
     assert summary["clip_i"]["high"] == pytest.approx(expected.high)
     assert summary["hits"]["all"]["n"] == 6 and summary["hits"]["all"]["mean"] == pytest.approx(4 / 6)
+
+
+def test_names_in_a_comfyui_tree_give_the_folder_results(world, tmp_path):
+    """--models-dir: the model as a single-file checkpoint, the adapter and its encoder (found by pairing,
+    not named) as ComfyUI keeps them; the same scores as with the diffusers folders."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from imprompt.models.ldm import pipeline_to_ldm
+
+    comfy = tmp_path / "comfy" / "models"
+    for sub in ("checkpoints", "ipadapter", "clip_vision"):
+        (comfy / sub).mkdir(parents=True)
+    pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe, "sd15").items()}, comfy / "checkpoints" / "Tiny.safetensors")
+    (comfy / "ipadapter" / "ip-adapter_sd15.safetensors").write_bytes((world / "ip.safetensors").read_bytes())
+    CLIPVisionModelWithProjection.from_pretrained(world / "encoder").save_pretrained(comfy / "clip_vision" / "tiny-vit")
+    small = dict(references=1, samples=1, steps=1, scale_sweep=False, multimodal=False, progress=False)
+    paths = evaluate(config(world, tmp_path / "paths", ["ip:ip_adapter:adapter={w}/ip.safetensors,image_encoder={w}/encoder"],
+                           **small), log=lambda m: None)
+    named = evaluate(config(world, tmp_path / "named", ["ip:ip_adapter:adapter=ip-adapter_sd15"], **small,
+                            model="tiny", models_dir=[str(tmp_path / "comfy")], model_config=str(world / "sd")),
+                     log=lambda m: None)
+    def scores(result):  # the per-sample scores, not the timings
+        return result.results["methods"]["ip"]["passes"]["image_prompt"]["samples"]
+
+    assert scores(named) == scores(paths) and scores(paths)[0]["clip_i"] > 0
+    assert named.results["methods"]["ip"]["image_encoder_dir"].endswith("tiny-vit")

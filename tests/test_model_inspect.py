@@ -289,7 +289,7 @@ def test_faceid_and_broken_adapters(tmp_path):
     info = inspect_shapes(tmp_path, faceid, name="ip-adapter-faceid_sd15.safetensors")
     assert info.kind == "adapter" and info.base == "SD1.5" and info.problem.startswith("FaceID is not supported yet")
     half = {k: v for k, v in _linear(4, 1024, 768).items() if k.startswith("image_proj.")}
-    assert "no ip_adapter weights" in inspect_shapes(tmp_path, half).problem
+    assert "no 'ip_adapter' weights" in inspect_shapes(tmp_path, half).problem
     assert "image projection" in inspect_shapes(tmp_path, _ip_layers(768)).problem
     mixed = {**_linear(4, 1024, 768), **_ip_layers(2048)}
     assert "mixed" in inspect_shapes(tmp_path, mixed).problem

@@ -422,3 +422,27 @@ def test_sample_sheets_during_training(world, tmp_path):
     sheet = Image.open(sheets[0])
     assert sheet.height == 16 + 2 * (128 + 4) + 4  # header + two rows (one per reference), 128 px cells
     assert "training samples" in read_parameters(sheets[0])
+
+
+def test_names_in_an_a1111_tree_train_what_the_folders_train(world, tmp_path):
+    """--models-dir: a single-file checkpoint and an encoder folder by name give the same adapter."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from imprompt.models.ldm import pipeline_to_ldm
+
+    root = tmp_path / "a1111"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe, "sd15").items()},
+              root / "models" / "Stable-diffusion" / "Tiny.safetensors")
+    (root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "clip_vision").mkdir(parents=True)
+    shutil.copytree(world / "encoder", root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads"
+                    / "clip_vision" / "tiny-vit")
+    paths = train(config(world, tmp_path / "paths", max_steps=2, cache_dir=str(tmp_path / "c1")))
+    named = train(config(world, tmp_path / "named", max_steps=2, cache_dir=str(tmp_path / "c2"), model="tiny",
+                         image_encoder="tiny-vit", models_dir=[str(root)], model_config=str(world / "sd")))
+    a, b = load_file(paths.adapter_file), load_file(named.adapter_file)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image_proj.proj.weight"], load_file(train(config(
+        world, tmp_path / "one", max_steps=1, cache_dir=str(tmp_path / "c1"))).adapter_file)["image_proj.proj.weight"])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Iterable, Literal, Mapping
 
-import torch
+if TYPE_CHECKING:  # detection reads only .shape, so listing a model folder runs it without torch
+    import torch
 
 # One vocabulary for variants, used by detection, training and messages alike:
 #   linear  ImageProjModel: the pooled embedding -> a few tokens (the paper's IP-Adapter, 3.2.1)

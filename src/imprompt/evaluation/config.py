@@ -24,7 +24,7 @@ KINDS: tuple[str, ...] = ("ip_adapter", "shared", "text_only", "unconditional", 
 ADAPTER_KINDS: tuple[str, ...] = ("ip_adapter", "shared")
 DEFAULT_SCALE = 1.0  # image alone, as the paper's Table 1 and the toy world's image-only target
 DEFAULT_STRENGTH = 0.7  # img2img: how much of the reference is re-noised
-DTYPES: tuple[str, ...] = tuple(TORCH_DTYPES)
+DTYPES: tuple[str, ...] = ("auto", *TORCH_DTYPES)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -156,8 +156,14 @@ class EvalConfig:
                                                        "attribute; folders: the caption)"))
     sheet_references: int = field(default=8, metadata=_m("references shown in the contact sheets"))
     save_images: bool = field(default=False, metadata=_m("also write every generation to OUTPUT_DIR/images/"))
-    device: str = field(default="cpu", metadata=_m("torch device, e.g. cpu or cuda"))
-    dtype: str = field(default="float32", metadata=_m("weights dtype", choices=list(DTYPES)))
+    device: str = field(default="auto", metadata=_m("torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"))
+    dtype: str = field(default="auto", metadata=_m("weights dtype (auto: float16 on a GPU, float32 on the CPU)",
+                                                   choices=list(DTYPES)))
+    models_dir: list[str] = field(default_factory=list, metadata=_m(
+        "an AUTOMATIC1111 / Forge / ComfyUI root or a folder of models, where --model and the methods' adapter= "
+        "and image_encoder= names are looked up; repeat for several (default: $IMPROMPT_MODELS_DIR)", metavar="DIR"))
+    model_config: str | None = field(default=None, metadata=_m(
+        "for a single-file --model of a custom architecture: a diffusers folder whose configs to use", metavar="FOLDER"))
     progress: bool = field(default=True, metadata=_m("show a progress bar"))
 
     @property

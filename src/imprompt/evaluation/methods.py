@@ -30,6 +30,8 @@ from ..adapter.variants import CheckpointError
 from ..encoding import ImageEncoder, check_encoder
 from ..generation.generate import GenerationSettings, generate
 from ..generation.pipelines import ModelNotFoundError, resolve_file, resolve_model
+from ..models.catalog import Catalog
+from ..models.pairing import find_encoder, fits
 from .config import MethodSpec
 
 # (reference, text, seeds, ip_adapter scale or None) -> one image per seed
@@ -58,18 +60,28 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def _encoder_dir(spec: MethodSpec, adapter_file: Path, model: str) -> Path:
+def _encoder_path(spec: MethodSpec, adapter_file: Path, variant, model: str, catalog: Catalog | None) -> Path:
+    """The method's image_encoder (a folder, hub id or single file), else the one the adapter needs:
+    beside it as the official repo keeps it, in the model folder, or among the catalog's encoders."""
     if spec.image_encoder:
+        if Path(spec.image_encoder).is_file():
+            return Path(spec.image_encoder)
         return resolve_model(spec.image_encoder, "image encoder")
-    beside, inside = adapter_file.parent / "image_encoder", Path(model) / "image_encoder"
-    for candidate in (beside, inside):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise ModelNotFoundError(f"method {spec.name!r}: no image encoder given and none found at {beside} or {inside}; "
-                             "set image_encoder=PATH")
+    try:
+        return find_encoder(adapter_file, variant)  # beside the adapter, as the official repo keeps it
+    except CheckpointError:
+        pass
+    inside = Path(model) / "image_encoder"
+    if (inside / "config.json").is_file() and fits(inside, variant) is not False:
+        return inside
+    try:
+        return find_encoder(adapter_file, variant, catalog)
+    except CheckpointError as err:
+        raise ModelNotFoundError(f"method {spec.name!r}: {err} (or set image_encoder=PATH)") from None
 
 
-def load_method(spec: MethodSpec, model: str, dtype: torch.dtype, device: str) -> MethodModels:
+def load_method(spec: MethodSpec, model: str, dtype: torch.dtype, device: str | torch.device,
+                catalog: Catalog | None = None) -> MethodModels:
     """Read and check an adapter method's adapter and image encoder (baselines need nothing)."""
     if spec.kind not in ("ip_adapter", "shared"):
         return MethodModels(spec)
@@ -85,8 +97,8 @@ def load_method(spec: MethodSpec, model: str, dtype: torch.dtype, device: str) -
         adapter = IPAdapter.from_state_dict(state).to(dtype)  # what load_adapter does, without reading twice
     else:
         adapter = load_shared_adapter(adapter_file, dtype)
-    encoder_dir = _encoder_dir(spec, adapter_file, model)
-    encoder = ImageEncoder.from_pretrained(encoder_dir, dtype)
+    encoder_dir = _encoder_path(spec, adapter_file, adapter.variant, model, catalog)
+    encoder = ImageEncoder.load(encoder_dir, dtype)
     encoder.model.to(device)
     check_encoder(adapter.variant, encoder)
     return MethodModels(spec, adapter.to(device), encoder, adapter_file, encoder_dir)

@@ -26,7 +26,8 @@ from PIL import Image
 
 from ..files import check_writable_folder
 from ..generation.pipelines import load_pipeline, resolve_model
-from ..generation.request import DTYPES
+from ..generation.pipelines import pick_device, pick_dtype
+from ..models.catalog import Catalog, resolve_name, roots_from
 from ..generation.schedulers import make_scheduler
 from . import metrics
 from .config import EvalConfig, MethodSpec, with_toy_defaults
@@ -142,6 +143,17 @@ def save_images(folder: Path, name: str, images: list[Image.Image]) -> None:
         write_png(image, folder / f"{name}-{j}.png")
 
 
+def resolve_names(config: EvalConfig, catalog: Catalog | None) -> EvalConfig:
+    """``config`` with the model and the methods' adapter / image_encoder names looked up in the catalog."""
+    if catalog is None:
+        return config
+    methods = [dataclasses.replace(m, adapter=resolve_name(m.adapter, "adapter", catalog) if m.adapter else m.adapter,
+                                   image_encoder=resolve_name(m.image_encoder, "image_encoder", catalog)
+                                   if m.image_encoder else m.image_encoder) for m in config.methods]
+    model = resolve_name(config.model, "checkpoint", catalog) if config.model else config.model
+    return dataclasses.replace(config, model=model, methods=methods)
+
+
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResult:
     """Run the evaluation ``config`` describes and write its report folder; returns the results."""
     from tqdm.auto import tqdm
@@ -149,16 +161,19 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
     from .report import write_report
 
     started = time.perf_counter()
-    config = with_toy_defaults(config)
+    roots = roots_from(config.models_dir)
+    catalog = Catalog.scan(roots) if roots else None
+    config = with_toy_defaults(resolve_names(config, catalog))
     config.check()
     check_writable_folder(config.output_dir, "--output-dir")
-    dtype = DTYPES[config.dtype]
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
     toy = config.toy_split is not None
     # Small inputs first, so a bad path fails before the big model loads.
     references = load_references(config.data, config.references)
-    loaded: list[MethodModels] = [load_method(m, config.model, dtype, config.device) for m in config.methods]
-    scorer = ClipScorer.from_pretrained(resolve_model(config.clip_model, "scoring CLIP"), config.device, dtype)
-    pipe = load_pipeline(config.model, "text2img", dtype=dtype, device=config.device)
+    loaded: list[MethodModels] = [load_method(m, config.model, dtype, device, catalog) for m in config.methods]
+    scorer = ClipScorer.from_pretrained(resolve_model(config.clip_model, "scoring CLIP"), device, dtype)
+    pipe = load_pipeline(config.model, "text2img", dtype=dtype, device=device, model_config=config.model_config)
     if config.scheduler:
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     img2img_pipe = None

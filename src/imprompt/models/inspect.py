@@ -23,16 +23,16 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..adapter.variants import CheckpointError, detect_variant, faceid_evidence
 from ..files import PickleRefusedError, UnsafeFileError, check_regular_file
+from .embeddings import embedding_info
+from .info import BASE_BY_CROSS_WIDTH, ModelInfo, Shapes, base_of_width
+from .loras import lora_info
 
-Shapes = Mapping[str, tuple[int, ...]]
-
-KINDS = ("checkpoint", "unet", "adapter", "image_encoder", "lora", "embedding", "controlnet", "vae", "unknown")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The safetensors library refuses headers over 100 MB; an SDXL checkpoint's is about 200 KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -40,8 +40,6 @@ _NO_SIZE_LIMIT = 1 << 50
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
                 "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
-# Cross-attention width (the text encoder's output) -> the Stable Diffusion generation it belongs to.
-BASE_BY_CROSS_WIDTH = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
 # CLIP vision tower hidden width -> family (ViT-B/16 and /32 share 768).
 ENCODER_BY_HIDDEN_WIDTH = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H", 1664: "ViT-bigG"}
 # (the encoder output an IP-Adapter projection reads, its width) -> the encoder that produces it.
@@ -62,31 +60,6 @@ ENCODER_WORDS = {
 
 class HeaderError(ValueError):
     """A file that is not a whole, well-formed safetensors file; the message says what is wrong."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model file is.
-
-    ``kind``: one of :data:`KINDS`. ``base``: "SD1.5", "SD2", "SDXL", or None when the file does not
-    say (a VAE) or is for none of them. ``details``: a few facts for display, by kind (see the
-    detectors; ``format`` is the key layout). ``problem``: None, or why the file cannot be used.
-    A pickle not opened is kind "unknown" with no problem (``details["format"] == "pickle"``).
-    """
-
-    kind: str
-    base: str | None = None
-    details: dict[str, Any] = field(default_factory=dict, hash=False)
-    problem: str | None = None
-
-    def describe(self) -> str:
-        """One line: ``adapter SD1.5 (variant plus, num_tokens 16, ...)``, or the problem."""
-        if self.kind == "unknown" and self.problem is None and self.details.get("format") == "pickle":
-            return "unknown (pickle, inspected on use)"
-        shown = ", ".join(f"{k} {v}" for k, v in self.details.items()
-                          if v is not None and v is not False and k not in ("format", "encoder_needed"))
-        text = " ".join(filter(None, [self.kind, self.base, f"({shown})" if shown else ""]))
-        return f"{text}: {self.problem}" if self.problem else text
 
 
 # --- safetensors header ---------------------------------------------------------------------------
@@ -259,9 +232,9 @@ def classify_shapes(shapes: Shapes, file_name: str = "", metadata: Mapping[str, 
         return _controlnet_diffusers(shapes)
     if has("model.diffusion_model."):
         return _checkpoint(shapes)
-    if lora := _lora(shapes, metadata or {}):
+    if lora := lora_info(shapes, metadata or {}):
         return lora
-    if embedding := _embedding(shapes):
+    if embedding := embedding_info(shapes):
         return embedding
     if has("vision_model.") or has("visual."):
         return _image_encoder(shapes)
@@ -282,10 +255,6 @@ def _cross_width(shapes: Shapes, prefix: str = "") -> int | None:
     return None
 
 
-def _base_of_width(width: int | None) -> str | None:
-    return BASE_BY_CROSS_WIDTH.get(width) if width else None
-
-
 # --- checkpoint, bare UNet ----------------------------------------------------------------------------
 
 _OTHER_ARCHITECTURES = {"model.diffusion_model.joint_blocks.": "SD3", "model.diffusion_model.double_blocks.": "Flux"}
@@ -301,7 +270,7 @@ def _checkpoint(shapes: Shapes) -> ModelInfo:
             return ModelInfo("checkpoint", None, {"format": "ldm", "architecture": name},
                              f"{name} checkpoints are not supported (SD1.5, SD2 and SDXL are)")
     width = _cross_width(shapes, "model.diffusion_model.")
-    base = _base_of_width(width)
+    base = base_of_width(width)
     if width is None:  # no cross-attention weight found: fall back on the text encoders present
         if any(k.startswith("conditioner.embedders.1.model.") for k in keys) or any("label_emb" in k for k in keys):
             base = "SDXL"
@@ -325,7 +294,7 @@ def _checkpoint(shapes: Shapes) -> ModelInfo:
 def _unet(shapes: Shapes) -> ModelInfo:
     """A diffusers UNet2DConditionModel saved alone (``down_blocks.*``, no text encoder)."""
     width = _cross_width(shapes)
-    base = "SDXL" if any(k.startswith("add_embedding.") for k in shapes) else _base_of_width(width)
+    base = "SDXL" if any(k.startswith("add_embedding.") for k in shapes) else base_of_width(width)
     in_shape = shapes.get("conv_in.weight", ())
     details = {"format": "diffusers", "cross_attention_dim": width,
                "in_channels": in_shape[1] if len(in_shape) == 4 else None}
@@ -335,24 +304,16 @@ def _unet(shapes: Shapes) -> ModelInfo:
 
 
 # --- IP-Adapter ---------------------------------------------------------------------------------------
-# These rules read the same keys and shapes as imprompt.adapter.variants.detect_variant (a test checks
-# that both agree on every released layout); that module imports torch, which listing must not.
+# The rules are imprompt.adapter.variants' own (detect_variant reads only shapes, and imports no torch).
 
 _IP_LAYER = re.compile(r"^ip_adapter\.(\d+)\.to_k_ip\.weight$")
 
 
-def _faceid_evidence(keys: list[str]) -> str | None:
-    """FaceID files: named so, LoRA weights in ``ip_adapter`` (FaceID, FaceID-Plus), a perceiver
-    resampler (FaceID-Plus), or the face-embedding MLP ``proj.0`` + ``norm`` (FaceID, Portrait)."""
-    if any("faceid" in k.lower() for k in keys):
-        return "a 'faceid' key"
-    if any(k.startswith("ip_adapter.") and "lora" in k for k in keys):
-        return "LoRA weights in ip_adapter"
-    if any(k.startswith("image_proj.perceiver_resampler.") for k in keys):
-        return "image_proj.perceiver_resampler"
-    if {"image_proj.norm.weight", "image_proj.proj.0.weight"} <= set(keys) and "image_proj.proj.weight" not in keys:
-        return "the face-ID embedding projection (image_proj.proj.0 with image_proj.norm)"
-    return None
+@dataclass(frozen=True)
+class _Shaped:
+    """A header entry standing in for a tensor: detect_variant reads only ``.shape``."""
+
+    shape: tuple[int, ...]
 
 
 def _adapter(shapes: Shapes, file_name: str) -> ModelInfo:
@@ -363,40 +324,29 @@ def _adapter(shapes: Shapes, file_name: str) -> ModelInfo:
     keys = list(shapes)
     layers = [shapes[k] for k in keys if _IP_LAYER.match(k)]
     ip_width = layers[0][1] if layers and len(layers[0]) == 2 else None
-    if evidence := _faceid_evidence(keys):
-        return ModelInfo("adapter", _base_of_width(ip_width), {"variant": "faceid"},
+    if evidence := faceid_evidence(keys):
+        return ModelInfo("adapter", base_of_width(ip_width), {"variant": "faceid"},
                          f"FaceID is not supported yet (found {evidence}); use ip-adapter-plus-face or full-face")
-    proj = {k.removeprefix("image_proj."): s for k, s in shapes.items() if k.startswith("image_proj.")}
-
-    def dims(name: str, ndim: int) -> tuple[int, ...] | None:
-        shape = proj.get(name)
-        return shape if shape is not None and len(shape) == ndim and 0 not in shape else None
-
-    variant = tokens = embed = cross = None
-    latents, p_in, p_out = dims("latents", 3), dims("proj_in.weight", 2), dims("proj_out.weight", 2)
-    if latents and p_in and p_out:
-        variant, tokens, embed, cross = "plus", latents[1], p_in[1], p_out[0]
-    elif (p := dims("proj.weight", 2)) and (norm := dims("norm.weight", 1)) and p[0] % norm[0] == 0:
-        variant, tokens, embed, cross = "linear", p[0] // norm[0], p[1], norm[0]
-    elif (p0 := dims("proj.0.weight", 2)) and (p3 := dims("proj.3.weight", 1)) and "norm.weight" not in proj:
-        variant, embed, cross = "full", p0[1], p3[0]
-    if variant is None:
-        return ModelInfo("adapter", _base_of_width(ip_width), {},
-                         "unrecognised or incomplete image projection (truncated file, or an IP-Adapter variant "
-                         "imprompt does not know)")
-    output = _OUTPUT_OF_PROJECTION[variant]
-    encoder = required_encoder(file_name, (output, embed))
-    details = {"variant": variant, "num_tokens": tokens, "encoder_output": output, "encoder_width": embed,
-               "cross_attention_dim": cross, "layers": len(layers), "encoder": encoder,
-               "encoder_needed": ENCODER_WORDS[encoder]}
+    halves: dict[str, dict[str, _Shaped]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, shape in shapes.items():
+        half, _, rest = key.partition(".")
+        if half in halves:
+            halves[half][rest] = _Shaped(tuple(shape))
+    try:
+        variant = detect_variant(halves["image_proj"], halves["ip_adapter"])
+    except CheckpointError as err:
+        return ModelInfo("adapter", base_of_width(ip_width), {}, str(err))
+    cross, embed = variant.cross_attention_dim, variant.image_embed_dim
+    encoder = required_encoder(file_name, variant)
+    details = {"variant": variant.projection, "num_tokens": variant.num_tokens,
+               "encoder_output": variant.encoder_output, "encoder_width": embed, "cross_attention_dim": cross,
+               "layers": len(layers), "encoder": encoder, "encoder_needed": ENCODER_WORDS[encoder]}
     problem = None
-    if not layers:
-        problem = "no ip_adapter weights (to_k_ip / to_v_ip): truncated or incomplete"
-    elif ip_width != cross:
+    if ip_width != cross:
         problem = f"its image tokens are {cross} wide but its to_k_ip reads {ip_width}: corrupt or mixed file"
     if cross not in BASE_BY_CROSS_WIDTH:
         details["base"] = f"unknown (cross-attention width {cross})"  # still usable: the UNet decides
-    return ModelInfo("adapter", _base_of_width(cross), details, problem)
+    return ModelInfo("adapter", base_of_width(cross), details, problem)
 
 
 def required_encoder(file_name: str, variant_or_widths: Any = None) -> str:
@@ -449,102 +399,6 @@ def _image_encoder(shapes: Shapes) -> ModelInfo:
                      None if width else "no CLIP vision width found (truncated, or not a CLIP vision model)")
 
 
-# --- LoRA ---------------------------------------------------------------------------------------------
-# (key suffix, format, role). "down" tensors are [rank, in_features] (LoHa's w*_b likewise).
-_LORA_SUFFIXES = (
-    (".lora_down.weight", "kohya", "down"), (".lora_up.weight", "kohya", "up"), (".lora_mid.weight", "lycoris", "mid"),
-    (".hada_w1_b", "lycoris", "down"), (".hada_w2_b", "lycoris", "down"), (".hada_w1_a", "lycoris", "up"),
-    (".hada_w2_a", "lycoris", "up"), (".hada_t1", "lycoris", "mid"), (".hada_t2", "lycoris", "mid"),
-    (".lokr_w1", "lycoris", "kron"), (".lokr_w2", "lycoris", "kron"), (".lokr_w1_a", "lycoris", "kron"),
-    (".lokr_w1_b", "lycoris", "kron"), (".lokr_w2_a", "lycoris", "kron"), (".lokr_w2_b", "lycoris", "kron"),
-    (".lokr_t2", "lycoris", "kron"), (".on_input", "lycoris", "ia3"),
-    (".lora.down.weight", "diffusers", "down"), (".lora.up.weight", "diffusers", "up"),
-    ("_lora.down.weight", "diffusers", "down"), ("_lora.up.weight", "diffusers", "up"),
-    (".lora_linear_layer.down.weight", "diffusers", "down"), (".lora_linear_layer.up.weight", "diffusers", "up"),
-    (".lora_A.weight", "peft", "down"), (".lora_B.weight", "peft", "up"),
-)
-_ALGORITHM_OF = {"hada_": "loha", "lokr_": "lokr", ".on_input": "ia3", ".lora_mid.": "locon"}
-_TO_K = re.compile(r"attn2[._](processor[._])?to_k(_lora)?$")
-_TE_Q = re.compile(r"self_attn[._]q_proj$")
-_METADATA_BASES = (("xl", "SDXL"), ("v2", "SD2"), ("v1", "SD1.5"))  # modelspec / ss_base_model_version
-
-
-def _lora(shapes: Shapes, metadata: Mapping[str, str]) -> ModelInfo | None:
-    """kohya / A1111 (``lora_unet_*``, ``lora_te[12]_*``), LyCORIS (LoHa, LoKr, IA3, LoCon under the
-    kohya names), diffusers (``.lora.down``, ``_lora.down``) and PEFT (``lora_A`` / ``lora_B``).
-    Details: format, algorithm (LyCORIS only), rank (most common; ``ranks`` when they differ),
-    text_encoder (has text-encoder parts), layers. Base from attn2.to_k's in-features (2048 SDXL,
-    1024 SD2, 768 SD1.5), else from a second text encoder (SDXL) or the text encoder's width, else
-    from the file's metadata."""
-    modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    formats = Counter()
-    for key, shape in shapes.items():
-        for suffix, fmt, role in _LORA_SUFFIXES:
-            if key.endswith(suffix):
-                modules.setdefault(key[: -len(suffix)], {})[role] = shape
-                formats[fmt] += 1
-                break
-    if not modules:
-        return None
-    keys = list(shapes)
-    algorithm = next((alg for mark, alg in _ALGORITHM_OF.items() if any(mark in k for k in keys)), None)
-    fmt = "lycoris" if algorithm else formats.most_common(1)[0][0]
-    ranks = Counter(m["down"][0] for m in modules.values() if len(m.get("down", ())) >= 2)
-    text_encoder = any(name.startswith(("lora_te", "text_encoder")) for name in modules)
-    second_te = any(name.startswith(("lora_te2_", "text_encoder_2.")) for name in modules)
-
-    def in_features(pattern: re.Pattern) -> int | None:
-        for name in sorted(modules):
-            down = modules[name].get("down", ())
-            if pattern.search(name) and len(down) >= 2:
-                return down[1]
-        return None
-
-    base = _base_of_width(in_features(_TO_K))
-    if base is None and second_te:
-        base = "SDXL"
-    if base is None and text_encoder:
-        base = {768: "SD1.5", 1024: "SD2"}.get(in_features(_TE_Q))
-    if base is None:
-        stated = (metadata.get("modelspec.architecture", "") + " " + metadata.get("ss_base_model_version", "")).lower()
-        base = next((b for mark, b in _METADATA_BASES if mark in stated), None)
-    details = {"format": fmt, "algorithm": algorithm, "rank": ranks.most_common(1)[0][0] if ranks else None,
-               "text_encoder": text_encoder, "layers": len(modules)}
-    if len(ranks) > 1:
-        details["ranks"] = sorted(ranks)
-    return ModelInfo("lora", base, details, None)
-
-
-# --- textual inversion embedding ----------------------------------------------------------------------
-
-def _embedding(shapes: Shapes) -> ModelInfo | None:
-    """A1111 ``.pt`` (``string_to_param.*``: [n, width]), safetensors ``emb_params`` [n, width], SDXL
-    ``clip_l`` [n, 768] + ``clip_g`` [n, 1280], or a diffusers ``learned_embeds`` file ({token: [width]}).
-    Details: format, vectors (tokens the name stands for), width, encoders (SDXL)."""
-    def vectors(shape: tuple[int, ...]) -> tuple[int, int]:
-        return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[-1])
-
-    keys = list(shapes)
-    if "clip_l" in shapes or "clip_g" in shapes:
-        if not ("clip_l" in shapes and "clip_g" in shapes):
-            return ModelInfo("embedding", "SDXL", {"format": "sdxl"}, "an SDXL embedding needs both clip_l and clip_g")
-        (n_l, w_l), (n_g, w_g) = vectors(shapes["clip_l"]), vectors(shapes["clip_g"])
-        problem = None if (w_l, w_g) == (768, 1280) and n_l == n_g else (
-            f"clip_l {shapes['clip_l']} / clip_g {shapes['clip_g']} are not [n, 768] / [n, 1280]")
-        details = {"format": "sdxl", "vectors": n_l, "encoders": "clip_l + clip_g"}
-        return ModelInfo("embedding", "SDXL", details, problem)
-    params = [k for k in keys if k == "emb_params" or k.startswith("string_to_param.")]
-    fmt = "a1111"
-    if not params and len(keys) == 1 and 1 <= len(shapes[keys[0]]) <= 2 and shapes[keys[0]][-1] in (768, 1024):
-        params, fmt = keys, "diffusers"
-    if not params or not 1 <= len(shapes[params[0]]) <= 2:
-        return None
-    n, width = vectors(shapes[params[0]])
-    base = {768: "SD1.5", 1024: "SD2"}.get(width)
-    return ModelInfo("embedding", base, {"format": fmt, "vectors": n, "width": width},
-                     None if base else f"embedding width {width} fits no supported text encoder")
-
-
 # --- ControlNet ---------------------------------------------------------------------------------------
 
 def _controlnet_original(shapes: Shapes) -> ModelInfo:
@@ -553,7 +407,7 @@ def _controlnet_original(shapes: Shapes) -> ModelInfo:
     prefix = "control_model." if any(k.startswith("control_model.") for k in shapes) else ""
     width = _cross_width(shapes, prefix)
     sdxl = width is None and any(k.startswith(prefix + "label_emb.") for k in shapes)
-    base = "SDXL" if sdxl else _base_of_width(width)
+    base = "SDXL" if sdxl else base_of_width(width)
     convs = [shapes[k] for k in _numbered(shapes, prefix + "input_hint_block.", ".weight")]
     details = {"format": "original", "cross_attention_dim": width,
                **_hint_details(convs[:-1], shapes.get(prefix + "input_blocks.0.0.weight"))}
@@ -562,7 +416,7 @@ def _controlnet_original(shapes: Shapes) -> ModelInfo:
 
 def _controlnet_diffusers(shapes: Shapes) -> ModelInfo:
     width = _cross_width(shapes)
-    base = "SDXL" if any(k.startswith("add_embedding.") for k in shapes) else _base_of_width(width)
+    base = "SDXL" if any(k.startswith("add_embedding.") for k in shapes) else base_of_width(width)
     blocks = [shapes[k] for k in _numbered(shapes, "controlnet_cond_embedding.blocks.", ".weight")]
     convs = [shapes.get("controlnet_cond_embedding.conv_in.weight", ()), *blocks]
     details = {"format": "diffusers", "cross_attention_dim": width, **_hint_details(convs, shapes.get("conv_in.weight"))}

@@ -14,8 +14,15 @@ from ..config import load_config as _load_config, option as _m
 
 @dataclass
 class TrainConfig:
-    model: str = field(default="", metadata=_m("base model: diffusers folder or hub id (frozen)"))
-    image_encoder: str = field(default="", metadata=_m("CLIP vision model folder (frozen)"))
+    model: str = field(default="", metadata=_m("base model (frozen): a diffusers folder, hub id, single-file checkpoint, "
+                                                "or a name in --models-dir"))
+    image_encoder: str = field(default="", metadata=_m("CLIP vision encoder (frozen): a transformers folder, a single file "
+                                                        "(ComfyUI clip_vision, clip_h.pth), or a name in --models-dir"))
+    models_dir: list[str] = field(default_factory=list, metadata=_m(
+        "an AUTOMATIC1111 / Forge / ComfyUI root or a folder of models, where --model and --image-encoder names "
+        "are looked up; repeat for several (default: $IMPROMPT_MODELS_DIR)", metavar="DIR"))
+    model_config: str | None = field(default=None, metadata=_m(
+        "for a single-file --model of a custom architecture: a diffusers folder whose configs to use", metavar="FOLDER"))
     data: str = field(default="", metadata=_m("training data: a folder of name.jpg + name.txt, a JSON/JSONL list "
                                               "({'image_file', 'text'}, optionally 'reference_file': the image "
                                               "prompt if not the image), or webdataset tar shards (path or URL, "

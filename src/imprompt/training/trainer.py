@@ -34,6 +34,7 @@ from ..adapter.variants import AdapterVariant
 from ..encoding import ImageEncoder, load_image
 from ..files import atomic_dir, atomic_write, check_writable_folder, load_torch_weights, remove_debris, write_text
 from ..generation.pipelines import load_pipeline, resolve_model
+from ..models.catalog import Catalog, resolve_name, roots_from
 from .config import TrainConfig
 from .data import SkipCounter, data_fingerprint, open_source
 from .features import CachedFeatures, FeatureCache, FrozenModels
@@ -314,8 +315,10 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         log.warning(warning)
         log_fn(f"warning: {warning}")
 
-    pipe = load_pipeline(config.model, "text2img", device=accelerator.device)
-    encoder = ImageEncoder.from_pretrained(resolve_model(config.image_encoder, "image encoder"))
+    pipe = load_pipeline(config.model, "text2img", device=accelerator.device, model_config=config.model_config)
+    encoder_path = config.image_encoder if Path(config.image_encoder).is_file() else resolve_model(
+        config.image_encoder, "image encoder")
+    encoder = ImageEncoder.load(encoder_path)
     encoder.model.to(accelerator.device)
     unet = pipe.unet
     variant = build_variant(config, unet, encoder)
@@ -412,10 +415,22 @@ def export(run: Run, images: int, seconds: float, losses: list[float], seen_keys
     return TrainResult(adapter_file, config.max_steps, images, skipped, seconds, losses)
 
 
+def resolve_names(config: TrainConfig) -> TrainConfig:
+    """``config`` with --model and --image-encoder names looked up in the --models-dir roots."""
+    roots = roots_from(config.models_dir)
+    if not roots:
+        return config
+    catalog = Catalog.scan(roots)
+    return dataclasses.replace(
+        config, model=resolve_name(config.model, "checkpoint", catalog) if config.model else config.model,
+        image_encoder=resolve_name(config.image_encoder, "image_encoder", catalog) if config.image_encoder else "")
+
+
 def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainResult:
     """Train an adapter as ``config`` says (resuming a checkpoint if asked) and export it."""
     from tqdm.auto import tqdm
 
+    config = resolve_names(config)
     config.check()
     torch.set_flush_denormal(True)
     run = set_up(config, log_fn)
