@@ -92,6 +92,17 @@ def _demo(namespace: argparse.Namespace) -> int:
     return run(from_namespace(DemoConfig, namespace))
 
 
+def _serve(namespace: argparse.Namespace) -> int:
+    from ..server.config import ServerConfig
+
+    try:
+        from ..server.serve import serve
+    except ImportError as err:  # the [serve] extra is not installed
+        raise ValueError(f"imprompt serve needs the web packages ({err.name} is missing): "
+                         "pip install 'imprompt[serve]'") from None
+    return serve(from_namespace(ServerConfig, namespace))
+
+
 def _config_arguments(module: str, name: str, **kwargs) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         add_arguments(parser, getattr(importlib.import_module(module, __package__), name), **kwargs)
@@ -146,6 +157,10 @@ COMMANDS = (
     Command("eval", "evaluate adapters and baselines: CLIP-I, CLIP-T, toy attributes (imprompt eval --help)", "",
             None, _delegated("..evaluation.cli")),
     Command("toy", "build the toy world's models (imprompt toy build --help)", "", None, _delegated("..toy.cli")),
+    Command("serve", "the web UI and an AUTOMATIC1111-compatible API (http://127.0.0.1:7860)",
+            "Serve the web UI at / and the HTTP APIs (A1111's /sdapi/v1, the ControlNet extension's /controlnet, "
+            "imprompt's /v1 with docs at /docs) over the models in --models-dir, or the bundled toy model.",
+            _config_arguments("..server.config", "ServerConfig"), _serve),
     Command("demo", "the demo on the bundled toy world (what `make demo` runs)",
             "Generate from the bundled toy world's references and print how well each image matches.",
             _config_arguments("..demo", "DemoConfig"), _demo),

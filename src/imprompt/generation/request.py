@@ -28,9 +28,12 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from ..adapter.attach import attach
 from ..adapter.checkpoint import load_adapter
@@ -342,14 +345,18 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     return options
 
 
-def load_image_prompts(options: Sequence[AdapterOptions]) -> list[ImagePrompt]:
-    """Read every reference, mask and negative image (the small inputs, before any model)."""
+ImageReader = Callable[..., "Image.Image"]  # (reference, mode="RGB") -> image; load_image reads files
+
+
+def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = load_image) -> list[ImagePrompt]:
+    """Read every reference, mask and negative image (the small inputs, before any model). ``read``
+    turns a reference into an image: files by default; the server's uploads, which it never writes."""
     return [
         ImagePrompt(
-            images=[load_image(p) for p in o.images], adapter=o.index, scale=o.scale, combine=o.combine,
+            images=[read(p) for p in o.images], adapter=o.index, scale=o.scale, combine=o.combine,
             weights=o.weights, layers=o.layers, start=o.start, end=o.end,
-            masks=[load_image(m, "L") for m in o.masks] if o.masks else None,
-            negative_images=[load_image(p) for p in o.negative_images] or None, crop=o.crop,
+            masks=[read(m, "L") for m in o.masks] if o.masks else None,
+            negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
         )
         for o in options
     ]
@@ -362,17 +369,21 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     loaded: dict[Path, ImageEncoder] = {}
     encoders = []
     for o, file, adapter in zip(options, adapter_files, adapters):
-        if o.image_encoder is not None:
-            given = Path(o.image_encoder)
-            path = given if given.is_file() else resolve_model(o.image_encoder, "image encoder")
-        else:
-            path = find_encoder(file, adapter.variant, catalog)
+        path = encoder_path(o, file, adapter, catalog)
         key = path.resolve()
         if key not in loaded:
             loaded[key] = ImageEncoder.load(path, dtype)
             loaded[key].model.to(device)
         encoders.append(loaded[key])
     return encoders
+
+
+def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path:
+    """The image encoder of one adapter: the one given, else the one its shapes need."""
+    if o.image_encoder is not None:
+        given = Path(o.image_encoder)
+        return given if given.is_file() else resolve_model(o.image_encoder, "image encoder")
+    return find_encoder(adapter_file, adapter.variant, catalog)
 
 
 def resolve_names(request: GenerateRequest, catalog: Catalog | None) -> GenerateRequest:
@@ -451,30 +462,79 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     return dataclasses.replace(request, **changes)
 
 
-def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
-    """Check everything, load the models, generate, and write PNGs with A1111 parameters."""
-    roots = roots_from(request.models_dir)
-    catalog = Catalog.scan(roots) if roots else None
-    request = with_toy_defaults(resolve_names(request, catalog), log)
-    request.check()
-    options = adapter_options(request)
+@dataclass
+class Inputs:
+    """The small inputs of a request, read before any model loads."""
+
+    prompts: list[ImagePrompt]
+    init: "Image.Image | None" = None
+    mask: "Image.Image | None" = None
+    control: "Image.Image | None" = None
+
+
+def read_inputs(request: GenerateRequest, options: Sequence[AdapterOptions], read: ImageReader = load_image) -> Inputs:
+    return Inputs(load_image_prompts(options, read),
+                  read(request.init_image) if request.init_image else None,
+                  read(request.mask_image, "L") if request.mask_image else None,
+                  read(request.control_image) if request.control_image else None)
+
+
+@dataclass
+class LoadedModels:
+    pipe: object
+    adapters: list
+    encoders: list[ImageEncoder]
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ModelLoader:
+    """Loads what a request needs, afresh each time (the CLI). The server's loader keeps models between
+    requests (:class:`imprompt.server.engine.CachedLoader`)."""
+
+    def adapter(self, file: Path, dtype: torch.dtype):
+        return load_adapter(file, dtype)
+
+    def encoders(self, options, files, adapters, dtype, device, catalog) -> list[ImageEncoder]:
+        return load_encoders(options, files, adapters, dtype, device, catalog)
+
+    def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
+        return load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=device,
+                             memory=request.memory, model_config=request.model_config)
+
+
+def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], catalog: Catalog | None,
+                loader: ModelLoader | None = None) -> LoadedModels:
+    """The adapters, their image encoders (checked against each other), then the pipeline."""
+    loader = loader or ModelLoader()
     device = pick_device(request.device)
     dtype = pick_dtype(request.dtype, device)
-
-    # The small inputs are read and checked before anything large is loaded.
-    prompts = load_image_prompts(options)
-    init = load_image(request.init_image) if request.init_image else None
-    mask = load_image(request.mask_image, "L") if request.mask_image else None
-    control = load_image(request.control_image) if request.control_image else None
     adapter_files = [resolve_file(o.file, "adapter") for o in options]
-    adapters = [load_adapter(f, dtype) for f in adapter_files]
-    encoders = load_encoders(options, adapter_files, adapters, dtype, device, catalog)
+    adapters = [loader.adapter(f, dtype) for f in adapter_files]
+    encoders = loader.encoders(options, adapter_files, adapters, dtype, device, catalog)
     for adapter, encoder in zip(adapters, encoders):
         check_encoder(adapter.variant, encoder)
-    pipe = load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=device,
-                         memory=request.memory, model_config=request.model_config)
+    return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype)
 
-    seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
+
+@dataclass(frozen=True)
+class Rendered:
+    """One generated image, its seed and its A1111 parameters text."""
+
+    seed: int
+    image: "Image.Image"
+    parameters: str
+
+
+def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: LoadedModels, inputs: Inputs,
+           seed: int, callback=None) -> Iterator[list[Rendered]]:
+    """Generate the request's images, ``batch_size`` at a time; yields each batch as it finishes.
+
+    ``callback``: a diffusers ``callback_on_step_end`` (progress, cancelling by raising). The adapters
+    are attached for the call and detached after it, whatever happens; the caller makes sure no other
+    generation uses the same UNet meanwhile (attaching changes its attention processors).
+    """
+    pipe = models.pipe
     sampling = {
         "Steps": request.steps,
         "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(pipe.scheduler),
@@ -482,18 +542,11 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
     }  # then Seed and Size, per image, in A1111's order
     rest = {
         "Model": model_name(request.model),
-        "Denoising strength": f"{request.strength:g}" if init is not None else None,
+        "Denoising strength": f"{request.strength:g}" if inputs.init is not None else None,
         "ControlNet": f"{model_name(request.controlnet)} ({request.controlnet_scale:g})" if request.controlnet else None,
         **{f"IP-Adapter {o.index}": o.describe() for o in options},
     }
-    out_dir = Path(request.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if removed := remove_debris(out_dir, "*.png"):
-        log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
-    index = next_index(out_dir)
-
-    written: list[Path] = []
-    attachment = attach(pipe.unet, adapters) if adapters else None
+    attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
         for first in range(0, request.num_images, request.batch_size):
             seeds = [seed + i for i in range(first, min(first + request.batch_size, request.num_images))]
@@ -501,16 +554,46 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             settings = request.settings(seed=None, num_images=len(seeds),
                                         extra={**request.extra, "generator": generators})
-            images = generate(pipe, attachment, settings, prompts, encoders,
-                              init_image=init, mask_image=mask, control_image=control)
-            for image_seed, image in zip(seeds, images):
-                record = {**sampling, "Seed": image_seed, "Size": f"{image.width}x{image.height}", **rest}
-                text = format_parameters(request.prompt, request.negative_prompt, record)
-                path, index = save_numbered_png(out_dir, index, image_seed, image, text)
-                written.append(path)
-                index += 1
-                log(f"wrote {path}")
+            images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
+                              mask_image=inputs.mask, control_image=inputs.control, callback=callback)
+            yield [Rendered(s, image, format_parameters(request.prompt, request.negative_prompt, {
+                **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest}))
+                for s, image in zip(seeds, images)]
     finally:
         if attachment is not None:
             attachment.detach()
+
+
+def pick_seed(request: GenerateRequest) -> int:
+    return request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
+
+
+def prepare(request: GenerateRequest, log: Callable[[str], None] = print) -> tuple[GenerateRequest, list[AdapterOptions], Catalog | None]:
+    """Names looked up, toy defaults filled in, every argument checked: nothing read, nothing loaded."""
+    roots = roots_from(request.models_dir)
+    catalog = Catalog.scan(roots) if roots else None
+    request = with_toy_defaults(resolve_names(request, catalog), log)
+    request.check()
+    return request, adapter_options(request), catalog
+
+
+def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
+    """Check everything, load the models, generate, and write PNGs with A1111 parameters."""
+    request, options, catalog = prepare(request, log)
+    # The small inputs are read and checked before anything large is loaded.
+    inputs = read_inputs(request, options)
+    models = load_models(request, options, catalog)
+    seed = pick_seed(request)
+    out_dir = Path(request.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_debris(out_dir, "*.png"):
+        log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
+    index = next_index(out_dir)
+    written: list[Path] = []
+    for batch in render(request, options, models, inputs, seed):
+        for item in batch:
+            path, index = save_numbered_png(out_dir, index, item.seed, item.image, item.parameters)
+            written.append(path)
+            index += 1
+            log(f"wrote {path}")
     return written

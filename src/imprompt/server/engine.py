@@ -1,0 +1,348 @@
+"""The generation engine behind every route: models kept loaded, reference embeddings cached, one job at
+a time.
+
+- :class:`ModelCache`: loaded pipelines, adapters and image encoders, least recently used first out once
+  their parameter bytes pass the budget. A request names models; loading one is the slow part (seconds to
+  a minute for SD), so the second request with the same model starts at once.
+- :class:`EmbeddingCache`: CLIP features by the content of the preprocessed pixels (sha256 of the
+  tensor), so a reference sent again is not encoded again. Exact: the same pixels give the same tensor.
+- :class:`Engine`: requests are checked and their images decoded in the caller's thread (so a bad one
+  is answered at once, with the CLI's message), then queued; one worker thread runs them in order.
+  Attaching adapters changes the UNet's attention processors, so two generations on one UNet at once
+  would see each other's adapters: the single worker rules that out. Each job carries its own
+  progress, cancel flag and results; nothing about a job lives on a shared module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..encoding import ImageEncoder
+from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, ModelLoader, Rendered, encoder_path,
+                                  load_models, pick_seed, prepare, read_inputs, render, save_numbered_png,
+                                  next_index)
+from ..models.catalog import Catalog
+from .config import ServerConfig
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+MAX_FINISHED_JOBS = 256  # kept for GET /v1/jobs/{id}; older ones are forgotten
+
+
+def module_bytes(obj: Any) -> int:
+    """Parameter and buffer bytes of a module, or of a pipeline's modules."""
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        m for m in getattr(obj, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    if isinstance(obj, ImageEncoder):
+        modules = [obj.model]
+    return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers()))
+
+
+class ModelCache:
+    """Loaded models by key, evicted least recently used first when their bytes pass ``budget_bytes``
+    (the newest always stays, even if alone it is over the budget)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # how many times a loader ran (tests count them)
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        value = load()  # outside the lock: only the worker loads, and listing must not wait on it
+        with self._lock:
+            self.loads += 1
+            self._items[key] = (value, module_bytes(value))
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(size for _, size in self._items.values()) > self.budget:
+                self._items.popitem(last=False)
+        return value
+
+    def keys(self) -> list[tuple]:
+        with self._lock:
+            return list(self._items)
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._items.values())
+
+
+class EmbeddingCache:
+    """CLIP features by (encoder, output, the preprocessed pixels' content); ``computed`` counts the
+    encoder calls actually made."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.computed = 0
+        self.hits = 0
+
+    def features(self, encoder: ImageEncoder, pixels: torch.Tensor, output: str,
+                 compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        digest = hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        key = (id(encoder.model), output, str(pixels.dtype), tuple(pixels.shape), digest)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key].clone()
+        value = compute()
+        with self._lock:
+            self.computed += 1
+            if self.capacity:
+                self._items[key] = value.clone()
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+        return value
+
+
+class CachingEncoder(ImageEncoder):
+    """An image encoder whose features go through an :class:`EmbeddingCache`; same model, same results."""
+
+    def __init__(self, inner: ImageEncoder, cache: EmbeddingCache):
+        super().__init__(inner.model, inner.processor)
+        self.cache = cache
+
+    def features(self, pixels: torch.Tensor, output) -> torch.Tensor:
+        return self.cache.features(self, pixels, output, lambda: ImageEncoder.features(self, pixels, output))
+
+
+class CachedLoader(ModelLoader):
+    """:class:`~imprompt.generation.request.ModelLoader` through the server's caches."""
+
+    def __init__(self, models: ModelCache, embeddings: EmbeddingCache):
+        self.models, self.embeddings = models, embeddings
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple:
+        try:  # a file replaced on disk is loaded again
+            info = path.stat()
+            return str(path.resolve()), info.st_mtime_ns, info.st_size
+        except OSError:
+            return (str(path),)
+
+    def adapter(self, file: Path, dtype: torch.dtype):
+        return self.models.get(("adapter", self._stamp(file), str(dtype)), lambda: super(CachedLoader, self).adapter(file, dtype))
+
+    def encoders(self, options, files, adapters, dtype, device, catalog) -> list[ImageEncoder]:
+        out = []
+        for o, file, adapter in zip(options, files, adapters):
+            path = encoder_path(o, file, adapter, catalog)
+
+            def load(path=path):
+                encoder = ImageEncoder.load(path, dtype)
+                encoder.model.to(device)
+                return CachingEncoder(encoder, self.embeddings)
+
+            out.append(self.models.get(("encoder", self._stamp(path), str(dtype), str(device)), load))
+        return out
+
+    def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
+        key = ("pipeline", self._stamp(Path(request.model)), request.task,
+               self._stamp(Path(request.controlnet)) if request.controlnet else None, str(dtype), str(device),
+               request.memory, request.model_config)
+        return self.models.get(key, lambda: super(CachedLoader, self).pipeline(request, dtype, device))
+
+
+class JobCancelled(Exception):
+    """Raised in the step callback of a job whose cancel was asked for."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued generation: what to do, and (written by the worker only) how it goes."""
+
+    id: str
+    request: GenerateRequest
+    options: list[AdapterOptions]
+    inputs: Inputs
+    seed: int
+    catalog: Catalog | None
+    source: str = "api"  # "ui", "api" (native), "a1111": for the record only
+    state: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    images: list[Rendered] = field(default_factory=list)
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the job to stop: a queued job never starts, a running one stops at its next step."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def progress(self) -> float:
+        if self.state == "done":
+            return 1.0
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def status(self) -> dict:
+        return {"id": self.id, "state": self.state, "step": self.step, "total_steps": self.total_steps,
+                "progress": round(self.progress, 4), "images": len(self.images), "error": self.error,
+                "seed": self.seed, "created": self.created, "started": self.started, "finished": self.finished}
+
+
+def denoising_steps(request: GenerateRequest) -> int:
+    """Steps the pipeline runs per batch: img2img and inpainting run steps x strength of them."""
+    return int(request.steps * request.strength) if request.init_image is not None else request.steps
+
+
+class Engine:
+    """Queue and worker over the caches; see the module doc."""
+
+    def __init__(self, config: ServerConfig, roots: list[Path], extra_roots: list[Path] = ()):
+        self.config = config
+        self.roots, self.extra_roots = list(roots), list(extra_roots)
+        self.models = ModelCache(int(config.cache_gb * 2**30))
+        self.embeddings = EmbeddingCache(config.embedding_cache)
+        self.loader = CachedLoader(self.models, self.embeddings)
+        self.catalog = self._scan()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.current: Job | None = None
+        self._worker = threading.Thread(target=self._work, name="imprompt-worker", daemon=True)
+        self._worker.start()
+
+    # --- models -------------------------------------------------------------------------------------
+
+    def _scan(self) -> Catalog:
+        return Catalog.scan([*self.roots, *self.extra_roots])
+
+    def refresh(self) -> Catalog:
+        """Scan the model folders again (the UI's refresh button, A1111's refresh-checkpoints)."""
+        self.catalog = self._scan()
+        return self.catalog
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, images: Mapping[str, Any] | None = None, *,
+               source: str = "api") -> Job:
+        """Check ``request`` and read its inputs (``images``: reference name -> decoded image; names not
+        there are refused), then queue it. Raises the CLI's errors (ValueError / FileNotFoundError)."""
+        images = dict(images or {})
+
+        def read(name: str, mode: str = "RGB"):
+            if name not in images:
+                raise ValueError(f"image {name!r} was not uploaded with the request")
+            return images[name].convert(mode)
+
+        request = dataclasses.replace(request, device=self.config.device if request.device == "auto" else request.device,
+                                      dtype=self.config.dtype if request.dtype == "auto" else request.dtype,
+                                      output=self.config.save_dir or ".")
+        request, options, catalog = prepare(request, log=lambda message: None)
+        inputs = read_inputs(request, options, read)
+        job = Job(id=f"job-{next(self._ids)}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:8]}",
+                  request=request, options=options, inputs=inputs, seed=pick_seed(request),
+                  catalog=self.catalog if catalog is None else catalog, source=source,
+                  total_steps=denoising_steps(request) * math.ceil(request.num_images / request.batch_size))
+        with self._lock:
+            self._jobs[job.id] = job
+            finished = [k for k, j in self._jobs.items() if j.done]
+            for key in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+                del self._jobs[key]
+        self._queue.put(job)
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel what is queued and running, and stop the worker."""
+        for job in self.jobs():
+            job.cancel()
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancel_requested:
+                self._finish(job, "cancelled")
+                continue
+            self.current = job
+            job.state, job.started = "running", time.time()
+            try:
+                self._run(job)
+                self._finish(job, "done")
+            except JobCancelled:
+                self._finish(job, "cancelled")
+            except (ValueError, FileNotFoundError, OSError) as err:  # the user's error, in the CLI's words
+                from ..errors import one_line
+
+                self._finish(job, "failed", one_line(err))
+            except Exception as err:  # noqa: BLE001 - a bug: keep serving, say what broke in one line
+                self._finish(job, "failed", f"internal error ({type(err).__name__}: {err}); please report it")
+            finally:
+                self.current = None
+
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        job.state, job.error, job.finished = state, error, time.time()
+        job._done.set()
+
+    def _run(self, job: Job) -> None:
+        request = job.request
+        per_batch = denoising_steps(request)
+        models = load_models(request, job.options, job.catalog, self.loader)
+        batches_done = 0
+
+        def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+            if job.cancel_requested:
+                raise JobCancelled
+            job.step = batches_done * per_batch + step + 1
+            return tensors
+
+        save_dir = Path(self.config.save_dir) if self.config.save_dir else None
+        index = next_index(save_dir) if save_dir and save_dir.is_dir() else 0
+        for batch in render(request, job.options, models, job.inputs, job.seed, callback=on_step):
+            if save_dir is not None:  # written as the CLI writes: atomically, never over another image
+                save_dir.mkdir(parents=True, exist_ok=True)
+                for item in batch:
+                    _, index = save_numbered_png(save_dir, index, item.seed, item.image, item.parameters)
+                    index += 1
+            job.images.extend(batch)
+            batches_done += 1
+            job.step = batches_done * per_batch

@@ -1,0 +1,250 @@
+"""imprompt serve's HTTP APIs on the bundled toy model: A1111's /sdapi/v1 with ControlNet-extension units,
+the native /v1, and what the server refuses. Pixels are compared with `imprompt generate`'s."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imprompt import toy
+from imprompt.cli import main
+from imprompt.generation.pnginfo import parse_parameters
+from imprompt.server.app import create_app
+from imprompt.server.config import ServerConfig
+from server_util import running
+
+torch.set_flush_denormal(True)
+REFS = sorted(toy.toy_paths()["references"].glob("*.png"))
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def pixels_of(b64png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))).convert("RGB"))
+
+
+def unit(ref: Path, weight: float = 0.7, **more) -> dict:
+    return {"enabled": True, "module": "ip-adapter-auto", "model": "ip_adapter [0123456789]", "weight": weight,
+            "image": b64(ref), **more}
+
+
+def txt2img(client, *units, **fields) -> httpx.Response:
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "cfg_scale": 7, **fields,
+            "alwayson_scripts": {"controlnet": {"args": list(units)}}}
+    return client.post("/sdapi/v1/txt2img", json=body)
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = create_app(ServerConfig(ui=False))
+    yield app
+    app.state.engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def cli_pixels(tmp_path, *args) -> np.ndarray:
+    out = tmp_path / f"cli{len(list(tmp_path.iterdir()))}"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "4", "--seed", "3", "--guidance", "7",
+                 "--output", str(out), *args]) == 0
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png).convert("RGB"))
+
+
+def test_txt2img_units_match_imprompt_generate(client, tmp_path):
+    paths = toy.toy_paths()
+    one = txt2img(client, unit(REFS[0]))
+    assert one.status_code == 200, one.text
+    info = json.loads(one.json()["info"])
+    assert info["all_seeds"] == [3] and "IP-Adapter 0" in info["infotexts"][0]
+    cli = cli_pixels(tmp_path, "--adapter", str(paths["adapter"]), "--image", str(REFS[0]), "--scale", "0.7")
+    np.testing.assert_array_equal(pixels_of(one.json()["images"][0]), cli)
+
+    # Two units are two adapters; guidance_start / guidance_end are --start / --end.
+    two = txt2img(client, unit(REFS[0]), unit(REFS[1], 0.4, guidance_start=0.25, guidance_end=0.75))
+    assert two.status_code == 200, two.text
+    cli_two = cli_pixels(tmp_path, "--adapter", str(paths["adapter"]), "--adapter", str(paths["adapter"]),
+                         "--image", str(REFS[0]), "--image", f"1={REFS[1]}", "--scale", "0.7", "--scale", "1=0.4",
+                         "--start", "1=0.25", "--end", "1=0.75")
+    np.testing.assert_array_equal(pixels_of(two.json()["images"][0]), cli_two)
+    assert not np.array_equal(cli_two, cli)
+
+    # Disabled units and unknown fields are ignored, as A1111 ignores them.
+    same = txt2img(client, unit(REFS[0]), unit(REFS[1], enabled=False), restore_faces=True, styles=["x"])
+    np.testing.assert_array_equal(pixels_of(same.json()["images"][0]), cli)
+
+
+def test_native_api_and_png_info_round_trip(client):
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "guidance": 7,
+            "image_prompts": [{"adapter": "ip_adapter", "images": [b64(REFS[0])], "scale": 0.7}]}
+    native = client.post("/v1/generate", json=body)
+    assert native.status_code == 200, native.text
+    a1111 = txt2img(client, unit(REFS[0]))
+    np.testing.assert_array_equal(pixels_of(native.json()["images"][0]["png"]), pixels_of(a1111.json()["images"][0]))
+
+    info = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + a1111.json()["images"][0]})
+    assert info.status_code == 200, info.text
+    assert info.json()["parameters"]["Seed"] == "3" and info.json()["parameters"]["Prompt"] == "a red circle"
+    assert info.json()["info"] == json.loads(a1111.json()["info"])["infotexts"][0]
+
+    # Jobs: queued, streamed, fetched.
+    job = client.post("/v1/jobs", json={**body, "seed": 5}).json()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+        states = [json.loads(line[6:])["state"] for line in events.iter_lines() if line.startswith("data: ")]
+    assert states[-1] == "done" and set(states) <= {"queued", "running", "done"}
+    result = client.get(f"/v1/jobs/{job['id']}/result").json()
+    assert [i["seed"] for i in result["images"]] == [5]
+
+
+def test_listings_a1111_clients_read(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["pipeline"]
+    assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in client.get("/sdapi/v1/samplers").json()
+    assert client.get("/controlnet/model_list").json() == {"model_list": ["ip_adapter"]}
+    assert "ip-adapter_clip_h" in client.get("/controlnet/module_list").json()["module_list"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "pipeline"
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+    assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]
+
+
+def test_embeddings_of_a_repeated_reference_are_computed_once(app, client):
+    cache = app.state.engine.embeddings
+    before = cache.computed
+    first = txt2img(client, unit(REFS[2]), seed=11)
+    after_first = cache.computed
+    second = txt2img(client, unit(REFS[2]), seed=12)
+    assert after_first == before + 1 and cache.computed == after_first  # the toy adapter reads image_embeds
+    assert first.status_code == second.status_code == 200
+    assert not np.array_equal(pixels_of(first.json()["images"][0]), pixels_of(second.json()["images"][0]))
+
+
+def test_bad_input_gets_the_clis_words(client, tmp_path):
+    bad = txt2img(client, {**unit(REFS[0]), "image": "not base64!"})
+    assert bad.status_code == 422 and "not valid base64" in bad.json()["detail"]
+    corrupt = txt2img(client, {**unit(REFS[0]), "image": base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode()})
+    assert corrupt.status_code == 422 and "cannot read alwayson_scripts.controlnet.args[0].image" in corrupt.json()["detail"]
+    typed = client.post("/sdapi/v1/txt2img", json={"steps": "many"})
+    assert typed.status_code == 422 and typed.json()["detail"][0]["loc"] == ["body", "steps"]
+    sampler = txt2img(client, sampler_name="Nope")
+    assert sampler.status_code == 422 and "sampler_name 'Nope'" in sampler.json()["detail"]
+    faceid = txt2img(client, {**unit(REFS[0]), "module": "ip-adapter_face_id_plus"})
+    assert faceid.status_code == 422 and "FaceID" in faceid.json()["detail"]
+    # A region mask of another shape than its reference is refused in the CLI's words.
+    wide = io.BytesIO()
+    Image.new("L", (64, 16), 255).save(wide, format="PNG")
+    mask = txt2img(client, {**unit(REFS[0]), "mask": base64.b64encode(wide.getvalue()).decode()})
+    assert mask.status_code == 422, mask.text
+    # Names only: never a path, never outside the model folders.
+    for name in ("../../../etc/passwd", str(toy.toy_paths()["adapter"]), "/etc/passwd", "ip_adapter/../../x"):
+        refused = txt2img(client, {**unit(REFS[0]), "model": name})
+        assert refused.status_code == 404, (name, refused.text)
+    native = client.post("/v1/generate", json={"model": str(toy.toy_paths()["model"])})
+    assert native.status_code == 404
+
+
+def test_limits_are_checked_before_decoding(tmp_path):
+    big = io.BytesIO()
+    Image.new("RGB", (2000, 1000)).save(big, format="PNG")  # 2 MP, few bytes
+    app = create_app(ServerConfig(ui=False, max_upload_mb=0.05, max_upload_megapixels=1))
+    with TestClient(app) as client:
+        pixels = txt2img(client, {**unit(REFS[0]), "image": base64.b64encode(big.getvalue()).decode()})
+        assert pixels.status_code == 413 and "2.0 MP, over the 1 MP limit" in pixels.json()["detail"]
+        heavy = txt2img(client, {**unit(REFS[0]), "image": base64.b64encode(np.random.bytes(60_000)).decode()})
+        assert heavy.status_code == 413 and "upload limit" in heavy.json()["detail"]
+        body = client.post("/sdapi/v1/txt2img", content=b"{" + b" " * 600_000 + b"}",
+                           headers={"content-type": "application/json"})
+        assert body.status_code == 413
+    app.state.engine.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_auth_and_save_dir(tmp_path):
+    app = create_app(ServerConfig(ui=False, api_auth="ann:secret", save_dir=str(tmp_path / "saved")))
+    with TestClient(app) as client:
+        assert client.get("/sdapi/v1/sd-models").status_code == 401
+        assert client.get("/sdapi/v1/sd-models", auth=("ann", "wrong")).status_code == 401
+        done = client.post("/sdapi/v1/txt2img", auth=("ann", "secret"), json={"steps": 2, "seed": 1, "n_iter": 2})
+        assert done.status_code == 200, done.text
+    app.state.engine.close()
+    saved = sorted((tmp_path / "saved").glob("*.png"))
+    assert [p.name for p in saved] == ["00000-1.png", "00001-2.png"]
+    assert parse_parameters(Image.open(saved[1]).info["parameters"])["Seed"] == "2"
+
+
+def test_concurrent_clients_each_get_their_own_result(app, client):
+    """Eight clients at once, A1111 and native, different references, scales and seeds: each result is
+    the one the same request gives alone."""
+    def request(i: int):
+        if i % 2:
+            return "/sdapi/v1/txt2img", {"prompt": f"shape {i}", "steps": 3, "seed": 100 + i, "cfg_scale": 7,
+                                         "alwayson_scripts": {"controlnet": {"args": [unit(REFS[i % 3], 0.2 + 0.1 * i)]}}}
+        return "/v1/generate", {"prompt": f"shape {i}", "steps": 3, "seed": 100 + i, "guidance": 7,
+                                "image_prompts": [{"adapter": "ip_adapter", "images": [b64(REFS[i % 3])],
+                                                   "scale": 0.2 + 0.1 * i}]}
+
+    def image_of(response) -> np.ndarray:
+        body = response.json()
+        return pixels_of(body["images"][0] if "info" in body else body["images"][0]["png"])
+
+    alone = [image_of(client.post(*request(i)[:1], json=request(i)[1])) for i in range(8)]
+    results: dict[int, np.ndarray] = {}
+
+    def worker(i: int) -> None:
+        with TestClient(app) as own:
+            path, body = request(i)
+            response = own.post(path, json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            results[i] = image_of(response)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(8))
+    for i in range(8):
+        np.testing.assert_array_equal(results[i], alone[i], err_msg=f"request {i}")
+    assert len({a.tobytes() for a in alone}) == 8
+
+
+def test_a_client_that_leaves_does_not_wedge_the_queue():
+    app = create_app(ServerConfig(ui=False))
+    engine = app.state.engine
+    try:
+        with running(app) as url:
+            long = {"prompt": "slow", "steps": 400, "seed": 1, "n_iter": 4}
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/sdapi/v1/txt2img", json=long, timeout=1.5)
+            deadline = time.monotonic() + 30
+            while engine.current is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = [j for j in engine.jobs() if j.request.steps == 400]
+            assert [j.state for j in left] == ["cancelled"]
+            quick = httpx.post(f"{url}/sdapi/v1/txt2img", json={"steps": 2, "seed": 2}, timeout=30)
+            assert quick.status_code == 200
+
+            # A cancelled job frees its slot: the next one runs.
+            job = httpx.post(f"{url}/v1/jobs", json={"steps": 400, "num_images": 4, "seed": 1}, timeout=10).json()
+            httpx.post(f"{url}/v1/jobs/{job['id']}/cancel", timeout=10)
+            after = httpx.post(f"{url}/v1/generate", json={"steps": 2, "seed": 4}, timeout=30)
+            assert after.status_code == 200
+            assert httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=10).json()["state"] == "cancelled"
+    finally:
+        engine.close()
