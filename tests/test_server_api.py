@@ -248,3 +248,27 @@ def test_a_client_that_leaves_does_not_wedge_the_queue():
             assert httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=10).json()["state"] == "cancelled"
     finally:
         engine.close()
+
+
+def test_multipart_upload_names_the_reference_by_its_file_name(client):
+    body = {"prompt": "a red circle", "steps": 2, "seed": 9,
+            "image_prompts": [{"adapter": "ip_adapter", "images": ["cat.png"], "scale": 0.5}]}
+    job = client.post("/v1/jobs/upload", data={"request": json.dumps(body)},
+                      files=[("files", ("cat.png", REFS[0].read_bytes(), "image/png"))])
+    assert job.status_code == 202, job.text
+    assert app_wait(client, job.json()["id"])["state"] == "done"
+    (image,) = client.get(f"/v1/jobs/{job.json()['id']}/result").json()["images"]
+    assert "Images: cat.png" in image["parameters"]
+    missing = client.post("/v1/jobs/upload", data={"request": json.dumps(body)})
+    assert missing.status_code == 422
+    assert "'cat.png' is not among the uploaded files (none)" in missing.json()["detail"]
+
+
+def app_wait(client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")

@@ -385,8 +385,12 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
 
     def native_job(body: NativeRequest, images: Images, uploaded: dict[str, str] | None = None) -> Job:
         def image(ref: str, field: str, mode: str) -> str:
-            if uploaded is not None and ref in uploaded:
-                return uploaded[ref]
+            if uploaded is not None:
+                if ref in uploaded:
+                    return uploaded[ref]
+                if len(ref) < 256:  # a file name, not base64: say which files did arrive
+                    raise ValueError(f"{field}: {ref!r} is not among the uploaded files "
+                                     f"({', '.join(sorted(uploaded)) or 'none'})")
             return images.add_base64(ref, field, mode)
 
         try:
