@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, settings
 
 from imprompt import toy
@@ -27,8 +28,18 @@ def make_app():
     return create_app(config, InstantEngine(config, roots_from([]), [toy.PACKAGE_DIR]))
 
 
+# Hypothesis refuses to draw floats where subnormals flush to zero, which other test modules turn on
+# (tiny random models run 10x slower with denormals): off while this module collects and runs.
+torch.set_flush_denormal(False)
 APP = make_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@pytest.fixture(autouse=True)
+def subnormal_floats():
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(True)
 
 
 @pytest.mark.slow
