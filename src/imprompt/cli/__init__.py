@@ -103,6 +103,25 @@ def _serve(namespace: argparse.Namespace) -> int:
     return serve(from_namespace(ServerConfig, namespace))
 
 
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="A B, or A B C for add_difference (.safetensors)")
+    _config_arguments("..models.merge", "MergeConfig")(parser)
+
+
+def _merge(namespace: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..models.merge import MergeConfig, merge_checkpoints
+
+    models = namespace.models
+    if len(models) not in (2, 3):
+        raise ValueError(f"imprompt merge takes 2 or 3 models (A B [C]), got {len(models)}")
+    config = dataclasses.replace(from_namespace(MergeConfig, namespace), a=models[0], b=models[1],
+                                 c=models[2] if len(models) == 3 else None)
+    merge_checkpoints(config)
+    return 0
+
+
 def _config_arguments(module: str, name: str, **kwargs) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         add_arguments(parser, getattr(importlib.import_module(module, __package__), name), **kwargs)
@@ -161,6 +180,10 @@ COMMANDS = (
             "Serve the web UI at / and the HTTP APIs (A1111's /sdapi/v1, the ControlNet extension's /controlnet, "
             "imprompt's /v1 with docs at /docs) over the models in --models-dir, or the bundled toy model.",
             _config_arguments("..server.config", "ServerConfig"), _serve),
+    Command("merge", "merge checkpoints as A1111's Checkpoint Merger does (weighted sum, add difference, block weights)",
+            "Merge two or three single-file checkpoints: weighted_sum A*(1-M) + B*M, add_difference A + (B-C)*M, "
+            "optionally with per-block weights (--blocks) as the Merge Block Weighted extension; streamed "
+            "tensor by tensor, written atomically with A1111's merge metadata.", _merge_arguments, _merge),
     Command("demo", "the demo on the bundled toy world (what `make demo` runs)",
             "Generate from the bundled toy world's references and print how well each image matches.",
             _config_arguments("..demo", "DemoConfig"), _demo),
