@@ -115,3 +115,12 @@ def test_stream_writer_matches_the_library(tmp_path):
     with pytest.raises(ValueError, match="produced torch.float32"):
         write_stream(tmp_path / "t.safetensors", [TensorSpec("x", "F16", (3, 5))], tensors.__getitem__)
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_baked_in_vae_replaces_the_first_stage(ckpts, tmp_path):
+    c = load(ckpts, "c")
+    vae = {k.removeprefix("first_stage_model."): v for k, v in c.items() if k.startswith("first_stage_model.")}
+    save_file(vae, tmp_path / "vae.safetensors")
+    out = merged(ckpts, tmp_path, ["a", "b"], "--vae", str(tmp_path / "vae.safetensors"))
+    assert all(torch.equal(out[k], c[k]) for k in c if k.startswith("first_stage_model."))
+    assert sorted(out) == sorted(load(ckpts, "a"))
