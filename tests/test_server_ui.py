@@ -39,18 +39,22 @@ def _mapping(form: Form):
 
 def test_form_maps_units_masks_and_seed():
     stroke = Image.new("L", (256, 256), 0)
-    form = Form(prompt="a star", units=[UnitForm(True, "ip_adapter", [str(REFS[0]), str(REFS[1])], 0.5, "style", 0.1, 0.9),
-                                        UnitForm(True, "other", [str(REFS[2])], 0.8, mask=stroke),
+    form = Form(prompt="a star", units=[UnitForm(True, "ip_adapter", [str(REFS[0]), str(REFS[1])], 0.5, "style", start=0.1,
+                                                 end=0.9, weights="0.7,0.3", image_encoder="enc"),
+                                        UnitForm(True, "other", [str(REFS[2])], 0.8, "custom", "up_blocks.1=1,default=0", mask=stroke),
                                         UnitForm(False, "unused", [str(REFS[0])])],
                 seed=-1, sampler="euler_a", width=0)
     request, images = _mapping(form)
     assert request.adapter == ["/models/adapter/ip_adapter", "/models/adapter/other"]
     assert request.image == [f"0={REFS[0].name}", f"0={REFS[1].name}", f"1={REFS[2].name}"]
-    assert request.scale == ["0=0.5", "1=0.8"] and request.layers == ["0=style", "1=all"]
+    assert request.scale == ["0=0.5", "1=0.8"] and request.layers == ["0=style", "1=up_blocks.1=1,default=0"]
+    assert request.weights == ["0=0.7,0.3"] and request.image_encoder == ["0=/models/image_encoder/enc"]
     assert request.start[0] == "0=0.1" and request.end[0] == "0=0.9"
     assert len(request.mask) == 3 and images[request.mask[2]] is stroke  # unit 1's painted mask
     assert images[request.mask[0]].getextrema() == (255, 255)  # unit 0 unmasked: acts everywhere
     assert request.seed is None and request.scheduler == "euler_a" and request.width is None
+    with pytest.raises(ValueError, match="unit 1: custom layers need"):
+        _mapping(Form(units=[UnitForm(True, "ip_adapter", [str(REFS[0])], layers="custom")]))
     with pytest.raises(ValueError, match="unit 1 has no reference image"):
         _mapping(Form(units=[UnitForm(True, "ip_adapter", [])]))
 

@@ -34,9 +34,10 @@ from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .uploads import decode_upload  # noqa: E402
 
-UNITS = 2  # adapter units shown (each may hold several references)
+UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
+PER_UNIT = 12  # form fields per unit
 MODEL_DEFAULT = "(model default)"
-LAYER_CHOICES = list(PRESETS)  # all, style, composition, style_and_composition
+LAYER_CHOICES = [*PRESETS, "custom"]  # all, style, composition, style_and_composition, custom
 POLL_SECONDS = 0.2
 WHITE_BRUSH = gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")  # white = the region
 
@@ -49,7 +50,10 @@ class UnitForm:
     adapter: str | None = None  # a catalog name
     images: list[str] = field(default_factory=list)  # uploaded file paths
     scale: float = 0.6
-    layers: str = "all"
+    layers: str = "all"  # a preset, or "custom" with custom_layers
+    custom_layers: str = ""  # 'block=w,...,default=w' (imprompt.adapter.layers)
+    weights: str = ""  # one weight per reference, comma-separated: combine them weighted
+    image_encoder: str | None = None  # a catalog name; None: the one the adapter needs
     start: float = 0.0
     end: float = 1.0
     mask: Image.Image | None = None  # painted in the page: white = this unit acts there
@@ -82,7 +86,7 @@ def form_request(form: Form, lookup, read_image, add_image) -> GenerateRequest:
     ``read_image(path) -> image``; ``add_image(image, name) -> reference name`` files an image for the
     engine (the name is what PNG info shows)."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "layers", "start", "end", "mask",
-                                                    "negative_image")}
+                                                    "negative_image", "weights", "image_encoder")}
     units = [u for u in form.units if u.enabled]
     masked = any(u.mask is not None for u in units)
     for i, unit in enumerate(units):
@@ -97,7 +101,17 @@ def form_request(form: Form, lookup, read_image, add_image) -> GenerateRequest:
                 mask = unit.mask if unit.mask is not None else Image.new("L", (64, 64), 255)
                 values["mask"].append(add_image(mask, f"unit{i + 1}-mask.png"))
         values["scale"].append(f"{i}={unit.scale:g}")
-        values["layers"].append(f"{i}={unit.layers}")
+        if unit.layers == "custom":
+            if not unit.custom_layers.strip():
+                raise ValueError(f"IP-Adapter unit {i + 1}: custom layers need 'block=weight,...', e.g. "
+                                 "'up_blocks.1=1,default=0'")
+            values["layers"].append(f"{i}={unit.custom_layers.strip()}")
+        else:
+            values["layers"].append(f"{i}={unit.layers}")
+        if unit.weights.strip():
+            values["weights"].append(f"{i}={unit.weights.strip()}")
+        if unit.image_encoder:
+            values["image_encoder"].append(f"{i}={lookup(unit.image_encoder, 'image_encoder')}")
         values["start"].append(f"{i}={unit.start:g}")
         values["end"].append(f"{i}={unit.end:g}")
         if unit.negative_image:
@@ -251,13 +265,19 @@ def build_ui(engine: Engine) -> gr.Blocks:
                                 scale = gr.Slider(0, 2, 0.6, step=0.05, label="Weight")
                                 layers = gr.Dropdown(LAYER_CHOICES, value="all", label="Layers")
                             with gr.Row():
+                                custom = gr.Textbox(label="Custom layers (block=w,...,default=w)", scale=2)
+                                weights = gr.Textbox(label="Per-image weights (w1,w2,...)", scale=1)
+                                encoder = gr.Dropdown([None, *session.names("image_encoder")], value=None,
+                                                      label="Image encoder (default: the one it needs)", scale=1)
+                            with gr.Row():
                                 start = gr.Slider(0, 1, 0, step=0.05, label="Start")
                                 end = gr.Slider(0, 1, 1, step=0.05, label="End")
                             mask = gr.ImageEditor(label="Region mask: paint where this unit acts", type="numpy",
                                                   value=np.zeros((256, 256, 3), np.uint8), canvas_size=(256, 256),
                                                   height=300, elem_id=f"unit{i}_mask", sources=(), brush=WHITE_BRUSH)
                             negative_image = gr.Image(type="filepath", label="Negative image", height=120)
-                            unit_fields += [enabled, adapter, refs, scale, layers, start, end, mask, negative_image]
+                            unit_fields += [enabled, adapter, refs, scale, layers, custom, weights, encoder, start, end, mask,
+                                            negative_image]
                     crop = gr.Radio(["center", "pad"], value="center", label="Reference crop")
                     with gr.Accordion("ControlNet unit", open=False):
                         controlnet = gr.Dropdown([None, *session.names("controlnet")], value=None, label="ControlNet")
@@ -303,9 +323,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
              seed_v) = rest[len(unit_fields):]
             units = []
             for k in range(UNITS):
-                e, a, files, s, lay, st, en, m, neg = fields[9 * k: 9 * k + 9]
-                units.append(UnitForm(bool(e), a, [str(f) for f in (files or [])], float(s), lay, float(st), float(en),
-                                      painted_mask(m), neg))
+                e, a, files, s, lay, cus, ws, enc, st, en, m, neg = fields[PER_UNIT * k: PER_UNIT * (k + 1)]
+                units.append(UnitForm(bool(e), a, [str(f) for f in (files or [])], float(s), lay, cus or "", ws or "",
+                                      enc, float(st), float(en), painted_mask(m), neg))
             form = Form(model_name, prompt_text or "", negative_text or "", units, crop_v, cn, cn_image, init,
                         painted_mask(inpaint_v), strength_v, sampler_v, steps_v, guidance_v,
                         int(seed_v) if seed_v is not None else -1, int(w or 0), int(h or 0), int(n))
