@@ -44,6 +44,7 @@ from ..files import check_writable_folder, remove_debris
 from ..models.catalog import Catalog, resolve_name, roots_from
 from ..models.pairing import find_encoder
 from .generate import generate
+from .matrix import matrix_grid, matrix_prompts
 from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
                         resolve_file, resolve_model)
 from .pnginfo import format_parameters, save_png
@@ -116,6 +117,9 @@ class GenerateRequest(GenerationSettings):
     cpu_offload: str | None = field(default=None, metadata=option(
         "keep weights on the CPU and move them to the GPU as needed: per model, or per layer (least memory)",
         choices=list(OFFLOAD_MODES)))
+    prompt_matrix: bool = field(default=False, metadata=option(
+        "A1111's prompt matrix: 'a cat|in the snow|at night' draws every combination of the parts after the "
+        "first (same seed), plus one labelled grid (grid-N.png)"))
 
     @property
     def memory(self) -> MemoryOptions:
@@ -139,6 +143,8 @@ class GenerateRequest(GenerationSettings):
             raise ValueError("--mask-image (inpainting) needs --init-image")
         if (self.controlnet is None) != (self.control_image is None):
             raise ValueError("--controlnet and --control-image go together")
+        if self.prompt_matrix:
+            matrix_prompts(self.prompt)  # raises for a prompt without parts
         if self.image and not self.adapter:
             raise ValueError("--image needs an --adapter to read it")
         if self.adapter and not self.image:
@@ -590,10 +596,20 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
         log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
     index = next_index(out_dir)
     written: list[Path] = []
-    for batch in render(request, options, models, inputs, seed):
-        for item in batch:
-            path, index = save_numbered_png(out_dir, index, item.seed, item.image, item.parameters)
-            written.append(path)
-            index += 1
-            log(f"wrote {path}")
+    prompts = matrix_prompts(request.prompt) if request.prompt_matrix else [request.prompt]
+    firsts = []
+    for prompt in prompts:
+        for n, batch in enumerate(render(dataclasses.replace(request, prompt=prompt), options, models, inputs, seed)):
+            if n == 0:
+                firsts.append(batch[0])
+            for item in batch:
+                path, index = save_numbered_png(out_dir, index, item.seed, item.image, item.parameters)
+                written.append(path)
+                index += 1
+                log(f"wrote {path}")
+    if request.prompt_matrix:
+        grid = matrix_grid(request.prompt, [f.image for f in firsts])
+        path = save_png(grid, out_dir / f"grid-{index:05d}.png", firsts[0].parameters, exclusive=True)
+        written.append(path)
+        log(f"wrote {path} ({len(prompts)} prompts)")
     return written
