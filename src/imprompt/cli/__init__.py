@@ -103,6 +103,13 @@ def _serve(namespace: argparse.Namespace) -> int:
     return serve(from_namespace(ServerConfig, namespace))
 
 
+def _grid(namespace: argparse.Namespace) -> int:
+    from ..generation.grid import GridConfig, run_grid
+
+    run_grid(from_namespace(GridConfig, namespace))
+    return 0
+
+
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="A B, or A B C for add_difference (.safetensors)")
     _config_arguments("..models.merge", "MergeConfig")(parser)
@@ -180,6 +187,11 @@ COMMANDS = (
             "Serve the web UI at / and the HTTP APIs (A1111's /sdapi/v1, the ControlNet extension's /controlnet, "
             "imprompt's /v1 with docs at /docs) over the models in --models-dir, or the bundled toy model.",
             _config_arguments("..server.config", "ServerConfig"), _serve),
+    Command("grid", "X/Y/Z plots over any generation field, as A1111's script (imprompt grid --help)",
+            "Generate one image per combination of --x / --y / --z values (FIELD=V1,V2,...; prompt_sr=FIND,A,B "
+            "for prompt search/replace), each with its PNG info, and one labelled grid per Z value. Every "
+            "`imprompt generate` option is accepted for what the axes leave unchanged.",
+            _config_arguments("..generation.grid", "GridConfig"), _grid),
     Command("merge", "merge checkpoints as A1111's Checkpoint Merger does (weighted sum, add difference, block weights)",
             "Merge two or three single-file checkpoints: weighted_sum A*(1-M) + B*M, add_difference A + (B-C)*M, "
             "optionally with per-block weights (--blocks) as the Merge Block Weighted extension; streamed "
