@@ -110,6 +110,20 @@ def _grid(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workflow", nargs="?", help="YAML file of BatchConfig fields (generate options + the job lists)")
+    _config_arguments("..generation.batch", "BatchConfig", all_optional=True)(parser)
+
+
+def _batch(namespace: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..generation.batch import BatchConfig, run_batch
+
+    overrides = {k: v for k, v in vars(namespace).items() if k != "workflow"}
+    run_batch(load_config(BatchConfig, namespace.workflow, overrides))
+    return 0
+
+
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="A B, or A B C for add_difference (.safetensors)")
     _config_arguments("..models.merge", "MergeConfig")(parser)
@@ -192,6 +206,10 @@ COMMANDS = (
             "for prompt search/replace), each with its PNG info, and one labelled grid per Z value. Every "
             "`imprompt generate` option is accepted for what the axes leave unchanged.",
             _config_arguments("..generation.grid", "GridConfig"), _grid),
+    Command("batch", "run a workflow: references x prompts x scales x control images x seeds, resumable",
+            "Run a batch workflow from WORKFLOW.yaml (any generate option, plus references, prompts, scales, "
+            "control_images, seeds, name). Finished images are skipped on a rerun; `accelerate launch -m imprompt "
+            "batch ...` splits the jobs across processes.", _batch_arguments, _batch),
     Command("merge", "merge checkpoints as A1111's Checkpoint Merger does (weighted sum, add difference, block weights)",
             "Merge two or three single-file checkpoints: weighted_sum A*(1-M) + B*M, add_difference A + (B-C)*M, "
             "optionally with per-block weights (--blocks) as the Merge Block Weighted extension; streamed "

@@ -1,0 +1,151 @@
+"""Batch workflows (ComfyUI-style, run unattended): references x prompts x scales x control images x seeds,
+from one YAML file, resumable, and split across processes / GPUs with accelerate.
+
+A workflow is a YAML file of :class:`BatchConfig` fields: every ``imprompt generate`` option (model,
+adapter, steps, ...) for what stays fixed, plus the lists the jobs are the product of. ``references`` and
+``control_images`` entries may be folders (their images, sorted by name). Each job writes one PNG named by
+``name`` (``{reference}``, ``{prompt}`` (index), ``{scale}``, ``{control}``, ``{seed}``) atomically, so a file
+that exists is finished: a killed run started again skips what is there and does the rest. Under
+``accelerate launch`` the job list is split by ``PartialState.split_between_processes``; every job has
+its own seed and name, so the files are the same whatever the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import option
+from ..files import atomic_write
+from .cache import CachedLoader, EmbeddingCache, ModelCache
+from .pnginfo import save_png
+from .request import GenerateRequest, load_models, prepare, read_inputs, render
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_NAME = "{reference}-p{prompt}-s{scale}-c{control}-{seed}"
+
+
+@dataclass
+class BatchConfig(GenerateRequest):
+    references: list[str] = field(default_factory=list, metadata=option(
+        "reference images or folders of them (one job per image)", metavar="PATH"))
+    prompts: list[str] = field(default_factory=list, metadata=option("prompts (default: --prompt)"))
+    scales: list[float] = field(default_factory=list, metadata=option("image prompt scales (default: --scale)"))
+    control_images: list[str] = field(default_factory=list, metadata=option(
+        "ControlNet images or folders (with --controlnet)", metavar="PATH"))
+    seeds: list[int] = field(default_factory=list, metadata=option("seeds (default: --seed, else 0)"))
+    name: str = field(default=DEFAULT_NAME, metadata=option(
+        "file name pattern: {reference} {prompt} {scale} {control} {seed}"))
+    progress: bool = field(default=True, metadata=option("show a progress bar"))
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    reference: Path | None
+    prompt_index: int
+    prompt: str
+    scale: float | None
+    control: Path | None
+    seed: int
+    file_name: str
+
+
+def _images(entries: list[str], what: str) -> list[Path]:
+    found: list[Path] = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not inside:
+                raise ValueError(f"{what} folder {entry!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{what} {entry!r} does not exist")
+    return found
+
+
+def batch_jobs(config: BatchConfig) -> list[BatchJob]:
+    """Every job of the workflow, in a fixed order (the same in every process)."""
+    references = _images(config.references, "reference") or [None]
+    controls = _images(config.control_images, "control image") or [None]
+    prompts = config.prompts or [config.prompt]
+    scales = config.scales or [None]
+    seeds = config.seeds or [config.seed if config.seed is not None else 0]
+    jobs, names = [], {}
+    for ref, (p, prompt), scale, control, seed in itertools.product(references, enumerate(prompts), scales, controls, seeds):
+        values = {"reference": ref.stem if ref else "none", "prompt": p, "scale": f"{scale:g}" if scale is not None else "d",
+                  "control": control.stem if control else "none", "seed": seed}
+        try:
+            stem = config.name.format(**values)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"name pattern {config.name!r}: {err}; use {{reference}} {{prompt}} {{scale}} "
+                             "{control} {seed}") from None
+        stem = re.sub(r"[^\w.+-]+", "_", stem)
+        job = BatchJob(ref, p, prompt, scale, control, seed, f"{stem}.png")
+        if job.file_name in names:
+            raise ValueError(f"name pattern {config.name!r} gives {job.file_name} to two jobs; add the fields that "
+                             "differ between them")
+        names[job.file_name] = job
+        jobs.append(job)
+    return jobs
+
+
+def job_request(base: GenerateRequest, job: BatchJob) -> GenerateRequest:
+    changes: dict = {"prompt": job.prompt, "seed": job.seed, "num_images": 1, "batch_size": 1}
+    if job.reference is not None:
+        changes["image"] = [str(job.reference)]
+    if job.scale is not None:
+        changes["scale"] = [f"{job.scale!r}"]
+    if job.control is not None:
+        changes["control_image"] = str(job.control)
+    return dataclasses.replace(base, **changes)
+
+
+def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> dict:
+    """Run this process's share of the jobs; returns (and writes) its summary."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    jobs = batch_jobs(config)
+    # Without an accelerator, say so: that is what makes several launched processes gloo (multi-CPU) ranks.
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    base = GenerateRequest(**{f.name: getattr(config, f.name) for f in dataclasses.fields(GenerateRequest)})
+    if state.num_processes > 1:
+        base = dataclasses.replace(base, device=str(state.device))
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    loader = CachedLoader(ModelCache(32 * 2**30), EmbeddingCache(256))
+    done = skipped = 0
+    started = time.perf_counter()
+    with state.split_between_processes(jobs) as mine:
+        bar = tqdm(mine, desc=f"batch [{state.process_index}]" if state.num_processes > 1 else "batch",
+                   disable=not config.progress)
+        for job in bar:
+            path = out / job.file_name
+            if path.exists():  # written atomically: it exists only when finished
+                skipped += 1
+                continue
+            request, options, catalog = prepare(job_request(base, job), lambda message: None)
+            inputs = read_inputs(request, options)
+            models = load_models(request, options, catalog, loader)
+            (item,) = next(iter(render(request, options, models, inputs, job.seed)))
+            save_png(item.image, path, item.parameters)
+            done += 1
+    summary = {"jobs": len(jobs), "process": state.process_index, "processes": state.num_processes,
+               "generated": done, "skipped_existing": skipped, "seconds": round(time.perf_counter() - started, 2)}
+    name = "summary.json" if state.num_processes == 1 else f"summary-{state.process_index}.json"
+    with atomic_write(out / name, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    log(f"batch: {done} generated, {skipped} already there, of {len(jobs)} jobs"
+        + (f" (process {state.process_index} of {state.num_processes})" if state.num_processes > 1 else ""))
+    return summary
