@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +17,7 @@ def _weights(folder):
     return load_file(next(folder.glob("*.safetensors")))
 
 
+@pytest.mark.slow  # over 10 s
 def test_derive_changes_only_the_unet_and_resumes(tmp_path):
     base = toy_paths()["model"]
     logs = []

@@ -63,6 +63,7 @@ def test_edits_are_valid_attribute_changes():
         assert dataclasses.replace(expected, **{changed: getattr(a, changed)}) == a
 
 
+@pytest.mark.slow  # over 10 s
 def test_build_stages_smoke(tmp_path):
     cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
                       clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
