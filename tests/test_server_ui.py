@@ -107,6 +107,8 @@ def test_the_page_in_a_real_browser(tmp_path):
             parameters = parse_parameters(first.info["parameters"])
             assert REFS[0].name in parameters["IP-Adapter 0"] and parameters["Prompt"] == "a red circle"
             page.screenshot(path=str(tmp_path / "generated.png"), full_page=True)
+            page.locator("#reuse_seed").click()  # this tab's last seed back into the form
+            page.wait_for_function(f"() => document.querySelector('#seed input').value === '{parameters['Seed']}'")
 
             # Paint a region mask, then generate again: the unit is masked now.
             page.locator("#unit0_mask [aria-label=Brush]").first.click()

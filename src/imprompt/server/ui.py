@@ -161,7 +161,6 @@ class Session:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.current = None  # the last job this page submitted (Cancel, reuse seed)
         self.folder = Path(tempfile.mkdtemp(prefix="imprompt-ui-"))
         atexit.register(shutil.rmtree, self.folder, True)
 
@@ -181,7 +180,8 @@ class Session:
                              max_pixels=config.max_pixels)
 
     def run(self, form: Form):
-        """Submit, then yield (progress text, gallery paths, parameters text) until the job is done."""
+        """Submit, then yield (progress text, gallery paths, parameters text, job) until the job is done.
+        The job travels to the caller (each browser tab keeps its own in a gr.State), never on the session."""
         images: dict[str, Image.Image] = {}
 
         def add(image: Image.Image, name: str) -> str:
@@ -201,20 +201,19 @@ class Session:
             job = self.engine.submit(request, images, source="ui")
         except (ValueError, FileNotFoundError) as err:
             raise gr.Error(one_line(err)) from None
-        self.current = job
         while not job.done:
-            yield f"step {job.step} of {job.total_steps} ({job.state})", None, ""
+            yield f"step {job.step} of {job.total_steps} ({job.state})", None, "", job
             time.sleep(POLL_SECONDS)
         if job.state == "failed":
             raise gr.Error(job.error or "the generation failed")
         if job.state == "cancelled":
-            yield "cancelled", None, ""
+            yield "cancelled", None, "", job
             return
         paths = []
         for n, item in enumerate(job.images):
             paths.append(str(save_png(item.image, self.folder / f"{job.id}-{n}-{item.seed}.png", item.parameters)))
         yield (f"done: {len(paths)} image(s), step {job.total_steps} of {job.total_steps}", paths,
-               "\n\n".join(r.parameters for r in job.images))
+               "\n\n".join(r.parameters for r in job.images), job)
 
 
 def png_info_text(path: str | None) -> str:
@@ -241,7 +240,6 @@ def send_back(text: str) -> list:
 
 def build_ui(engine: Engine) -> gr.Blocks:
     session = Session(engine)
-    last_seed = {"value": -1}
     with gr.Blocks(title="imprompt") as ui:
         gr.Markdown("## imprompt: image prompts for Stable Diffusion")
         with gr.Tab("txt2img / img2img", id="generate"):
@@ -329,17 +327,22 @@ def build_ui(engine: Engine) -> gr.Blocks:
             form = Form(model_name, prompt_text or "", negative_text or "", units, crop_v, cn, cn_image, init,
                         painted_mask(inpaint_v), strength_v, sampler_v, steps_v, guidance_v,
                         int(seed_v) if seed_v is not None else -1, int(w or 0), int(h or 0), int(n))
-            for update in session.run(form):
-                if update[1] is not None and session.current is not None:
-                    last_seed["value"] = session.current.seed
-                yield update
+            for text, paths, parameters, job in session.run(form):
+                yield text, paths, parameters, job.id, job.seed if paths is not None else gr.skip()
 
         inputs = [model, prompt, negative, *unit_fields, crop, controlnet, control_image, init_image, inpaint,
                   strength, sampler, steps, guidance, num_images, width, height, seed]
-        generate.click(run, inputs, [status, gallery, info])
-        cancel.click(lambda: session.current and session.current.cancel(), None, None)
+        job_id, last_seed = gr.State(None), gr.State(-1)  # per browser tab: this tab's job and seed
+        generate.click(run, inputs, [status, gallery, info, job_id, last_seed])
+
+        def cancel_job(current: str | None) -> None:
+            job = engine.job(current) if current else None
+            if job is not None:
+                job.cancel()
+
+        cancel.click(cancel_job, job_id, None)
         dice.click(lambda: random.randrange(2**32), None, seed)
-        reuse.click(lambda: last_seed["value"], None, seed)
+        reuse.click(lambda value: value, last_seed, seed)
 
         def refreshed():
             engine.refresh()
