@@ -189,9 +189,16 @@ def test_auth_and_save_dir(tmp_path):
 
 
 def test_concurrent_clients_each_get_their_own_result(app, client):
-    """Eight clients at once, A1111 and native, different references, scales and seeds: each result is
-    the one the same request gives alone."""
+    """Ten clients at once, A1111, native and the web UI's own path, different references, scales and
+    seeds: each result is the one the same request gives alone."""
+    from imprompt.server.ui import Form, Session, UnitForm
+
+    clients = 10
+
     def request(i: int):
+        if i >= 8:  # the web page's generate: its form through the UI session, on the same engine
+            return "ui", Form(prompt=f"shape {i}", steps=3, guidance=7, seed=100 + i,
+                              units=[UnitForm(True, "ip_adapter", [str(REFS[i % 3])], 0.2 + 0.1 * i)])
         if i % 2:
             return "/sdapi/v1/txt2img", {"prompt": f"shape {i}", "steps": 3, "seed": 100 + i, "cfg_scale": 7,
                                          "alwayson_scripts": {"controlnet": {"args": [unit(REFS[i % 3], 0.2 + 0.1 * i)]}}}
@@ -199,29 +206,33 @@ def test_concurrent_clients_each_get_their_own_result(app, client):
                                 "image_prompts": [{"adapter": "ip_adapter", "images": [b64(REFS[i % 3])],
                                                    "scale": 0.2 + 0.1 * i}]}
 
-    def image_of(response) -> np.ndarray:
+    def result_of(http, i: int) -> np.ndarray:
+        path, body = request(i)
+        if path == "ui":
+            *_, (text, paths, parameters, job) = Session(app.state.engine).run(body)
+            assert job.state == "done" and f"Seed: {100 + i}" in parameters
+            return np.asarray(Image.open(paths[0]).convert("RGB"))
+        response = http.post(path, json=body, timeout=120)
+        assert response.status_code == 200, response.text
         body = response.json()
         return pixels_of(body["images"][0] if "info" in body else body["images"][0]["png"])
 
-    alone = [image_of(client.post(*request(i)[:1], json=request(i)[1])) for i in range(8)]
+    alone = [result_of(client, i) for i in range(clients)]
     results: dict[int, np.ndarray] = {}
 
     def worker(i: int) -> None:
         with TestClient(app) as own:
-            path, body = request(i)
-            response = own.post(path, json=body, timeout=120)
-            assert response.status_code == 200, response.text
-            results[i] = image_of(response)
+            results[i] = result_of(own, i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(results) == list(range(8))
-    for i in range(8):
+    assert sorted(results) == list(range(clients))
+    for i in range(clients):
         np.testing.assert_array_equal(results[i], alone[i], err_msg=f"request {i}")
-    assert len({a.tobytes() for a in alone}) == 8
+    assert len({a.tobytes() for a in alone}) == clients
 
 
 def test_a_client_that_leaves_does_not_wedge_the_queue():
