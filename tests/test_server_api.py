@@ -208,8 +208,9 @@ def test_concurrent_clients_each_get_their_own_result(app, client):
 
     def result_of(http, i: int) -> np.ndarray:
         path, body = request(i)
-        if path == "ui":
-            *_, (text, paths, parameters, job) = Session(app.state.engine).run(body)
+        if path == "ui":  # the session owns the result folder: keep it alive while the PNG is read
+            session = Session(app.state.engine)
+            *_, (text, paths, parameters, job) = session.run(body)
             assert job.state == "done" and f"Seed: {100 + i}" in parameters
             return np.asarray(Image.open(paths[0]).convert("RGB"))
         response = http.post(path, json=body, timeout=120)

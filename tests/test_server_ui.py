@@ -1,14 +1,13 @@
-"""The web UI: the form -> request mapping without a browser, and the page itself in headless Chromium
-(Debian's, driven by Playwright; never `playwright install`)."""
+"""The web UI: the form -> request mapping and one generation without a browser, and the page itself in
+headless Chromium (Debian's, driven by Playwright; never `playwright install`)."""
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -17,13 +16,14 @@ from PIL import Image
 
 from imprompt import toy
 from imprompt.generation.pnginfo import parse_parameters
-from imprompt.server.ui import Form, UnitForm, form_request, painted_mask, send_back
+from imprompt.server.ui import Form, Session, UnitForm, form_request, painted_mask, send_back
 
 torch.set_flush_denormal(True)
 REFS = sorted(toy.toy_paths()["references"].glob("*.png"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
 
 
 def _mapping(form: Form):
@@ -41,35 +41,94 @@ def test_form_maps_units_masks_and_seed():
     stroke = Image.new("L", (256, 256), 0)
     form = Form(prompt="a star", units=[UnitForm(True, "ip_adapter", [str(REFS[0]), str(REFS[1])], 0.5, "style", start=0.1,
                                                  end=0.9, weights="0.7,0.3", image_encoder="enc"),
-                                        UnitForm(True, "other", [str(REFS[2])], 0.8, "custom", "up_blocks.1=1,default=0", mask=stroke),
-                                        UnitForm(False, "unused", [str(REFS[0])])],
+                                        UnitForm(False, "unused", [str(REFS[0])]),
+                                        UnitForm(True, "other", [str(REFS[2])], 0.8, "custom", "up_blocks.1=1,default=0", mask=stroke)],
                 seed=-1, sampler="euler_a", width=0)
     request, images = _mapping(form)
+    # The enabled units are adapters 0 and 1, whatever their place on the page.
     assert request.adapter == ["/models/adapter/ip_adapter", "/models/adapter/other"]
     assert request.image == [f"0={REFS[0].name}", f"0={REFS[1].name}", f"1={REFS[2].name}"]
     assert request.scale == ["0=0.5", "1=0.8"] and request.layers == ["0=style", "1=up_blocks.1=1,default=0"]
     assert request.weights == ["0=0.7,0.3"] and request.image_encoder == ["0=/models/image_encoder/enc"]
     assert request.start[0] == "0=0.1" and request.end[0] == "0=0.9"
-    assert len(request.mask) == 3 and images[request.mask[2]] is stroke  # unit 1's painted mask
-    assert images[request.mask[0]].getextrema() == (255, 255)  # unit 0 unmasked: acts everywhere
+    assert len(request.mask) == 3 and images[request.mask[2]] is stroke  # the masked unit's painted region
+    assert images[request.mask[0]].getextrema() == (255, 255)  # the unmasked unit acts everywhere
     assert request.seed is None and request.scheduler == "euler_a" and request.width is None
+    assert request.init_image is None and request.mask_image is None
+    assert _mapping(Form(seed=42, steps=3))[0].seed == 42
+
+
+def test_form_errors_name_the_unit_as_the_page_numbers_it():
     with pytest.raises(ValueError, match="unit 1: custom layers need"):
         _mapping(Form(units=[UnitForm(True, "ip_adapter", [str(REFS[0])], layers="custom")]))
-    with pytest.raises(ValueError, match="unit 1 has no reference image"):
-        _mapping(Form(units=[UnitForm(True, "ip_adapter", [])]))
+    with pytest.raises(ValueError, match="unit 2 has no reference image"):  # unit 1 is off: still "unit 2"
+        _mapping(Form(units=[UnitForm(False), UnitForm(True, "ip_adapter", [])]))
+    with pytest.raises(ValueError, match="ControlNet unit has a model but no control image"):
+        _mapping(Form(controlnet="canny"))
 
 
 def test_painted_strokes_become_the_mask_and_png_info_goes_back():
     layer = np.zeros((8, 8, 4), np.uint8)
     layer[2:4, 2:4, 3] = 255
-    mask = painted_mask({"background": np.zeros((8, 8, 3)), "layers": [layer], "composite": None})
-    assert np.asarray(mask).sum() == 4 * 255
+    mask = painted_mask({"background": np.zeros((8, 8, 3)), "layers": [layer], "composite": np.ones((8, 8, 3))})
+    assert np.asarray(mask).sum() == 4 * 255  # the strokes, not the composite that differs everywhere
+    flattened = np.zeros((8, 8, 3), np.uint8)
+    flattened[0, 0] = 255
+    assert np.asarray(painted_mask({"background": np.zeros((8, 8, 3), np.uint8), "layers": [],
+                                    "composite": flattened})).sum() == 255
     assert painted_mask({"background": None, "layers": [np.zeros((8, 8, 4), np.uint8)], "composite": None}) is None
     text = "a cat\nNegative prompt: dog\nSteps: 7, Sampler: Euler a, CFG scale: 5.5, Seed: 42, Size: 32x32"
     assert send_back(text) == ["a cat", "dog", 7, 5.5, 42, "euler_a", 32, 32]
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="module")
+def session():
+    from imprompt.server.app import make_engine
+    from imprompt.server.config import ServerConfig
+
+    engine = make_engine(ServerConfig())
+    yield Session(engine)
+    engine.close()
+
+
+def test_generate_round_trip_on_the_toy_model(session):
+    form = Form(prompt="a red circle", units=[UnitForm(True, "ip_adapter", [str(REFS[0]), str(REFS[0])])],
+                steps=2, seed=7, sampler="euler")
+    updates = list(session.run(form))
+    text, paths, info, job = updates[-1]
+    assert text.startswith("done: 1 image(s)") and job.seed == 7 and len(paths) == 1
+    assert all(u[1] is None for u in updates[:-1])  # progress only, until the images exist
+    assert Path(paths[0]).parent == session.folder  # the UI's own temporary folder
+    with Image.open(paths[0]) as image:
+        assert image.format == "PNG" and image.size == (32, 32)
+        parameters = parse_parameters(image.info["parameters"])
+    assert parameters == parse_parameters(info) and parameters["Seed"] == "7" and parameters["Sampler"] == "Euler"
+    # Two uploads of one file: both reach the engine, under unique names.
+    assert f"{REFS[0].stem}-2.png" in parameters["IP-Adapter 0"] and REFS[0].name in parameters["IP-Adapter 0"]
+
+
+def test_a_refused_form_shows_the_message_not_a_traceback(session):
+    updates = session.run(Form(units=[UnitForm(True, "ip_adapter", [])]))
+    text, paths, _, job = next(updates)
+    assert text == "**Error:** IP-Adapter unit 1 has no reference image; drop one in, or disable the unit"
+    assert paths is None and job is None
+    with pytest.raises(gr.Error, match="unit 1 has no reference image"):
+        next(updates)
+    updates = session.run(Form(steps=2, width=33))  # refused by the engine's checks, in the CLI's words
+    assert next(updates)[0].startswith("**Error:** ") and "33" in _first_error(updates)
+
+
+def _first_error(updates) -> str:
+    with pytest.raises(gr.Error) as caught:
+        next(updates)
+    return caught.value.message
+
+
+# --- the page in a browser --------------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    """Debian's Chromium; installed with apt when missing, else the test is skipped, loudly."""
     if not Path(CHROMIUM).exists():
         try:
             subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=600,
@@ -80,6 +139,29 @@ def _chromium() -> str:
     return CHROMIUM
 
 
+def paint(page, editor: str) -> None:
+    """Drag one white stroke across the middle of an ImageEditor's canvas."""
+    page.locator(f"{editor} [aria-label=Brush]").first.click()
+    box = page.locator(f"{editor} canvas").first.bounding_box()  # the image sits in its middle
+    page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45)
+    page.mouse.down()
+    for k in range(12):  # a stroke the editor sees as one: small moves, a little apart
+        page.mouse.move(box["x"] + box["width"] * (0.45 + 0.01 * k), box["y"] + box["height"] * (0.45 + 0.01 * k))
+        page.wait_for_timeout(30)
+    page.mouse.up()
+
+
+def wait_value(page, selector: str, condition: str) -> None:
+    """Wait until ``value`` (an input's value, else the element's text) satisfies the JS ``condition``."""
+    page.wait_for_function(f"() => {{ const e = document.querySelector('{selector}'); if (!e) return false; "
+                           f"const value = e.matches('input, textarea') ? e.value : e.textContent; "
+                           f"return {condition}; }}")
+
+
+def fetch(url: str, src: str) -> bytes:
+    return httpx.get(url + src if src.startswith("/") else src, timeout=30).content
+
+
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(tmp_path):
     from playwright.sync_api import sync_playwright
@@ -88,72 +170,82 @@ def test_the_page_in_a_real_browser(tmp_path):
     from imprompt.server.config import ServerConfig
     from server_util import running
 
-    executable = _chromium()
+    executable = chromium()
     app = create_app(ServerConfig())
     try:
         with running(app) as url, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True,
+                                        timeout=TIMEOUT_MS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(TIMEOUT_MS)
             page.goto(url + "/")
+            assert page.locator("#checkpoint input").input_value() == "pipeline"  # the default model, shown
+
             page.locator("#unit0_refs input[type=file]").set_input_files(str(REFS[0]))
+
+            # A refused form: the message in the page, in the CLI's words.
+            page.get_by_text("IP-Adapter unit 2", exact=True).click()  # a closed accordion renders nothing
+            page.locator("#unit1_enabled input").check()
+            page.locator("#generate").click()
+            wait_value(page, "#status", "value.includes('IP-Adapter unit 2 has no reference image')")
+            page.locator("#unit1_enabled input").uncheck()
+
             page.locator("#prompt textarea").fill("a red circle")
             page.locator("#steps input[type=number]").fill("4")
             page.locator("#generate").click()
             image = page.locator("#gallery img").first
             image.wait_for()
-            first = _fetch(url, image.get_attribute("src"))
-            assert first.format == "PNG" and first.size == (32, 32)
-            parameters = parse_parameters(first.info["parameters"])
+            first = tmp_path / "first.png"
+            first.write_bytes(fetch(url, image.get_attribute("src")))
+            with Image.open(first) as png:
+                assert png.format == "PNG" and png.size == (32, 32)
+                parameters = parse_parameters(png.info["parameters"])
             assert REFS[0].name in parameters["IP-Adapter 0"] and parameters["Prompt"] == "a red circle"
+            wait_value(page, "#status", "value.includes('step 4 of 4')")
             page.screenshot(path=str(tmp_path / "generated.png"), full_page=True)
             page.locator("#reuse_seed").click()  # this tab's last seed back into the form
-            page.wait_for_function(f"() => document.querySelector('#seed input').value === '{parameters['Seed']}'")
+            wait_value(page, "#seed input", f"value === '{parameters['Seed']}'")
+            page.locator("#random_seed").click()
+            wait_value(page, "#seed input", "value === '-1'")
 
             # Paint a region mask, then generate again: the unit is masked now.
-            page.locator("#unit0_mask [aria-label=Brush]").first.click()
-            box = page.locator("#unit0_mask canvas").first.bounding_box()  # the image sits in its middle
-            page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45)
-            page.mouse.down()
-            for k in range(12):  # a stroke the editor sees as one: small moves, a little apart
-                page.mouse.move(box["x"] + box["width"] * (0.45 + 0.01 * k), box["y"] + box["height"] * (0.45 + 0.01 * k))
-                page.wait_for_timeout(30)
-            page.mouse.up()
+            paint(page, "#unit0_mask")
             page.screenshot(path=str(tmp_path / "painted.png"), full_page=True)
             page.locator("#generate").click()
-            page.wait_for_function("() => document.querySelector('#info textarea').value.includes('Masked: yes')")
+            wait_value(page, "#info textarea", "value.includes('Masked: yes')")
+
+            # Cancel a long job: it stops between steps and says so.
+            page.locator("#steps input[type=number]").fill("150")
+            page.locator("#generate").click()
+            wait_value(page, "#status", "value.includes('(running)')")
+            page.locator("#cancel").click()
+            wait_value(page, "#status", "value.includes('cancelled at step')")
+            page.locator("#steps input[type=number]").fill("4")
+
+            # img2img / inpainting: the first result as init image, a painted region repainted.
+            page.get_by_role("tab", name="img2img").click()
+            page.locator("#init_image input[type=file]").set_input_files(str(first))
+            page.wait_for_timeout(500)  # the mask editor takes the init image as its background
+            paint(page, "#inpaint")
+            page.locator("#img2img_generate").click()
+            wait_value(page, "#img2img_info textarea", "value.includes('Denoising strength: 0.75')")
+            with Image.open(io.BytesIO(fetch(url, page.locator("#img2img_gallery img").first.get_attribute("src")))) as png:
+                assert png.size == (32, 32)
+            inpainted = app.state.engine.jobs()[-1].request  # the engine's record: an inpainting job
+            assert inpainted.task == "inpaint" and inpainted.init_image == first.name
+            page.screenshot(path=str(tmp_path / "img2img.png"), full_page=True)
 
             # PNG info: drop the first image, send its settings back to the form.
-            saved = tmp_path / "first.png"
-            first.save(saved, pnginfo=_pnginfo(first.info["parameters"]))
             page.get_by_role("tab", name="PNG info").click()
-            page.locator("#png_drop input[type=file]").set_input_files(str(saved))
-            page.wait_for_function("() => document.querySelector('#png_parameters textarea').value.includes('Seed')")
+            page.locator("#png_drop input[type=file]").set_input_files(str(first))
+            wait_value(page, "#png_parameters textarea", "value.includes('Seed')")
             page.locator("#prompt textarea").evaluate("e => { e.value = ''; e.dispatchEvent(new Event('input')); }")
             page.locator("#send_to_txt2img").click()
-            page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a red circle'")
+            wait_value(page, "button[role=tab][aria-selected=true]", "value.trim() === 'txt2img'")
+            wait_value(page, "#prompt textarea", "value === 'a red circle'")
+            wait_value(page, "#seed input", f"value === '{parameters['Seed']}'")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             browser.close()
     finally:
         app.state.engine.close()
     assert Image.open(tmp_path / "page.png").size[0] == 1400
-    if target := os.environ.get("IMPROMPT_UI_SCREENSHOT"):  # how docs/ui.png is made
-        shutil.copyfile(tmp_path / "page.png", target)
-
-
-def _fetch(url: str, src: str) -> Image.Image:
-    if src.startswith("/"):
-        src = url + src
-    data = httpx.get(src, timeout=30).content
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _pnginfo(text: str):
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
-    return info
-
