@@ -19,6 +19,8 @@ import torch
 
 from imprompt.adapter.checkpoint import load_adapter, load_shared_adapter, read_state
 from imprompt.files import load_torch_weights
+from imprompt.generation.loras import read_lora
+from imprompt.models.embeddings import read_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = [ROOT / "src", ROOT / "benchmarks"]
@@ -107,6 +109,8 @@ LOADERS = {
     "read_state": read_state,
     "load_shared_adapter": load_shared_adapter,
     "files.load_torch_weights": load_torch_weights,
+    "read_lora": read_lora,
+    "read_embedding": read_embedding,
 }
 
 

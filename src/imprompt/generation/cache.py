@@ -112,6 +112,12 @@ class CachedLoader(ModelLoader):
 
     def __init__(self, models: ModelCache, embeddings: EmbeddingCache):
         self.models, self.embeddings = models, embeddings
+        self._networks: tuple = (None, None)  # (catalog, Networks): LoRA files and embeddings read once per scan
+
+    def networks(self, catalog):
+        if self._networks[0] is not catalog:
+            self._networks = (catalog, super().networks(catalog))
+        return self._networks[1]
 
     @staticmethod
     def _stamp(path: Path) -> tuple:

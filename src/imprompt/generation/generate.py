@@ -18,9 +18,12 @@ from PIL import Image
 
 from ..adapter.attach import Attachment
 from ..encoding import ImageEncoder, ImageInputError
+from .loras import loras_applied
+from .networks import Networks, prompt_tags
 from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
 from .schedulers import make_scheduler
 from .settings import GenerationSettings
+from .text_encoding import TextSchedule, towers
 
 
 def uses_guidance(pipe, guidance: float) -> bool:
@@ -56,11 +59,13 @@ def call_pipeline(pipe, scheduler: str | None = None):
     return view
 
 
-def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, control_image) -> dict[str, Any]:
+def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, control_image,
+                    text: TextSchedule | None) -> dict[str, Any]:
     params = inspect.signature(pipe.__call__).parameters
+    prompts = text.call_arguments() if text is not None else dict(
+        prompt=settings.prompt, negative_prompt=settings.negative_prompt or None)
     kwargs: dict[str, Any] = dict(
-        prompt=settings.prompt,
-        negative_prompt=settings.negative_prompt or None,
+        **prompts,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
         num_images_per_prompt=settings.num_images,
@@ -98,13 +103,29 @@ def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, 
 def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
              image_prompts: Sequence[ImagePrompt] = (), encoders: Sequence[ImageEncoder] = (), *,
              init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
-             control_image: Image.Image | None = None, output_type: str = "pil", callback=None):
+             control_image: Image.Image | None = None, output_type: str = "pil", callback=None,
+             networks: Networks | None = None):
     """Run ``pipe`` with image prompts; returns the pipeline's images (PIL by default).
 
     ``encoders[i]`` is the image encoder of ``attachment.adapters[i]``. ``callback`` is a diffusers
-    ``callback_on_step_end`` of your own, chained after ours.
+    ``callback_on_step_end`` of your own, chained after ours. The text prompts are read with
+    AUTOMATIC1111's syntax (:mod:`imprompt.generation.text_encoding`); ``networks`` finds the LoRAs
+    and embeddings they name. The LoRAs are loaded into the pipeline for this call only and removed
+    after it (so, like attaching adapters, no other generation may use the same models meanwhile).
     """
     settings.check()
+    tags = prompt_tags(settings.prompt, settings.negative_prompt)
+    if tags and networks is None:
+        raise ValueError(f"the prompt names LoRAs ({', '.join(t.written for t in tags)}) but no model folders "
+                         "were given to find them in (--models-dir; Python: networks=Networks.from_catalog(...))")
+    with loras_applied(pipe, networks.uses(tags) if tags else [],
+                       networks.lora_cache if networks is not None else None):
+        return _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image,
+                         control_image, output_type, callback, networks)
+
+
+def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image, control_image,
+              output_type, callback, networks):
     if image_prompts and attachment is None:
         raise ValueError("image prompts need adapters attached to the pipeline's UNet (imprompt.attach)")
     if attachment is not None:
@@ -119,17 +140,24 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     for prompt in image_prompts:
         prepared += prepare_image_prompt(prompt, attachment, encoders[prompt.adapter], layout, size,
                                          vae_scale_factor=pipe.vae_scale_factor)
-    kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image)
+    text = (TextSchedule.build(pipe, settings.prompt, settings.negative_prompt, settings.steps,
+                               networks.embeddings if networks is not None else None) if towers(pipe) else None)
+    kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image, text)
     view = call_pipeline(pipe, settings.scheduler)
-    if attachment is None:
-        return view(**kwargs, output_type=output_type, callback_on_step_end=callback).images
-
     # This call's image prompts and its progress through the schedule travel with the call.
-    state = attachment.prompt_call(prepared, num_steps=settings.steps)
+    state = attachment.prompt_call(prepared, num_steps=settings.steps) if attachment is not None else None
+    edits = text is not None and text.changes  # prompt editing / alternation: new text embeddings per step
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
-        state.step, state.num_steps = step + 1, pipeline.num_timesteps
+        if state is not None:
+            state.step, state.num_steps = step + 1, pipeline.num_timesteps
+        if edits:
+            tensors.update(text.in_loop(step + 1, layout.images_per_prompt, layout.guidance))
         return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
 
-    kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
-    return view(**kwargs, output_type=output_type, callback_on_step_end=on_step_end).images
+    if state is not None:
+        kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
+    if edits:
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents", *text.tensor_names()]
+    chained = on_step_end if state is not None or edits else callback
+    return view(**kwargs, output_type=output_type, callback_on_step_end=chained).images

@@ -45,6 +45,7 @@ from ..models.catalog import Catalog, resolve_name, roots_from
 from ..models.pairing import find_encoder
 from .generate import generate
 from .matrix import matrix_grid, matrix_prompts
+from .networks import Networks, parameters_of, prompt_tags
 from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
                         resolve_file, resolve_model)
 from .pnginfo import format_parameters, save_png
@@ -492,6 +493,7 @@ class LoadedModels:
     encoders: list[ImageEncoder]
     device: torch.device
     dtype: torch.dtype
+    networks: Networks | None = None  # LoRAs and embeddings by name, for the prompts' tags and words
 
 
 class ModelLoader:
@@ -503,6 +505,9 @@ class ModelLoader:
 
     def encoders(self, options, files, adapters, dtype, device, catalog) -> list[ImageEncoder]:
         return load_encoders(options, files, adapters, dtype, device, catalog)
+
+    def networks(self, catalog: Catalog | None) -> Networks:
+        return Networks.from_catalog(catalog)
 
     def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
         return load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=device,
@@ -520,7 +525,8 @@ def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], cat
     encoders = loader.encoders(options, adapter_files, adapters, dtype, device, catalog)
     for adapter, encoder in zip(adapters, encoders):
         check_encoder(adapter.variant, encoder)
-    return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype)
+    return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype,
+                        loader.networks(catalog))
 
 
 @dataclass(frozen=True)
@@ -552,6 +558,7 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
         "ControlNet": f"{model_name(request.controlnet)} ({request.controlnet_scale:g})" if request.controlnet else None,
         **{f"IP-Adapter {o.index}": o.describe() for o in options},
     }
+    networks = parameters_of(models.networks, pipe, request.prompt, request.negative_prompt, request.steps)
     attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
         for first in range(0, request.num_images, request.batch_size):
@@ -561,9 +568,10 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
             settings = request.settings(seed=None, num_images=len(seeds),
                                         extra={**request.extra, "generator": generators})
             images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
-                              mask_image=inputs.mask, control_image=inputs.control, callback=callback)
+                              mask_image=inputs.mask, control_image=inputs.control, callback=callback,
+                              networks=models.networks)
             yield [Rendered(s, image, format_parameters(request.prompt, request.negative_prompt, {
-                **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest}))
+                **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest, **networks}))
                 for s, image in zip(seeds, images)]
     finally:
         if attachment is not None:
@@ -580,7 +588,18 @@ def prepare(request: GenerateRequest, log: Callable[[str], None] = print) -> tup
     catalog = Catalog.scan(roots) if roots else None
     request = with_toy_defaults(resolve_names(request, catalog), log)
     request.check()
+    check_networks(request, catalog)
     return request, adapter_options(request), catalog
+
+
+def check_networks(request: GenerateRequest, catalog: Catalog | None) -> None:
+    """The prompts' LoRA tags parse and name files in the model folders (before anything loads)."""
+    tags = prompt_tags(request.prompt, request.negative_prompt)
+    if tags and catalog is None:
+        raise ValueError(f"the prompt names LoRAs ({', '.join(t.written for t in tags)}); give the model folders "
+                         "they are in with --models-dir")
+    if tags:
+        Networks.from_catalog(catalog).uses(tags)
 
 
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:

@@ -31,3 +31,44 @@ def embedding_info(shapes: Shapes) -> ModelInfo | None:
     base = {768: "SD1.5", 1024: "SD2"}.get(width)
     return ModelInfo("embedding", base, {"format": fmt, "vectors": n, "width": width},
                      None if base else f"embedding width {width} fits no supported text encoder")
+
+
+def read_embedding(path) -> dict[str, "torch.Tensor"]:
+    """The vectors of a textual-inversion file: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` for SDXL,
+    ``{"": [n, width]}`` for one text encoder. safetensors is read without code; ``.pt`` / ``.bin`` with
+    ``weights_only=True`` (A1111's ``string_to_param`` dict, diffusers' ``{token: vector}``)."""
+    from pathlib import Path
+
+    import torch
+
+    from ..files import load_torch_weights
+
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = load_torch_weights(path, what="embedding")
+        if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
+            data = {"emb_params": next(iter(data["string_to_param"].values()))}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: not an embedding file (expected a dict of tensors, found {type(data).__name__})")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if "clip_l" in tensors or "clip_g" in tensors:
+        if not ("clip_l" in tensors and "clip_g" in tensors):
+            raise ValueError(f"{path.name}: an SDXL embedding needs both clip_l and clip_g vectors")
+        out = {"clip_l": tensors["clip_l"], "clip_g": tensors["clip_g"]}
+    elif "emb_params" in tensors:
+        out = {"": tensors["emb_params"]}
+    elif len(tensors) == 1:
+        out = {"": next(iter(tensors.values()))}
+    else:
+        raise ValueError(f"{path.name}: no embedding vectors found (keys: {', '.join(list(data)[:6])}); expected "
+                         "A1111 string_to_param / emb_params, diffusers {token: vector} or SDXL clip_l + clip_g")
+    out = {k: (v.unsqueeze(0) if v.ndim == 1 else v).float() for k, v in out.items()}
+    for key, v in out.items():
+        if v.ndim != 2 or not 1 <= v.shape[0] <= 75:
+            raise ValueError(f"{path.name}: embedding {key or 'vectors'} have shape {tuple(v.shape)}; expected "
+                             "[vectors (1-75), width]")
+    return out
