@@ -122,6 +122,10 @@ def test_listings_a1111_clients_read(client):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "pipeline"
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]
+    # the toy world's own LoRA and embedding, by the names the prompt takes
+    assert [(lora["name"], lora["alias"]) for lora in client.get("/sdapi/v1/loras").json()] == [
+        ("toy-striped", "networks/toy-striped")]
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"]["tistripes"]["vectors"] == 2
 
 
 def test_embeddings_of_a_repeated_reference_are_computed_once(app, client):

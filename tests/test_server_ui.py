@@ -16,7 +16,7 @@ from PIL import Image
 
 from imprompt import toy
 from imprompt.generation.pnginfo import parse_parameters
-from imprompt.server.ui import Form, Session, UnitForm, form_request, painted_mask, send_back
+from imprompt.server.ui import Form, Session, UnitForm, add_network, form_request, painted_mask, send_back
 
 torch.set_flush_denormal(True)
 REFS = sorted(toy.toy_paths()["references"].glob("*.png"))
@@ -249,3 +249,10 @@ def test_the_page_in_a_real_browser(tmp_path):
     finally:
         app.state.engine.close()
     assert Image.open(tmp_path / "page.png").size[0] == 1400
+
+
+def test_pickers_write_the_prompt_syntax():
+    assert add_network("a cat", "lora", "toy-striped") == "a cat, <lora:toy-striped:1>"
+    assert add_network("a cat,", "lora", "x") == "a cat, <lora:x:1>"
+    assert add_network("", "embedding", "tistripes") == "tistripes"
+    assert add_network("blurry", "embedding", None) == "blurry"

@@ -129,6 +129,21 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments("..models.merge", "MergeConfig")(parser)
 
 
+def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs=2, metavar="MODEL", help="BASE TUNED (diffusers folders or single files)")
+    _config_arguments("..models.lora_extract", "ExtractConfig")(parser)
+
+
+def _extract(namespace: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..models.lora_extract import ExtractConfig, extract_lora
+
+    base, tuned = namespace.models
+    extract_lora(dataclasses.replace(from_namespace(ExtractConfig, namespace), base=base, tuned=tuned))
+    return 0
+
+
 def _merge(namespace: argparse.Namespace) -> int:
     import dataclasses
 
@@ -214,6 +229,10 @@ COMMANDS = (
             "Merge two or three single-file checkpoints: weighted_sum A*(1-M) + B*M, add_difference A + (B-C)*M, "
             "optionally with per-block weights (--blocks) as the Merge Block Weighted extension; streamed "
             "tensor by tensor, written atomically with A1111's merge metadata.", _merge_arguments, _merge),
+    Command("extract-lora", "a LoRA from the difference of a fine-tuned model and its base (SVD, kohya format)",
+            "Factor TUNED - BASE layer by layer (truncated SVD) into a kohya-format LoRA that A1111, ComfyUI, "
+            "diffusers and `<lora:NAME:W>` read; prints how much of the difference the rank keeps.",
+            _extract_arguments, _extract),
     Command("demo", "the demo on the bundled toy world (what `make demo` runs)",
             "Generate from the bundled toy world's references and print how well each image matches.",
             _config_arguments("..demo", "DemoConfig"), _demo),

@@ -83,15 +83,15 @@ class Networks:
 
 def parameters_of(networks: Networks | None, pipe, prompt: str, negative_prompt: str, steps: int) -> dict[str, str]:
     """The PNG-info entries A1111 writes for extra networks: ``Lora hashes`` and ``TI hashes``, each
-    ``"name: hash, name: hash"``."""
+    ``name: hash, name: hash`` (quoted when written, as every value with a comma or colon)."""
     out = {}
     if networks is None:
         return out
     tags = prompt_tags(prompt, negative_prompt)
     if tags:
-        out["Lora hashes"] = '"' + ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes(networks.uses(tags)).items()) + '"'
+        out["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes(networks.uses(tags)).items())
     names = networks.embeddings_in(pipe, prompt, negative_prompt, steps)
     if names:
-        out["TI hashes"] = '"' + ", ".join(f"{n}: {h}" for n, h in networks.embeddings.hashes(names).items()) + '"'
+        out["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.embeddings.hashes(names).items())
     return out
 

@@ -469,6 +469,15 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     return dataclasses.replace(request, **changes)
 
 
+def is_toy_model(model: str | None) -> bool:
+    from .. import toy
+
+    try:
+        return model is not None and Path(model).resolve() == toy.toy_paths()["model"].resolve()
+    except OSError:
+        return False
+
+
 @dataclass
 class Inputs:
     """The small inputs of a request, read before any model loads."""
@@ -582,11 +591,18 @@ def pick_seed(request: GenerateRequest) -> int:
     return request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
 
 
-def prepare(request: GenerateRequest, log: Callable[[str], None] = print) -> tuple[GenerateRequest, list[AdapterOptions], Catalog | None]:
-    """Names looked up, toy defaults filled in, every argument checked: nothing read, nothing loaded."""
-    roots = roots_from(request.models_dir)
-    catalog = Catalog.scan(roots) if roots else None
+def prepare(request: GenerateRequest, log: Callable[[str], None] = print, catalog: Catalog | None = None
+            ) -> tuple[GenerateRequest, list[AdapterOptions], Catalog | None]:
+    """Names looked up, toy defaults filled in, every argument checked: nothing read, nothing loaded.
+    ``catalog``: the model folders already scanned (the server's); else --models-dir is scanned."""
+    if catalog is None:
+        roots = roots_from(request.models_dir)
+        catalog = Catalog.scan(roots) if roots else None
     request = with_toy_defaults(resolve_names(request, catalog), log)
+    if catalog is None and is_toy_model(request.model):  # the toy world's own LoRA and embedding, by name
+        from .. import toy
+
+        catalog = Catalog.scan([toy.PACKAGE_DIR])
     request.check()
     check_networks(request, catalog)
     return request, adapter_options(request), catalog

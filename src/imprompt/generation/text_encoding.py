@@ -65,30 +65,40 @@ class EmbeddingLibrary:
     read from disk on first use and kept. ``files``: name -> path; ``bases``: name -> "SD1.5" / "SD2" /
     "SDXL" where known, so that an embedding for another model is not offered (A1111 skips those)."""
 
-    def __init__(self, files: Mapping[str, Path] | None = None, bases: Mapping[str, str | None] | None = None):
+    def __init__(self, files: Mapping[str, Path] | None = None, bases: Mapping[str, str | None] | None = None,
+                 widths: Mapping[str, int | None] | None = None):
         self.files = dict(files or {})
         self.bases = dict(bases or {})
+        self.widths = dict(widths or {})
         self._vectors: dict[str, dict[str, torch.Tensor]] = {}
         self._ids: dict[tuple[int, str], list[int]] = {}
 
     @classmethod
     def from_catalog(cls, catalog) -> "EmbeddingLibrary":
         entries = [e for e in catalog.of_kind("embedding") if e.usable] if catalog is not None else []
-        return cls({e.stem: e.path for e in entries}, {e.stem: e.info.base for e in entries})
+        return cls({e.stem: e.path for e in entries}, {e.stem: e.info.base for e in entries},
+                   {e.stem: e.info.details.get("width") for e in entries})
 
     def vectors(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._vectors:
             self._vectors[name] = read_embedding(self.files[name])
         return self._vectors[name]
 
-    def names_for(self, base: str | None) -> list[str]:
-        return [n for n in self.files if base is None or self.bases.get(n) in (None, base)]
+    def names_for(self, base: str | None, width: int | None = None) -> list[str]:
+        """The names a model of ``base`` (text encoder ``width`` wide) can use: those made for its base;
+        those of no known base (another width: the toy world's) only where the width is the same."""
+        def fits(name: str) -> bool:
+            made_for = self.bases.get(name)
+            if made_for is not None:
+                return made_for == base
+            return self.widths.get(name) in (None, width)
+        return [n for n in self.files if fits(n)]
 
     def finder(self, tower: Tower, base: str | None):
         """``find(tokens, i) -> (name, tokens spanned, vectors) | None``, A1111's rule: the longest embedding
         name whose tokens start at position i."""
         candidates = []
-        for name in self.names_for(base):
+        for name in self.names_for(base, tower.encoder.get_input_embeddings().weight.shape[1]):
             key = (id(tower.tokenizer), name)
             if key not in self._ids:
                 self._ids[key] = tower.tokenizer.convert_tokens_to_ids(tower.tokenizer.tokenize(name))

@@ -136,7 +136,7 @@ class Engine:
         request = dataclasses.replace(request, device=self.config.device if request.device == "auto" else request.device,
                                       dtype=self.config.dtype if request.dtype == "auto" else request.dtype,
                                       output=self.config.save_dir or ".")
-        request, options, catalog = prepare(request, log=lambda message: None)
+        request, options, catalog = prepare(request, log=lambda message: None, catalog=self.catalog)
         inputs = read_inputs(request, options, read)
         job = Job(id=f"job-{next(self._ids)}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:8]}",
                   request=request, options=options, inputs=inputs, seed=pick_seed(request),

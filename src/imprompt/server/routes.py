@@ -318,6 +318,28 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         engine.refresh()
         return {}
 
+    @app.get("/sdapi/v1/loras", tags=["A1111"])
+    def loras() -> list[dict]:
+        """As A1111's Lora extension lists them; ``name`` is what ``<lora:NAME:W>`` takes."""
+        return [{"name": e.stem, "alias": e.name, "path": str(e.path),
+                 "metadata": {k: v for k, v in e.info.details.items() if v is not None}}
+                for e in engine.catalog.of_kind("lora") if e.usable]
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["A1111"])
+    def refresh_loras() -> dict:
+        engine.refresh()
+        return {}
+
+    @app.get("/sdapi/v1/embeddings", tags=["A1111"])
+    def embeddings() -> dict:
+        """A1111's shape: ``loaded`` name -> {vectors, shape (width), ...}; the name is the prompt word."""
+        loaded = {e.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                           "shape": e.info.details.get("width"),
+                           "vectors": e.info.details.get("vectors")}
+                  for e in engine.catalog.of_kind("embedding") if e.usable}
+        skipped = {e.stem: {"problem": e.info.problem} for e in engine.catalog.of_kind("embedding") if not e.usable}
+        return {"loaded": loaded, "skipped": skipped}
+
     @app.get("/sdapi/v1/samplers", tags=["A1111"])
     def samplers() -> list[dict]:
         return [{"name": c.a1111, "aliases": [key], "options": {}} for key, c in SCHEDULERS.items()]

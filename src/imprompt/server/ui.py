@@ -256,6 +256,16 @@ class Session:
                "\n\n".join(r.parameters for r in job.images), job)
 
 
+def add_network(text: str, kind: str, name: str | None) -> str:
+    """The prompt with a LoRA tag (``<lora:NAME:1>``, A1111's default multiplier) or an embedding's name
+    appended, comma-separated as A1111's extra-networks cards add them."""
+    if not name:
+        return text
+    item = f"<lora:{name}:1>" if kind == "lora" else name
+    text = text.rstrip()
+    return f"{text}, {item}" if text and not text.endswith(",") else f"{text} {item}".strip()
+
+
 def error_box(message: str) -> str:
     return f"**Error:** {message}"
 
@@ -391,6 +401,11 @@ def build_ui(engine: Engine) -> gr.Blocks:
             with gr.Tab("txt2img", id="txt2img"):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative_prompt")
+                with gr.Row():  # A1111's extra networks, as pickers that write the prompt syntax
+                    lora_pick = gr.Dropdown([None, *session.names("lora")], value=None, label="Add a LoRA to the prompt",
+                                            elem_id="add_lora")
+                    embedding_pick = gr.Dropdown([None, *session.names("embedding")], value=None,
+                                                 label="Add an embedding to the negative prompt", elem_id="add_embedding")
                 with gr.Row():
                     with gr.Column(scale=3):
                         units = [unit_widgets(number, session) for number in range(1, UNITS + 1)]
@@ -464,7 +479,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
         init_image.change(lambda path: {"background": path, "layers": [], "composite": path} if path
                           else blank_canvas(), init_image, inpaint)
 
-        pickers = [model, *(u.adapter for u in units), *(u.image_encoder for u in units), controlnet]
+        pickers = [model, *(u.adapter for u in units), *(u.image_encoder for u in units), controlnet, lora_pick,
+                   embedding_pick]
 
         def refreshed() -> list:
             engine.refresh()
@@ -472,8 +488,14 @@ def build_ui(engine: Engine) -> gr.Blocks:
             return [gr.update(choices=session.names("checkpoint")),
                     *(gr.update(choices=session.adapter_choices()) for _ in units),
                     *(gr.update(choices=encoders) for _ in units),
-                    gr.update(choices=[None, *session.names("controlnet")])]
+                    gr.update(choices=[None, *session.names("controlnet")]),
+                    gr.update(choices=[None, *session.names("lora")]),
+                    gr.update(choices=[None, *session.names("embedding")])]
 
+        lora_pick.select(lambda text, name: (add_network(text, "lora", name), None), [prompt, lora_pick],
+                         [prompt, lora_pick])
+        embedding_pick.select(lambda text, name: (add_network(text, "embedding", name), None),
+                              [negative, embedding_pick], [negative, embedding_pick])
         refresh.click(refreshed, None, pickers)
         dropped.change(png_info_text, dropped, parameters)
         send.click(lambda text: [*send_back(text), gr.Tabs(selected="txt2img")], parameters,

@@ -1,4 +1,4 @@
-"""``imprompt toy build | derive | quality``: the toy world's commands.
+"""``imprompt toy build | derive | extras | quality``: the toy world's commands.
 
 Each subcommand's flags are built from its typed config (:func:`imprompt.config.add_arguments`):
 :class:`~imprompt.toy.config.BuildConfig` and :class:`~imprompt.toy.config.StageSelection`,
@@ -15,6 +15,7 @@ from ..config import add_arguments, from_namespace
 from ..errors import guarded
 from .config import BuildConfig, StageSelection
 from .derivative import DeriveConfig
+from .extras import ExtrasConfig
 from .quality import QualityConfig
 
 
@@ -30,6 +31,12 @@ def _derive(namespace: argparse.Namespace) -> None:
     derive(from_namespace(DeriveConfig, namespace))
 
 
+def _extras(namespace: argparse.Namespace) -> None:
+    from .extras import run
+
+    run(from_namespace(ExtrasConfig, namespace))
+
+
 def _quality(namespace: argparse.Namespace) -> None:
     from .quality import run
 
@@ -42,6 +49,8 @@ COMMANDS = (
      (BuildConfig, StageSelection), _build),
     ("derive", "fine-tune the toy UNet on one style: a derivative model, for the paper's reuse claim",
      (DeriveConfig,), _derive),
+    ("extras", "the toy LoRA (extracted from the derivative) and textual-inversion embedding, built and measured "
+               "(docs/toy-extras.md)", (ExtrasConfig,), _extras),
     ("quality", "measure the toy quality targets (text-to-image, image prompt alone, unconditional, image + text) "
                 "of a toy pipeline and adapter on a test split folder", (QualityConfig,), _quality),
 )
