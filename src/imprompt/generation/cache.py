@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 
 from ..encoding import ImageEncoder
-from .request import GenerateRequest, ModelLoader, encoder_path
+from .adapter_options import encoder_path
+from .request import GenerateRequest, ModelLoader
 
 
 def module_bytes(obj: Any) -> int:

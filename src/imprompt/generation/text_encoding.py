@@ -198,6 +198,8 @@ class PromptEncoder:
     def __post_init__(self):
         self.towers = towers(self.pipe)
         self.base = base_of(self.pipe)
+        # CLIP's "," token, read once (get_vocab builds a 49k-entry dict); None where there is none
+        self._commas = {id(t.tokenizer): t.tokenizer.get_vocab().get(",</w>") for t in self.towers}
 
     @property
     def available(self) -> bool:
@@ -205,13 +207,12 @@ class PromptEncoder:
 
     def chunks(self, text: str, tower: Tower):
         tokenizer = tower.tokenizer
-        vocab = tokenizer.get_vocab()
         find = self.embeddings.finder(tower, self.base) if self.embeddings and self.embeddings.files else (
             lambda tokens, i: None)
         return build_chunks(
             parse_emphasis(text),
             lambda t: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t)),  # no specials, no length warning
-            start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, comma=vocab.get(",</w>"),
+            start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, comma=self._commas[id(tokenizer)],
             find_embedding=find, placeholder=PLACEHOLDER, chunk_tokens=tokenizer.model_max_length - 2)
 
     def _encode_tower(self, text: str, tower: Tower) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -274,8 +275,7 @@ class TextSchedule:
     @classmethod
     def build(cls, pipe, prompt: str, negative_prompt: str, steps: int,
               embeddings: EmbeddingLibrary | None = None) -> "TextSchedule":
-        prompt, tags = extract_networks(prompt)
-        negative_prompt, negative_tags = extract_networks(negative_prompt)
+        prompt, negative_prompt = extract_networks(prompt)[0], extract_networks(negative_prompt)[0]  # LoRAs: loras.py
         zeros = not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False) and (
             getattr(pipe, "text_encoder_2", None) is not None)
         return cls(PromptEncoder(pipe, embeddings), prompt_schedule(prompt, steps),

@@ -11,7 +11,7 @@ import io
 import json
 import re
 import secrets
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +24,7 @@ from ..generation.schedulers import SCHEDULERS
 from ..images import ImageInputError
 from ..models.catalog import ModelLookupError
 from . import a1111
+from .native import NativeRequest, native_to_request
 from .config import ServerConfig
 from .engine import Engine, Job
 from .uploads import UploadTooLarge, decode_base64_image, decode_upload, png_base64
@@ -168,87 +169,6 @@ class Guard:
             return await _refuse(send, 413, f"request body of {int(length) / 2**20:.1f} MB is over the "
                                             f"{self.max_bytes / 2**20:.1f} MB limit")
         return await self.app(scope, receive, send)
-
-
-# --- native API payloads ---------------------------------------------------------------------------
-
-class ImagePromptSpec(BaseModel):
-    """One adapter and its references (every field of :class:`~imprompt.generation.prompts.ImagePrompt`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    adapter: str = Field(description="adapter name, as GET /v1/models lists it")
-    images: list[str] = Field(default_factory=list, description="base64 references (or multipart file names)")
-    scale: float = 0.6
-    combine: str | None = Field(None, description="concat, average or weighted")
-    weights: list[float] | None = None
-    layers: str | None = Field(None, description="style, composition, style_and_composition, all, or 'block=w,...'")
-    start: float = Field(0.0, ge=0.0, le=1.0)
-    end: float = Field(1.0, ge=0.0, le=1.0)
-    masks: list[str] | None = Field(None, description="one region mask per image (white = acts)")
-    negative_images: list[str] = Field(default_factory=list)
-    image_encoder: str | None = Field(None, description="default: the one the adapter needs")
-
-
-class NativeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str | None = Field(None, description="checkpoint name (default: the server's)")
-    prompt: str = ""
-    negative_prompt: str = ""
-    image_prompts: list[ImagePromptSpec] = Field(default_factory=list)
-    crop: str = "center"
-    steps: int = Field(30, ge=1, le=500)
-    guidance: float = 7.5
-    seed: int | None = Field(None, ge=0)
-    width: int | None = None
-    height: int | None = None
-    num_images: int = Field(1, ge=1, le=64)
-    batch_size: int = Field(4, ge=1, le=64)
-    scheduler: str | None = Field(None, description=", ".join(SCHEDULERS))
-    init_image: str | None = None
-    mask_image: str | None = None
-    strength: float = Field(0.8, ge=0.0, le=1.0)
-    controlnet: str | None = None
-    control_image: str | None = None
-    controlnet_scale: float = 1.0
-
-
-def native_to_request(body: NativeRequest, model: str, lookup: Lookup, image: Callable[[str, str, str], str]) -> GenerateRequest:
-    values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "combine", "weights", "layers",
-                                                    "start", "end", "mask", "negative_image", "image_encoder")}
-    any_masks = any(p.masks for p in body.image_prompts)
-    for i, spec in enumerate(body.image_prompts):
-        where = f"image_prompts[{i}]"
-        values["adapter"].append(lookup(spec.adapter, "adapter"))
-        if spec.masks is not None and len(spec.masks) != len(spec.images):
-            raise ValueError(f"{where}.masks: {len(spec.masks)} masks for {len(spec.images)} images; give one per image")
-        if any_masks and not spec.masks:
-            raise ValueError(f"{where}: when one image prompt has masks, give every image prompt masks")
-        for k, ref in enumerate(spec.images):
-            values["image"].append(f"{i}={image(ref, f'{where}.images[{k}]', 'RGB')}")
-            if spec.masks:
-                values["mask"].append(image(spec.masks[k], f"{where}.masks[{k}]", "L"))
-        for k, ref in enumerate(spec.negative_images):
-            values["negative_image"].append(f"{i}={image(ref, f'{where}.negative_images[{k}]', 'RGB')}")
-        values["scale"].append(f"{i}={spec.scale!r}")
-        values["start"].append(f"{i}={spec.start!r}")
-        values["end"].append(f"{i}={spec.end!r}")
-        if spec.combine:
-            values["combine"].append(f"{i}={spec.combine}")
-        if spec.weights:
-            values["weights"].append(f"{i}=" + ",".join(repr(w) for w in spec.weights))
-        if spec.layers:
-            values["layers"].append(f"{i}={spec.layers}")
-        if spec.image_encoder:
-            values["image_encoder"].append(f"{i}={lookup(spec.image_encoder, 'image_encoder')}")
-    return GenerateRequest(
-        model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, crop=body.crop, steps=body.steps,
-        guidance=body.guidance, seed=body.seed, width=body.width, height=body.height, num_images=body.num_images,
-        batch_size=body.batch_size, scheduler=body.scheduler, strength=body.strength,
-        init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
-        mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
-        controlnet=lookup(body.controlnet, "controlnet") if body.controlnet else None,
-        control_image=image(body.control_image, "control_image", "RGB") if body.control_image else None,
-        controlnet_scale=body.controlnet_scale, **values)
 
 
 class PngInfoPayload(BaseModel):

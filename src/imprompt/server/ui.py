@@ -2,7 +2,7 @@
 IP-Adapter units like the ControlNet extension's and a ControlNet unit, img2img / inpainting, sampling
 settings, a gallery whose PNGs carry their parameters, and a PNG info tab that sends settings back.
 
-The page holds no logic of its own: :func:`form_request` turns the form into a GenerateRequest (pure, so
+The page holds no logic of its own: :func:`imprompt.server.form.form_request` turns the form into a GenerateRequest (pure, so
 it is tested without a browser) and the engine runs it like any API request. Results are written as PNGs
 (with their ``parameters`` text) into a temporary folder the UI owns, never into the user's folders.
 Widgets are read by name (:class:`UnitWidgets`, :class:`FormWidgets`), not by position in a long
@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed machine
 
@@ -27,137 +26,20 @@ from PIL import Image  # noqa: E402
 from ..adapter.layers import PRESETS  # noqa: E402
 from ..errors import one_line  # noqa: E402
 from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
-from ..generation.request import GenerateRequest  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
+from .form import CANVAS, MODEL_DEFAULT, Form, UnitForm, add_network, form_request, painted_mask  # noqa: E402
 from .uploads import decode_upload  # noqa: E402
 
 UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
-MODEL_DEFAULT = "model default"
 LAYER_CHOICES = [*((name.replace("_", " "), name) for name in PRESETS), ("custom (below)", "custom")]
 SAMPLER_CHOICES = [(MODEL_DEFAULT, MODEL_DEFAULT), *((s.a1111, key) for key, s in SCHEDULERS.items())]
 POLL_SECONDS = 0.2
-CANVAS = 256  # blank mask canvases; the engine scales a mask to the output size
 WHITE_BRUSH = gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")  # white = the region
 
 
 def blank_canvas() -> np.ndarray:
     return np.zeros((CANVAS, CANVAS, 3), np.uint8)
-
-
-@dataclass
-class UnitForm:
-    """One IP-Adapter unit of the form."""
-
-    enabled: bool = False
-    adapter: str | None = None  # a catalog name
-    images: list[str] = field(default_factory=list)  # uploaded file paths
-    scale: float = 0.6
-    layers: str = "all"  # a preset, or "custom" with custom_layers
-    custom_layers: str = ""  # 'block=w,...,default=w' (imprompt.adapter.layers)
-    weights: str = ""  # one weight per reference, comma-separated: combine them weighted
-    image_encoder: str | None = None  # a catalog name; None: the one the adapter needs
-    start: float = 0.0
-    end: float = 1.0
-    mask: Image.Image | None = None  # painted in the page: white = this unit acts there
-    negative_image: str | None = None
-
-
-@dataclass
-class Form:
-    model: str | None = None  # a catalog name; None: the server's default model
-    prompt: str = ""
-    negative_prompt: str = ""
-    units: list[UnitForm] = field(default_factory=list)
-    crop: str = "center"
-    controlnet: str | None = None
-    control_image: str | None = None
-    init_image: str | None = None  # set: img2img, and inpainting where inpaint_mask is painted
-    inpaint_mask: Image.Image | None = None
-    strength: float = 0.75
-    sampler: str = MODEL_DEFAULT
-    steps: int = 20
-    guidance: float = 7.0
-    seed: int = -1  # -1: random
-    width: int = 0  # 0: the model's own
-    height: int = 0
-    num_images: int = 1
-
-
-def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Callable[[str], Image.Image],
-                 add_image: Callable[[Image.Image, str], str]) -> GenerateRequest:
-    """The GenerateRequest of a filled form. ``lookup(name, kind)`` -> a model path found by name;
-    ``read_image(path) -> image``; ``add_image(image, name) -> reference name`` files an image for the
-    engine (the name is what PNG info shows). Enabled units become adapters 0, 1, ... (``N=`` values);
-    messages name the unit as the page numbers it."""
-    values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "layers", "start", "end", "mask",
-                                                    "negative_image", "weights", "image_encoder")}
-    units = [(number, u) for number, u in enumerate(form.units, 1) if u.enabled]
-    masked = any(u.mask is not None for _, u in units)
-    for i, (number, unit) in enumerate(units):
-        if not unit.adapter:
-            raise ValueError(f"IP-Adapter unit {number} is enabled but has no adapter chosen")
-        if not unit.images:
-            raise ValueError(f"IP-Adapter unit {number} has no reference image; drop one in, or disable the unit")
-        values["adapter"].append(lookup(unit.adapter, "adapter"))
-        for path in unit.images:
-            values["image"].append(f"{i}={add_image(read_image(path), Path(path).name)}")
-            if masked:  # masks go one per reference, so once one unit is masked every unit needs one: white = all
-                mask = unit.mask if unit.mask is not None else Image.new("L", (CANVAS, CANVAS), 255)
-                values["mask"].append(add_image(mask, f"unit{number}-mask.png"))
-        values["scale"].append(f"{i}={unit.scale:g}")
-        if unit.layers == "custom":
-            if not unit.custom_layers.strip():
-                raise ValueError(f"IP-Adapter unit {number}: custom layers need 'block=weight,...', e.g. "
-                                 "'up_blocks.1=1,default=0'")
-            values["layers"].append(f"{i}={unit.custom_layers.strip()}")
-        else:
-            values["layers"].append(f"{i}={unit.layers}")
-        if unit.weights.strip():
-            values["weights"].append(f"{i}={unit.weights.strip()}")
-        if unit.image_encoder:
-            values["image_encoder"].append(f"{i}={lookup(unit.image_encoder, 'image_encoder')}")
-        values["start"].append(f"{i}={unit.start:g}")
-        values["end"].append(f"{i}={unit.end:g}")
-        if unit.negative_image:
-            values["negative_image"].append(f"{i}={add_image(read_image(unit.negative_image), 'negative.png')}")
-    init = add_image(read_image(form.init_image), Path(form.init_image).name) if form.init_image else None
-    inpaint = add_image(form.inpaint_mask, "inpaint-mask.png") if init and form.inpaint_mask is not None else None
-    control = add_image(read_image(form.control_image), Path(form.control_image).name) if form.control_image else None
-    if form.controlnet and not control:
-        raise ValueError("the ControlNet unit has a model but no control image")
-    return GenerateRequest(
-        model=lookup(form.model, "checkpoint") if form.model else "", prompt=form.prompt,
-        negative_prompt=form.negative_prompt, crop=form.crop, steps=int(form.steps), guidance=float(form.guidance),
-        seed=None if form.seed is None or int(form.seed) < 0 else int(form.seed),
-        width=int(form.width) or None, height=int(form.height) or None, num_images=int(form.num_images),
-        scheduler=None if form.sampler in (None, MODEL_DEFAULT) else form.sampler,
-        controlnet=lookup(form.controlnet, "controlnet") if form.controlnet and control else None,
-        control_image=control if form.controlnet else None, init_image=init, mask_image=inpaint,
-        strength=float(form.strength), **values)
-
-
-def painted_mask(value: Any) -> Image.Image | None:
-    """What was painted on an ImageEditor, as a white-on-black mask: the strokes of its layers (alpha), or,
-    where Gradio flattened them into the composite, the pixels where it differs from the background
-    (only then: a browser's re-encoded composite may differ everywhere by a shade). None: nothing painted."""
-    if not isinstance(value, dict):
-        return None
-    painted = None
-    for layer in value.get("layers") or []:
-        array = np.asarray(layer) if layer is not None else None
-        if array is not None and array.ndim == 3 and array.shape[2] == 4:
-            painted = array[:, :, 3] > 0 if painted is None else painted | (array[:, :, 3] > 0)
-    background, composite = value.get("background"), value.get("composite")
-    if (painted is None or not painted.any()) and background is not None and composite is not None:
-        b, c = np.asarray(background), np.asarray(composite)
-        if b.shape[:2] == c.shape[:2]:
-            channels = min(b.shape[2] if b.ndim == 3 else 1, c.shape[2] if c.ndim == 3 else 1, 3)
-            painted = np.any(b.reshape(*b.shape[:2], -1)[:, :, :channels] != c.reshape(*c.shape[:2], -1)[:, :, :channels],
-                             axis=2)
-    if painted is None or not painted.any():
-        return None
-    return Image.fromarray((painted * 255).astype(np.uint8), "L")
 
 
 def png_info_text(path: str | None) -> str:
@@ -254,16 +136,6 @@ class Session:
                  for n, item in enumerate(job.images)]
         yield (f"done: {len(paths)} image(s), step {job.total_steps} of {job.total_steps}", paths,
                "\n\n".join(r.parameters for r in job.images), job)
-
-
-def add_network(text: str, kind: str, name: str | None) -> str:
-    """The prompt with a LoRA tag (``<lora:NAME:1>``, A1111's default multiplier) or an embedding's name
-    appended, comma-separated as A1111's extra-networks cards add them."""
-    if not name:
-        return text
-    item = f"<lora:{name}:1>" if kind == "lora" else name
-    text = text.rstrip()
-    return f"{text}, {item}" if text and not text.endswith(",") else f"{text} {item}".strip()
 
 
 def error_box(message: str) -> str:

@@ -1,0 +1,255 @@
+"""Per-adapter options of a request: strings in, typed and checked objects out.
+
+Per-adapter options (``scale``, ``layers``, ...) accept ``VALUE`` for every adapter or ``N=VALUE``
+for adapter N (0-based, in ``--adapter`` order); ``image`` and ``negative_image`` accept ``PATH``
+(adapter 0) or ``N=PATH``. :func:`adapter_options` turns them into one :class:`AdapterOptions` per
+adapter before anything is read or loaded; :func:`load_image_prompts` and :func:`load_encoders` then
+read what they name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+
+import torch
+
+from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
+from ..encoding import ImageEncoder, load_image
+from ..models.catalog import Catalog
+from ..models.pairing import find_encoder
+from .pipelines import resolve_model
+from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .request import GenerateRequest
+
+T = TypeVar("T")
+MAX_SCALE = 100.0  # far beyond any useful image-prompt scale; 1e30 turns every pixel black
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """One ``--adapter`` and everything given for it, parsed and checked."""
+
+    index: int
+    file: str
+    images: tuple[str, ...]
+    masks: tuple[str, ...] | None = None  # one per image, or None
+    negative_images: tuple[str, ...] = ()
+    image_encoder: str | None = None  # None: image_encoder/ beside the adapter file
+    scale: float = DEFAULT_SCALE
+    combine: str = "concat"
+    weights: tuple[float, ...] | None = None
+    layers: LayerScales | str | None = None  # a preset's name (resolved for the UNet later) or weights
+    start: float = 0.0
+    end: float = 1.0
+    crop: str = "center"  # the same for every adapter (--crop)
+
+    def describe(self) -> str:
+        """The PNG info of this adapter: every option that acted, nothing else."""
+        layers = self.layers.describe() if isinstance(self.layers, LayerScales) else self.layers
+        parts = {
+            "Model": Path(self.file).stem, "Weight": f"{self.scale:g}",
+            "Images": "+".join(Path(p).name for p in self.images), "Combine": self.combine,
+            "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
+            "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
+            "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
+        }
+        return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
+
+
+_TARGETED = re.compile(r"^(\d+)=(.*)$", re.S)
+
+
+def split_target(value: str) -> tuple[int | None, str]:
+    """'2=foo' -> (2, 'foo'); 'foo' -> (None, 'foo')."""
+    match = _TARGETED.match(value)
+    return (int(match.group(1)), match.group(2)) if match else (None, value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def per_adapter(values: Sequence[str], count: int, convert: Callable[[str], T], default: T, name: str) -> list[T]:
+    """One value per adapter from 'VALUE' (all adapters not named otherwise) and 'N=VALUE' (adapter N)."""
+    out = [default] * count
+    targeted = set()
+    for raw in values:
+        index, text = split_target(raw)
+        try:
+            value = convert(text)
+        except ValueError as err:
+            raise ValueError(f"{_flag(name)} {raw!r}: {err}") from None
+        if index is None:
+            out = [value if i not in targeted else out[i] for i in range(count)]
+        elif index >= count:
+            raise ValueError(f"{_flag(name)} {raw!r} names adapter {index}, but {count} adapter(s) were given")
+        else:
+            out[index] = value
+            targeted.add(index)
+    return out
+
+
+def grouped(values: Sequence[str], count: int, name: str) -> list[list[str]]:
+    """Repeatable per-adapter lists: every 'PATH' goes to adapter 0, 'N=PATH' to adapter N."""
+    groups: list[list[str]] = [[] for _ in range(count)]
+    for raw in values:
+        index, text = split_target(raw)
+        index = 0 if index is None else index
+        if index >= count:
+            raise ValueError(f"{_flag(name)} {raw!r} names adapter {index}, but {count} adapter(s) were given")
+        groups[index].append(text)
+    return groups
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _scale(text: str) -> float:
+    value = finite(text)
+    if abs(value) > MAX_SCALE:
+        raise ValueError(f"a scale beyond +-{MAX_SCALE:g} only overflows (image prompt scales are typically 0 to 1.5)")
+    return value
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    items = text.split(",")
+    if any(not item.strip() for item in items):
+        raise ValueError("expected numbers separated by commas, e.g. 0.7,0.3")
+    return tuple(finite(item) for item in items)
+
+
+def _combine(text: str) -> str:
+    if text not in COMBINE_MODES:
+        raise ValueError(f"expected one of {', '.join(COMBINE_MODES)}")
+    return text
+
+
+def _layers(text: str) -> LayerScales | str:
+    if "=" in text:
+        # Block names are checked against the UNet once it is loaded (attach checks them).
+        return parse_layer_scales(text, "SD1.5")
+    if text not in PRESETS:
+        raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)} or give 'block=weight,...'")
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a fraction of the steps, 0 to 1")
+    return value
+
+
+PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder")
+
+
+def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
+    """The per-adapter strings of ``request`` as one checked AdapterOptions per ``--adapter``."""
+    count = len(request.adapter)
+    if count == 0:
+        given = [name for name in ("image", *PER_ADAPTER) if getattr(request, name)]
+        if given:
+            raise ValueError(f"{_flag(given[0])} applies to an image prompt, but no --adapter was given")
+        return []
+    images = grouped(request.image, count, "image")
+    negatives = grouped(request.negative_image, count, "negative_image")
+    scales = per_adapter(request.scale, count, _scale, DEFAULT_SCALE, "scale")
+    combines = per_adapter(request.combine, count, _combine, None, "combine")
+    weights = per_adapter(request.weights, count, _weights, None, "weights")
+    layers = per_adapter(request.layers, count, _layers, None, "layers")
+    starts = per_adapter(request.start, count, _fraction, 0.0, "start")
+    ends = per_adapter(request.end, count, _fraction, 1.0, "end")
+    encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
+    if request.mask and len(request.mask) != len(request.image):
+        raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
+    # Masks pair with --image in command-line order, whichever adapter each image goes to.
+    masks = grouped([f"{split_target(i)[0] or 0}={m}" for i, m in zip(request.image, request.mask)], count, "mask")
+
+    options = []
+    for i, file in enumerate(request.adapter):
+        if not images[i]:
+            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH, "
+                             "or leave that --adapter out")
+        combine = combines[i]
+        if weights[i] is not None:
+            # Weights act only when combining by weights: imply it, refuse a contradiction.
+            if combine is None:
+                combine = "weighted"
+            elif combine != "weighted":
+                raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
+                                 "drop one of them")
+            if len(weights[i]) != len(images[i]):
+                raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
+                                 "give one weight per image")
+            if sum(weights[i]) == 0:
+                raise ValueError(f"--weights for adapter {i} sum to zero; give at least one non-zero weight")
+        elif combine == "weighted":
+            raise ValueError(f"--combine weighted (adapter {i}) needs --weights: one weight per image "
+                             f"({len(images[i])} image(s))")
+        combine = combine or "concat"
+        if masks[i] and combine != "concat":
+            raise ValueError(f"adapter {i}: region masks apply per image; use --combine concat with --mask")
+        if not starts[i] < ends[i]:
+            raise ValueError(f"adapter {i}: --start {starts[i]:g} must be below --end {ends[i]:g}")
+        options.append(AdapterOptions(
+            index=i, file=file, images=tuple(images[i]), masks=tuple(masks[i]) if request.mask else None,
+            negative_images=tuple(negatives[i]), image_encoder=encoders[i], scale=scales[i], combine=combine,
+            weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
+        ))
+    return options
+
+
+ImageReader = Callable[..., "Image.Image"]  # (reference, mode="RGB") -> image; load_image reads files
+
+
+def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = load_image) -> list[ImagePrompt]:
+    """Read every reference, mask and negative image (the small inputs, before any model). ``read``
+    turns a reference into an image: files by default; the server's uploads, which it never writes."""
+    return [
+        ImagePrompt(
+            images=[read(p) for p in o.images], adapter=o.index, scale=o.scale, combine=o.combine,
+            weights=o.weights, layers=o.layers, start=o.start, end=o.end,
+            masks=[read(m, "L") for m in o.masks] if o.masks else None,
+            negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
+        )
+        for o in options
+    ]
+
+
+def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Path], adapters: Sequence,
+                  dtype: torch.dtype, device: torch.device, catalog: Catalog | None = None) -> list[ImageEncoder]:
+    """One image encoder per adapter: the one given, else the one its shapes need, found beside it
+    or in the model folders (:func:`imprompt.models.pairing.find_encoder`); shared when the same."""
+    loaded: dict[Path, ImageEncoder] = {}
+    encoders = []
+    for o, file, adapter in zip(options, adapter_files, adapters):
+        path = encoder_path(o, file, adapter, catalog)
+        key = path.resolve()
+        if key not in loaded:
+            loaded[key] = ImageEncoder.load(path, dtype)
+            loaded[key].model.to(device)
+        encoders.append(loaded[key])
+    return encoders
+
+
+def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path:
+    """The image encoder of one adapter: the one given, else the one its shapes need."""
+    if o.image_encoder is not None:
+        given = Path(o.image_encoder)
+        return given if given.is_file() else resolve_model(o.image_encoder, "image encoder")
+    return find_encoder(adapter_file, adapter.variant, catalog)
