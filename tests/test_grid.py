@@ -49,3 +49,32 @@ def test_grid_cells_equal_single_runs(tmp_path):
     (single,) = alone.glob("*.png")
     assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(cells[3])))
     assert not np.array_equal(np.asarray(Image.open(cells[2])), np.asarray(Image.open(cells[3])))
+
+
+def test_lora_axis_sets_or_adds_the_weight_of_that_lora_only():
+    from imprompt.generation.grid import set_lora_weight
+
+    base = GenerateRequest(prompt="a circle <lora:toy-striped:0.2:0.4>, <lora:other:1>")
+    axis = parse_axis("lora:toy-striped=0,0.5,1")
+    assert axis.values == ("0", "0.5", "1")
+    assert apply(base, axis, "0.5").prompt == "a circle <lora:toy-striped:0.5>, <lora:other:1>"
+    assert set_lora_weight("a circle", "toy-striped", "1") == "a circle <lora:toy-striped:1>"
+    assert set_lora_weight("<LORA:x:1> <lyco:x:2>", "x", "0") == "<lora:x:0> <lora:x:0>"
+    with pytest.raises(ValueError, match="LoRA weight 'heavy' is not a number"):
+        parse_axis("lora:x=0,heavy")
+    with pytest.raises(ValueError, match="expected lora:NAME="):
+        parse_axis("lora:=0,1")
+
+
+def test_lora_axis_cells_equal_the_prompt_written_out(tmp_path):
+    out = tmp_path / "grid"
+    common = ["--prompt", "a circle", "--steps", "2", "--guidance", "1", "--seed", "3"]
+    assert main(["grid", *common, "--x", "lora:toy-striped=0,1", "--output", str(out)]) == 0
+    cells = sorted(out.glob("0*.png"))
+    assert [parse_parameters(Image.open(c).info["parameters"])["Prompt"] for c in cells] == [
+        "a circle <lora:toy-striped:0>", "a circle <lora:toy-striped:1>"]
+    alone = tmp_path / "alone"
+    assert main(["generate", *common[2:], "--prompt", "a circle <lora:toy-striped:1>", "--output", str(alone)]) == 0
+    (single,) = alone.glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(cells[1])))
+    assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))

@@ -5,7 +5,9 @@ An axis is ``FIELD=V1,V2,...`` over any :class:`~imprompt.generation.request.Gen
 (``scale=0,0.5,1``, ``layers=all,style,composition``, ``seed=1,2,3``, ``steps=10,20``, ``scheduler=ddim,euler``,
 ``model=a,b``, ``adapter=x,y``, ``start=0,0.3``); per-adapter fields take ``N=VALUE`` values too. The special
 axis ``prompt_sr=FIND,REPLACEMENT,...`` is A1111's Prompt S/R: the first value is searched in the prompt
-and negative prompt and each value (the first included) replaces it. Unless seed is an axis, every cell
+and negative prompt and each value (the first included) replaces it; ``lora:NAME=0,0.5,1`` sets the weight
+of the LoRA NAME (its ``<lora:NAME:...>`` tag in the prompt, text encoder and UNet alike, or a tag added at
+the end of the prompt when there is none). Unless seed is an axis, every cell
 uses the same seed. Models are loaded once and kept (:mod:`imprompt.generation.cache`) while only other
 fields change, and a repeated reference is encoded once.
 """
@@ -13,6 +15,7 @@ fields change, and a repeated reference is encoded once.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,14 @@ from typing import Callable
 from ..config import option
 from ..sheets import contact_sheet
 from .cache import CachedLoader, EmbeddingCache, ModelCache
+from .adapter_options import finite
 from .pnginfo import save_png
+from .prompt_syntax import LORA_KINDS, NETWORK_TAG
 from .request import (GenerateRequest, load_models, next_index, pick_seed, prepare, read_inputs, render,
                       save_numbered_png)
 
 PROMPT_SR = "prompt_sr"
+LORA_AXIS = "lora:"  # lora:NAME=W1,W2,...
 MAX_CELLS = 400
 
 
@@ -42,11 +48,22 @@ def parse_axis(text: str | None) -> Axis:
     if not text:
         return Axis(None)
     name, sep, values = text.partition("=")
-    name = name.strip().replace("-", "_")
+    name = name.strip()
+    if not name.startswith(LORA_AXIS):  # a LoRA's name keeps its dashes; field names take either
+        name = name.replace("-", "_")
     fields = {f.name for f in dataclasses.fields(GenerateRequest)} - {"output", "extra", "prompt_matrix"}
     if not sep or not values.strip():
         raise ValueError(f"axis {text!r}: expected FIELD=V1,V2,... (e.g. scale=0,0.5,1)")
-    if name != PROMPT_SR and name not in fields:
+    if name.startswith(LORA_AXIS):
+        lora = name[len(LORA_AXIS):]
+        if not re.fullmatch(r"[^<>:\s]+", lora):
+            raise ValueError(f"axis {text!r}: expected lora:NAME=W1,W2,... with the LoRA's name, e.g. lora:style=0,0.5,1")
+        for value in values.split(","):
+            try:
+                finite(value)
+            except ValueError:
+                raise ValueError(f"axis {text!r}: LoRA weight {value.strip()!r} is not a number") from None
+    elif name != PROMPT_SR and name not in fields:
         raise ValueError(f"axis {text!r}: {name!r} is not a generation field; use one of {PROMPT_SR}, "
                          + ", ".join(sorted(fields)))
     return Axis(name, tuple(v.strip() for v in values.split(",")))
@@ -56,6 +73,8 @@ def apply(request: GenerateRequest, axis: Axis, value: str, first: str | None = 
     """``request`` with ``axis`` set to ``value`` (typed as the field is)."""
     if axis.name is None:
         return request
+    if axis.name.startswith(LORA_AXIS):
+        return dataclasses.replace(request, prompt=set_lora_weight(request.prompt, axis.name[len(LORA_AXIS):], value))
     if axis.name == PROMPT_SR:
         find = axis.values[0]
         if find not in request.prompt and find not in request.negative_prompt:
@@ -77,9 +96,28 @@ def apply(request: GenerateRequest, axis: Axis, value: str, first: str | None = 
     return dataclasses.replace(request, **{axis.name: typed})
 
 
+def set_lora_weight(prompt: str, name: str, weight: str) -> str:
+    """``prompt`` with every ``<lora:NAME:...>`` tag set to ``<lora:NAME:WEIGHT>`` (one weight for the text
+    encoder and the UNet, A1111's short form), or with that tag appended when the prompt has none."""
+    tag = f"<lora:{name}:{weight}>"
+    found = False
+
+    def replace(match: re.Match) -> str:
+        nonlocal found
+        kind, args = match.group(1), match.group(2)
+        if kind.lower() not in LORA_KINDS or args.split(":")[0] != name:
+            return match.group(0)
+        found = True
+        return tag
+
+    out = NETWORK_TAG.sub(replace, prompt)
+    return out if found else f"{prompt} {tag}".strip()
+
+
 @dataclass
 class GridConfig(GenerateRequest):
-    x: str | None = field(default=None, metadata=option("X axis: FIELD=V1,V2,... (columns)", metavar="AXIS"))
+    x: str | None = field(default=None, metadata=option(
+        "X axis: FIELD=V1,V2,... (columns); also prompt_sr=FIND,REPL,... and lora:NAME=W1,W2,...", metavar="AXIS"))
     y: str | None = field(default=None, metadata=option("Y axis: FIELD=V1,V2,... (rows)", metavar="AXIS"))
     z: str | None = field(default=None, metadata=option("Z axis: one grid per value", metavar="AXIS"))
     cell: int = field(default=128, metadata=option("grid cell size in pixels"))
