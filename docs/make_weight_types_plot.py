@@ -30,8 +30,9 @@ def panel(kind: str) -> Panel:
 
 
 def main() -> None:
+    title = "Weight types at weight 1 (composition weight 0.5); below 0 = swapped (precise)"
     rows = [line_plot([panel(k) for k in KINDS[i:i + 4]], "block index", panel_size=(200, 130),
-                      title="Weight types at weight 1 (composition weight 0.5); below 0 = swapped (precise)" if i == 0 else "")
+                      title=title if i == 0 else "")
             for i in range(0, len(KINDS), 4)]
     image = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     y = 0

@@ -82,7 +82,7 @@ def test_block_group_types(kind, down, mid, up):
 
 def test_style_and_composition_tables_sdxl():
     style = _by_block(layer_weights("style transfer", SDXL, "SDXL", 0.8))
-    assert {b for b, (w, _) in style.items() if w} == {"up_blocks.0.attentions.1"} and style["up_blocks.0.attentions.1"][0] == 0.8
+    assert {b: w for b, (w, _) in style.items() if w} == {"up_blocks.0.attentions.1": 0.8}
     comp = _by_block(layer_weights("composition", SDXL, "SDXL", 0.8))
     assert {b: w for b, (w, _) in comp.items() if w} == {"down_blocks.2.attentions.1": 0.8}
     strong = _by_block(layer_weights("strong style transfer", SDXL, "SDXL", 1.0))
