@@ -14,7 +14,9 @@ from typing import Mapping, Sequence
 import torch
 
 from .attention import DecoupledAttnProcessor, ImageKV, ImagePromptCall, StepWindow
+from .embeds_scaling import scale_image_kv
 from .layers import LayerScales
+from .weight_types import LayerWeight
 from .model import IPAdapter
 from .variants import CheckpointError, unet_family
 
@@ -187,11 +189,16 @@ class Attachment:
 
     def layer_kv(self, adapter_index: int, image_tokens: torch.Tensor, *, scale: float,
                  layer_scales: LayerScales, window: StepWindow = StepWindow(), batch_repeat: int = 1,
-                 masks: Mapping[int, torch.Tensor] | None = None) -> dict[str, ImageKV]:
+                 masks: Mapping[int, torch.Tensor] | None = None,
+                 weights: Mapping[str, LayerWeight] | None = None, swapped_tokens: torch.Tensor | None = None,
+                 embeds_scaling: str = "V only") -> dict[str, ImageKV]:
         """Per-layer keys and values of one image prompt, computed once for a whole generation.
 
         ``image_tokens`` is (rows, tokens, dim), one row per distinct batch entry (e.g. unconditional
         then conditional); each row is repeated ``batch_repeat`` times to match the UNet's batch.
+        ``weights`` (a weight type's, :func:`imprompt.adapter.weight_types.layer_weights`) replaces
+        ``scale`` layer by layer; where one says ``swap``, ``swapped_tokens`` (same rows) are used
+        instead. ``embeds_scaling`` says where the weight acts (:mod:`imprompt.adapter.embeds_scaling`).
         Layers whose weight is zero are left out entirely.
         """
         if not self.attached:
@@ -200,16 +207,27 @@ class Attachment:
         self.check_layer_scales(layer_scales)
         out: dict[str, ImageKV] = {}
         for layer in self.layers:
-            weight = scale * layer_scales.weight(layer.block)
+            base = scale
+            tokens = image_tokens
+            if weights is not None:
+                if layer.block not in weights:
+                    raise ValueError(f"the layer weights have no entry for {layer.block}; compute them for this UNet")
+                base = weights[layer.block].weight
+                if weights[layer.block].swap:
+                    if swapped_tokens is None:
+                        raise ValueError(f"{layer.block} swaps its image tokens, but no swapped_tokens were given")
+                    tokens = swapped_tokens
+            weight = base * layer_scales.weight(layer.block)
             if weight == 0:
                 continue
-            key, value = adapter.layer(layer.index)(image_tokens)
+            key, value = adapter.layer(layer.index)(tokens)
+            key, value, out_scale = scale_image_kv(key, value, weight, embeds_scaling)
             heads = layer.attn.heads
             key, value = (
                 t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2).repeat_interleave(batch_repeat, dim=0)
                 for t in (key, value)
             )
-            out[layer.block] = ImageKV(key, value, weight, window, dict(masks) if masks is not None else None)
+            out[layer.block] = ImageKV(key, value, out_scale, window, dict(masks) if masks is not None else None)
         return out
 
     def check_layer_scales(self, layer_scales: LayerScales) -> None:

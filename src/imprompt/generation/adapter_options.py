@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 
+from ..adapter.embeds_scaling import check_embeds_scaling
 from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
+from ..adapter.weight_types import check_weight_type
 from ..encoding import ImageEncoder, load_image
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder
+from .negative_noise import NegativeNoise
 from .pipelines import resolve_model
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 
@@ -50,6 +53,10 @@ class AdapterOptions:
     start: float = 0.0
     end: float = 1.0
     crop: str = "center"  # the same for every adapter (--crop)
+    weight_type: str = "linear"
+    composition_scale: float | None = None
+    embeds_scaling: str = "V only"
+    negative_noise: NegativeNoise | None = None
 
     def describe(self) -> str:
         """The PNG info of this adapter: every option that acted, nothing else."""
@@ -60,6 +67,10 @@ class AdapterOptions:
             "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
             "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
             "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
+            "Weight type": self.weight_type if self.weight_type != "linear" else None,
+            "Composition weight": f"{self.composition_scale:g}" if self.composition_scale is not None else None,
+            "Embeds scaling": self.embeds_scaling if self.embeds_scaling != "V only" else None,
+            "Negative noise": self.negative_noise.describe() if self.negative_noise else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
@@ -148,6 +159,10 @@ def _layers(text: str) -> LayerScales | str:
     return text
 
 
+def _combine_mode(text: str) -> str:
+    return _combine(text.replace("_", " "))
+
+
 def _fraction(text: str) -> float:
     value = finite(text)
     if not 0.0 <= value <= 1.0:
@@ -155,7 +170,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder")
+PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
+               "weight_type", "composition_scale", "embeds_scaling", "negative_noise")
 
 
 def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
@@ -169,12 +185,16 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     images = grouped(request.image, count, "image")
     negatives = grouped(request.negative_image, count, "negative_image")
     scales = per_adapter(request.scale, count, _scale, DEFAULT_SCALE, "scale")
-    combines = per_adapter(request.combine, count, _combine, None, "combine")
+    combines = per_adapter(request.combine, count, _combine_mode, None, "combine")
     weights = per_adapter(request.weights, count, _weights, None, "weights")
     layers = per_adapter(request.layers, count, _layers, None, "layers")
     starts = per_adapter(request.start, count, _fraction, 0.0, "start")
     ends = per_adapter(request.end, count, _fraction, 1.0, "end")
     encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
+    weight_types = per_adapter(request.weight_type, count, check_weight_type, "linear", "weight_type")
+    composition_scales = per_adapter(request.composition_scale, count, _scale, None, "composition_scale")
+    scalings = per_adapter(request.embeds_scaling, count, check_embeds_scaling, "V only", "embeds_scaling")
+    noises = per_adapter(request.negative_noise, count, NegativeNoise.parse, None, "negative_noise")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -204,12 +224,17 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
         combine = combine or "concat"
         if masks[i] and combine != "concat":
             raise ValueError(f"adapter {i}: region masks apply per image; use --combine concat with --mask")
+        if combine == "subtract" and len(images[i]) < 2:
+            raise ValueError(f"--combine subtract (adapter {i}) takes the later images away from the first: "
+                             f"give at least two --image {i}=PATH")
         if not starts[i] < ends[i]:
             raise ValueError(f"adapter {i}: --start {starts[i]:g} must be below --end {ends[i]:g}")
         options.append(AdapterOptions(
             index=i, file=file, images=tuple(images[i]), masks=tuple(masks[i]) if request.mask else None,
             negative_images=tuple(negatives[i]), image_encoder=encoders[i], scale=scales[i], combine=combine,
             weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
+            weight_type=weight_types[i], composition_scale=composition_scales[i], embeds_scaling=scalings[i],
+            negative_noise=noises[i],
         ))
     return options
 
@@ -226,6 +251,8 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             weights=o.weights, layers=o.layers, start=o.start, end=o.end,
             masks=[read(m, "L") for m in o.masks] if o.masks else None,
             negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
+            weight_type=o.weight_type, composition_scale=o.composition_scale, embeds_scaling=o.embeds_scaling,
+            negative_noise=o.negative_noise,
         )
         for o in options
     ]

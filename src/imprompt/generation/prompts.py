@@ -18,11 +18,14 @@ from PIL import Image
 
 from ..adapter.attach import Attachment
 from ..adapter.attention import ImageKV, StepWindow
+from ..adapter.embeds_scaling import check_embeds_scaling
 from ..adapter.layers import LayerScales, parse_layer_scales
+from ..adapter.weight_types import check_weight_type, layer_weights
 from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
+from .negative_noise import NegativeNoise
 
-CombineMode = Literal["concat", "average", "weighted"]
-COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted")
+CombineMode = Literal["concat", "average", "weighted", "add", "subtract", "norm average"]
+COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted", "add", "subtract", "norm average")
 DEFAULT_SCALE = 0.6
 
 MaskLike = Image.Image | np.ndarray | torch.Tensor
@@ -36,7 +39,12 @@ class ImagePrompt:
     (one softmax over all of them, as diffusers does with a list of images), ``average`` averages
     their encoder features, ``weighted`` averages them with ``weights``. ``masks`` (one per image,
     white = where the image acts) restrict each image to a region; masked images attend separately.
-    ``negative_images`` replace the unconditional image embedding (averaged if several).
+    ``negative_images`` replace the unconditional image embedding (averaged if several); so does a
+    ``negative_noise`` image (averaged with them). ``add``, ``subtract`` (the first image minus the mean
+    of the others) and ``norm average`` are ComfyUI_IPAdapter_plus's other combinations.
+    ``weight_type`` spreads ``scale`` over the layers (:mod:`imprompt.adapter.weight_types`;
+    ``composition_scale`` is the composition blocks' weight where a type has one, default ``scale``);
+    ``embeds_scaling`` says where the weight acts (:mod:`imprompt.adapter.embeds_scaling`).
     """
 
     images: Sequence[Image.Image]
@@ -50,6 +58,10 @@ class ImagePrompt:
     masks: Sequence[MaskLike | None] | None = None
     negative_images: Sequence[Image.Image] | None = None
     crop: CropMode = "center"
+    weight_type: str = "linear"
+    composition_scale: float | None = None
+    embeds_scaling: str = "V only"
+    negative_noise: NegativeNoise | None = None
 
     def check(self, num_adapters: int) -> None:
         if not self.images:
@@ -68,6 +80,12 @@ class ImagePrompt:
                 )
             if sum(self.weights) == 0:
                 raise ValueError("weights sum to zero; give at least one non-zero weight")
+        if self.combine == "subtract" and len(self.images) < 2:
+            raise ValueError("combine='subtract' takes the later images away from the first: give at least two images")
+        check_weight_type(self.weight_type)
+        check_embeds_scaling(self.embeds_scaling)
+        if self.composition_scale is not None and not math.isfinite(self.composition_scale):
+            raise ValueError(f"composition_scale must be a finite number, got {self.composition_scale}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"need 0 <= start < end <= 1 (fractions of the denoising steps), got start={self.start}, end={self.end}")
         if self.masks is not None:
@@ -78,14 +96,35 @@ class ImagePrompt:
 
 
 def combine_features(features: torch.Tensor, mode: CombineMode, weights: Sequence[float] | None) -> torch.Tensor:
-    """(images, ...) -> (units, ...): concat keeps every image; average/weighted fold them into one."""
+    """(images, ...) -> (units, ...): concat keeps every image; the others fold them into one.
+
+    ``add``, ``subtract`` and ``norm average`` are ComfyUI_IPAdapter_plus's ``combine_embeds`` (applied,
+    as there, to the encoder features before the projection): the sum; the first minus the mean of
+    the rest; and the mean of ``x / ||x||`` where the norm is taken across the images, element by
+    element (``torch.norm(x, dim=0)``), not per feature vector.
+    """
     if mode == "concat":
         return features
     if mode == "average":
         return features.mean(dim=0, keepdim=True)
+    if mode == "add":
+        return features.sum(dim=0, keepdim=True)
+    if mode == "subtract":
+        return features[:1] - features[1:].mean(dim=0, keepdim=True)
+    if mode == "norm average":
+        return (features / features.norm(dim=0, keepdim=True)).mean(dim=0, keepdim=True)
     w = torch.tensor(list(weights), dtype=features.dtype, device=features.device)
     w = (w / w.sum()).view(-1, *[1] * (features.ndim - 1))
     return (features * w).sum(dim=0, keepdim=True)
+
+
+def combine_unconditional(features: torch.Tensor, mode: CombineMode, weights: Sequence[float] | None) -> torch.Tensor:
+    """The unconditional side of :func:`combine_features`. For add / subtract / norm average ComfyUI
+    keeps the first image's unconditional features (summing or subtracting blank-image features would
+    not give a blank image's); the older modes combine them as the references, as before."""
+    if mode in ("add", "subtract", "norm average"):
+        return features[:1]
+    return combine_features(features, mode, weights)
 
 
 def mask_tensor(mask: MaskLike) -> torch.Tensor:
@@ -145,11 +184,12 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
 
     pixels = encoder.pixels(prompt.images, prompt.crop)
     cond = combine_features(encoder.features(pixels, output), prompt.combine, prompt.weights)
-    if prompt.negative_images:
-        negative = encoder.features(encoder.pixels(prompt.negative_images, prompt.crop), output)
+    negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
+    if negatives:
+        negative = encoder.features(encoder.pixels(negatives, prompt.crop), output)
         uncond = negative.mean(dim=0, keepdim=True).expand_as(cond)
     else:
-        uncond = combine_features(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
+        uncond = combine_unconditional(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
 
     with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
         tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
@@ -157,6 +197,9 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
         parse_layer_scales(prompt.layers, attachment.layout) if prompt.layers else LayerScales()
     )
     window = StepWindow(prompt.start, prompt.end)
+    weights = layer_weights(prompt.weight_type, [layer.block for layer in attachment.layers], attachment.layout,
+                            prompt.scale, prompt.composition_scale)
+    swaps = any(w.swap for w in weights.values())
 
     # Unmasked: all units' tokens form one sequence (a joint softmax). Masked: one entry per image.
     if prompt.masks is None:
@@ -168,6 +211,12 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
         cond_seq = tokens_cond[rows].reshape(1, -1, tokens_cond.shape[-1])
         uncond_seq = tokens_uncond[rows].reshape(1, -1, tokens_uncond.shape[-1])
         rows_tokens = torch.cat([uncond_seq, cond_seq]) if layout.guidance else cond_seq
+        # "precise" weight types: in the swapped layers the unconditional rows see the reference and
+        # the conditional rows zero tokens (ComfyUI's uncond = cond; cond = cond * 0).
+        swapped = None
+        if swaps:
+            nothing = torch.zeros_like(cond_seq)
+            swapped = torch.cat([cond_seq, nothing]) if layout.guidance else nothing
         masks = None
         if mask is not None:
             param = next(adapter.parameters())
@@ -176,7 +225,8 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
             prepared.append(
                 attachment.layer_kv(
                     prompt.adapter, rows_tokens, scale=prompt.scale, layer_scales=layer_scales,
-                    window=window, batch_repeat=layout.images_per_prompt, masks=masks,
+                    window=window, batch_repeat=layout.images_per_prompt, masks=masks, weights=weights,
+                    swapped_tokens=swapped, embeds_scaling=prompt.embeds_scaling,
                 )
             )
     return prepared

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 from ..adapter.attach import attach
 from ..adapter.checkpoint import load_adapter
+from ..adapter.embeds_scaling import EMBEDS_SCALING
 from ..adapter.layers import PRESETS
+from ..adapter.weight_types import WEIGHT_TYPES
 from ..config import option
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
 from ..files import check_writable_folder, remove_debris
@@ -92,6 +94,17 @@ class GenerateRequest(GenerationSettings):
         "region mask per reference image (white = acts), in --image order", metavar="PATH"))
     negative_image: list[str] = field(default_factory=list, metadata=option(
         "negative image prompt (replaces the unconditional image), PATH or N=PATH", metavar="PATH"))
+    weight_type: list[str] = field(default_factory=list, metadata=option(
+        f"how the scale spreads over the layers (ComfyUI's weight types): {'|'.join(WEIGHT_TYPES)} "
+        "(quote names with spaces, or use _), or N=TYPE (default linear)"))
+    composition_scale: list[str] = field(default_factory=list, metadata=option(
+        "weight of the composition blocks for weight types style and composition / ... precise (--scale is "
+        "the style weight), VALUE or N=VALUE (default: --scale)"))
+    embeds_scaling: list[str] = field(default_factory=list, metadata=option(
+        f"where the weight acts: {'|'.join(EMBEDS_SCALING)}, or N=MODE (default V only)"))
+    negative_noise: list[str] = field(default_factory=list, metadata=option(
+        "a noise image as negative image prompt: TYPE[:STRENGTH[:BLUR[:SEED]]], TYPE fade|dissolve|gaussian|"
+        "shuffle, strength 0-1 (default 1), blur pixels (default 0), seed (default 0); or N=..."))
     image_encoder: list[str] = field(default_factory=list, metadata=option(
         "image encoder (CLIP vision folder, single file or name), PATH or N=PATH (default: the one the adapter "
         "needs, found beside it or in --models-dir)", metavar="PATH"))

@@ -18,7 +18,7 @@ class ImagePromptSpec(BaseModel):
     adapter: str = Field(description="adapter name, as GET /v1/models lists it")
     images: list[str] = Field(default_factory=list, description="base64 references (or multipart file names)")
     scale: float = 0.6
-    combine: str | None = Field(None, description="concat, average or weighted")
+    combine: str | None = Field(None, description="concat, average, weighted, add, subtract or norm average")
     weights: list[float] | None = None
     layers: str | None = Field(None, description="style, composition, style_and_composition, all, or 'block=w,...'")
     start: float = Field(0.0, ge=0.0, le=1.0)
@@ -26,6 +26,10 @@ class ImagePromptSpec(BaseModel):
     masks: list[str] | None = Field(None, description="one region mask per image (white = acts)")
     negative_images: list[str] = Field(default_factory=list)
     image_encoder: str | None = Field(None, description="default: the one the adapter needs")
+    weight_type: str | None = Field(None, description="ComfyUI's weight types: linear, ease in, style transfer, ...")
+    composition_scale: float | None = Field(None, description="composition blocks' weight (default: scale)")
+    embeds_scaling: str | None = Field(None, description="V only, K+V, K+V w/ C penalty or K+mean(V) w/ C penalty")
+    negative_noise: str | None = Field(None, description="noise negative image: TYPE[:STRENGTH[:BLUR[:SEED]]]")
 
 
 class NativeRequest(BaseModel):
@@ -56,7 +60,9 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
     """The GenerateRequest of a /v1 body. ``lookup(name, kind)`` -> a model path found by name;
     ``image(ref, field, mode)`` -> the name an uploaded image is filed under."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "combine", "weights", "layers",
-                                                    "start", "end", "mask", "negative_image", "image_encoder")}
+                                                    "start", "end", "mask", "negative_image", "image_encoder",
+                                                    "weight_type", "composition_scale", "embeds_scaling",
+                                                    "negative_noise")}
     any_masks = any(p.masks for p in body.image_prompts)
     for i, spec in enumerate(body.image_prompts):
         where = f"image_prompts[{i}]"
@@ -80,6 +86,9 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
             values["weights"].append(f"{i}=" + ",".join(repr(w) for w in spec.weights))
         if spec.layers:
             values["layers"].append(f"{i}={spec.layers}")
+        for name in ("weight_type", "composition_scale", "embeds_scaling", "negative_noise"):
+            if getattr(spec, name) is not None:
+                values[name].append(f"{i}={getattr(spec, name)!s}")
         if spec.image_encoder:
             values["image_encoder"].append(f"{i}={lookup(spec.image_encoder, 'image_encoder')}")
     return GenerateRequest(
