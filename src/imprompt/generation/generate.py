@@ -117,6 +117,8 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     ``reference``: Reference-only (:mod:`imprompt.generation.reference`), alone or with image prompts.
     """
     settings.check()
+    if reference is not None:
+        reference.check()
     tags = prompt_tags(settings.prompt, settings.negative_prompt)
     if tags and networks is None:
         raise ValueError(f"the prompt names LoRAs ({', '.join(t.written for t in tags)}) but no model folders "
