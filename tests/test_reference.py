@@ -212,3 +212,87 @@ def test_bad_options_are_refused(pipe, ref_image):
                        (dict(weight=-1), "weight"), (dict(start=0.5, end=0.5), "start/end")):
         with pytest.raises(ValueError, match=words):
             _run(pipe, ReferenceOptions(ref_image, **bad))
+
+
+def test_request_checks_the_reference_fields(tmp_path):
+    from imprompt.generation.request import GenerateRequest
+
+    GenerateRequest(reference_image="r.png", style_fidelity=1.0, output=str(tmp_path)).check()
+    with pytest.raises(ValueError, match="reference mode"):
+        GenerateRequest(reference_image="r.png", reference_mode="reference", output=str(tmp_path)).check()
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    from imprompt.server.app import create_app
+    from imprompt.server.config import ServerConfig
+
+    app = create_app(ServerConfig(ui=False))
+    with TestClient(app) as client:
+        yield client
+    app.state.engine.close()
+
+
+def test_a1111_reference_unit_becomes_the_request_fields():
+    from imprompt.server.a1111 import Txt2ImgPayload, to_request
+
+    unit = {"module": "reference_adain", "model": "None", "weight": 0.8, "image": "IMG", "threshold_a": 0.3,
+            "guidance_start": 0.1, "guidance_end": 0.75}
+    payload = Txt2ImgPayload(prompt="x", alwayson_scripts={"controlnet": {"args": [unit]}})
+    request = to_request(payload, "model", lambda name, kind: name, lambda data, where, mode: f"file-{data}",
+                         lambda adapter: None)
+    assert (request.reference_image, request.reference_mode, request.reference_weight, request.style_fidelity,
+            request.reference_start, request.reference_end) == ("file-IMG", "reference_adain", 0.8, 0.3, 0.1, 0.75)
+    assert request.controlnet is None and not request.adapter
+    with pytest.raises(ValueError, match="one reference unit"):
+        to_request(Txt2ImgPayload(alwayson_scripts={"controlnet": {"args": [unit, unit]}}), "model",
+                   lambda name, kind: name, lambda data, where, mode: data, lambda adapter: None)
+
+
+@pytest.mark.slow
+def test_a1111_reference_unit_and_native_api_match_the_cli(client, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from imprompt import toy
+    from imprompt.cli import main
+
+    ref = sorted(toy.toy_paths()["references"].glob("*.png"))[0]
+    data = base64.b64encode(ref.read_bytes()).decode()
+    unit = {"enabled": True, "module": "reference_adain+attn", "model": "None", "weight": 1.0, "image": data,
+            "threshold_a": 0.3, "guidance_end": 0.75}
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "cfg_scale": 7,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    a1111 = client.post("/sdapi/v1/txt2img", json=body)
+    assert a1111.status_code == 200, a1111.text
+    assert "Style Fidelity: 0.3" in json_info(a1111)["infotexts"][0]
+    native = client.post("/v1/generate", json={
+        "prompt": "a red circle", "steps": 4, "seed": 3, "guidance": 7,
+        "reference": {"image": data, "mode": "reference_adain+attn", "style_fidelity": 0.3, "end": 0.75}})
+    assert native.status_code == 200, native.text
+    assert main(["generate", "--prompt", "a red circle", "--steps", "4", "--seed", "3", "--guidance", "7",
+                 "--reference-image", str(ref), "--reference-mode", "reference_adain+attn", "--style-fidelity", "0.3",
+                 "--reference-end", "0.75", "--output", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+
+    def pixels(b64png):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))).convert("RGB"))
+
+    cli = np.asarray(Image.open(png).convert("RGB"))
+    np.testing.assert_array_equal(pixels(a1111.json()["images"][0]), cli)
+    np.testing.assert_array_equal(pixels(native.json()["images"][0]["png"]), cli)
+    # "ControlNet is more important" is style fidelity 1, as the extension reads it.
+    from imprompt.server.a1111 import ControlNetUnit, reference_fidelity
+
+    assert reference_fidelity(ControlNetUnit(module="reference_only", control_mode=2, threshold_a=0.3)) == 1.0
+    assert reference_fidelity(ControlNetUnit(module="reference_only")) == 0.5
+
+
+def json_info(response):
+    import json
+
+    return json.loads(response.json()["info"])
