@@ -296,3 +296,20 @@ def json_info(response):
     import json
 
     return json.loads(response.json()["info"])
+
+
+def test_evaluation_method_reference_only(pipe, ref_image):
+    from imprompt.evaluation.config import parse_method
+    from imprompt.evaluation.methods import MethodModels, Sampling, open_method
+
+    spec = parse_method("ref:reference_only:reference_mode=reference_adain+attn,style_fidelity=0.2")
+    spec.check()
+    assert spec.reference == ("reference_adain+attn", 0.2)
+    assert "style fidelity 0.2" in spec.describe()
+    for bad, words in (("x:img2img:style_fidelity=0.2", "reference_only and ip_adapter"),
+                       ("x:reference_only:reference_mode=adain", "reference mode")):
+        with pytest.raises(ValueError, match=words):
+            parse_method(bad).check()
+    with open_method(MethodModels(spec), pipe, None, Sampling(steps=2, guidance=7.5, size=32)) as sampler:
+        images = sampler(ref_image, "", [0, 1], None)
+    assert len(images) == 2 and images[0].size == (16, 16)  # the tiny model's own size
