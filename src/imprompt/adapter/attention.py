@@ -121,7 +121,8 @@ class DecoupledAttnProcessor:
     attachments relying on it. The image prompts come with each call (:class:`ImagePromptCall` in
     ``cross_attention_kwargs``); without any for this layer the original processor runs untouched,
     so scale 0, a step outside a prompt's window, or a call without image prompts are bit-identical
-    to the plain UNet, and other callers of the UNet see the plain UNet.
+    to the plain UNet, and other callers of the UNet see the plain UNet. A call that brings a
+    ``reference`` (Reference-only) hands its self-attention layers to it, with the original processor.
     Deliberately not an ``nn.Module``: attaching must not add parameters to the UNet's state dict.
     """
 
