@@ -172,9 +172,9 @@ def adain_points(unet) -> list[tuple[str, torch.nn.Module, float]]:
             return f"{kind}.{j}.attentions.{k}", block.attentions[k]
         return f"{kind}.{j}.resnets.{k}", block.resnets[k]
 
-    down = [layer(b, j, k, "down_blocks") for j, b in enumerate(unet.down_blocks) if j >= 1 for k in range(len(b.resnets))]
+    down = [layer(b, j, k, "down_blocks") for j, b in enumerate(unet.down_blocks[1:], 1) for k in range(len(b.resnets))]
     up = [layer(b, j, k, "up_blocks") for j, b in enumerate(unet.up_blocks[:-1]) for k in range(len(b.resnets))]
-    if len(unet.down_blocks) == 4:
+    if len(unet.down_blocks) == 4:  # SD1.5 / SD2: the extension's table stops at output block 7
         up = up[:-1]
     points = [("mid_block", unet.mid_block, 0.0)] if unet.mid_block is not None else []
     points += [(name, module, 2 * (1 - w / len(down))) for w, (name, module) in enumerate(down)]
