@@ -13,7 +13,7 @@ denoising step as the official code and diffusers do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,15 @@ class ImageKV:
     masks: dict[int, torch.Tensor] | None = None
 
 
+class SelfAttentionHook(Protocol):
+    """Per-call self-attention behaviour (Reference-only, :mod:`imprompt.generation.reference`): called
+    for every attn1 layer instead of the original processor, which it receives to call itself."""
+
+    def self_attention(self, layer: str, original: Any, attn: Any, hidden_states: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                       *args, **kwargs) -> torch.Tensor: ...
+
+
 @dataclass
 class ImagePromptCall:
     """Everything one UNet call (a generation, a training step) needs from its image prompts.
@@ -64,6 +73,7 @@ class ImagePromptCall:
     layers: Mapping[str, Sequence[ImageKV]]
     num_steps: int = 1
     step: int = 0
+    reference: SelfAttentionHook | None = None  # this call's Reference-only, if any
 
     def active(self, layer: str) -> list[ImageKV]:
         return [p for p in self.layers.get(layer, ()) if p.scale != 0 and p.window.acts(self.step, self.num_steps)]
@@ -111,7 +121,8 @@ class DecoupledAttnProcessor:
     attachments relying on it. The image prompts come with each call (:class:`ImagePromptCall` in
     ``cross_attention_kwargs``); without any for this layer the original processor runs untouched,
     so scale 0, a step outside a prompt's window, or a call without image prompts are bit-identical
-    to the plain UNet, and other callers of the UNet see the plain UNet.
+    to the plain UNet, and other callers of the UNet see the plain UNet. A call that brings a
+    ``reference`` (Reference-only) hands its self-attention layers to it, with the original processor.
     Deliberately not an ``nn.Module``: attaching must not add parameters to the UNet's state dict.
     """
 
@@ -124,6 +135,9 @@ class DecoupledAttnProcessor:
     # that the processor's signature names.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, image_prompts: ImagePromptCall | None = None, **kwargs):
+        if image_prompts is not None and image_prompts.reference is not None and encoder_hidden_states is None:
+            return image_prompts.reference.self_attention(self.layer_name, self.original, attn, hidden_states,
+                                                          attention_mask, temb, *args, **kwargs)
         active = image_prompts.active(self.layer_name) if image_prompts is not None else []
         if not active or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -20,10 +20,12 @@ from ..config import load_config as _load_config, option as _m
 from ..generation.request import DTYPES as TORCH_DTYPES
 from ..generation.schedulers import SCHEDULERS
 
-KINDS: tuple[str, ...] = ("ip_adapter", "shared", "text_only", "unconditional", "img2img")
+KINDS: tuple[str, ...] = ("ip_adapter", "shared", "text_only", "unconditional", "img2img", "reference_only")
 ADAPTER_KINDS: tuple[str, ...] = ("ip_adapter", "shared")
 DEFAULT_SCALE = 1.0  # image alone, as the paper's Table 1 and the toy world's image-only target
 DEFAULT_STRENGTH = 0.7  # img2img: how much of the reference is re-noised
+DEFAULT_FIDELITY = 0.5  # reference_only: the extension's default style fidelity
+REFERENCE_TAKERS = ("reference_only", "ip_adapter")  # kinds that run Reference-only (ip_adapter: on top)
 DTYPES: tuple[str, ...] = ("auto", *TORCH_DTYPES)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -38,10 +40,21 @@ class MethodSpec:
     image_encoder: str = ""  # default: image_encoder/ beside the adapter file, else <model>/image_encoder
     scale: float | None = None  # ip_adapter only (default 1.0)
     strength: float | None = None  # img2img only (default 0.7)
+    # reference_only: the mode (default reference_only); ip_adapter: Reference-only on top when set
+    reference_mode: str = ""
+    style_fidelity: float | None = None  # with reference_mode / kind reference_only (default 0.5)
 
     @property
     def ip_scale(self) -> float:
         return DEFAULT_SCALE if self.scale is None else float(self.scale)
+
+    @property
+    def reference(self) -> tuple[str, float] | None:
+        """(mode, style fidelity) of the Reference-only this method runs, or None."""
+        if self.kind != "reference_only" and not self.reference_mode:
+            return None
+        return (self.reference_mode or "reference_only",
+                DEFAULT_FIDELITY if self.style_fidelity is None else float(self.style_fidelity))
 
     @property
     def init_strength(self) -> float:
@@ -67,6 +80,16 @@ class MethodSpec:
                 raise ValueError(f"{where}: strength applies to img2img methods only")
             if not 0.0 < float(self.strength) <= 1.0:
                 raise ValueError(f"{where}: strength must be in (0, 1], got {self.strength}")
+        if (self.reference_mode or self.style_fidelity is not None) and self.kind not in REFERENCE_TAKERS:
+            raise ValueError(f"{where}: reference_mode / style_fidelity apply to {' and '.join(REFERENCE_TAKERS)} "
+                             "methods only")
+        if self.style_fidelity is not None and self.kind == "ip_adapter" and not self.reference_mode:
+            raise ValueError(f"{where}: style_fidelity on an ip_adapter method needs reference_mode (Reference-only "
+                             "on top of the adapter)")
+        if self.reference is not None:
+            from ..generation.reference import ReferenceOptions
+
+            ReferenceOptions(None, *self.reference).check()
 
     def describe(self) -> str:
         """The settings that make this row what it is, for the report."""
@@ -75,13 +98,16 @@ class MethodSpec:
             parts.append(f"scale {self.ip_scale:g}")
         if self.kind == "img2img":
             parts.append(f"strength {self.init_strength:g}")
+        if self.reference is not None:
+            parts.append(f"{self.reference[0]}, style fidelity {self.reference[1]:g}")
         if self.adapter:
             parts.append(Path(self.adapter).name)
         return ", ".join(parts)
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``NAME:KIND[:key=value,...]`` -> MethodSpec (keys: adapter, image_encoder, scale, strength)."""
+    """``NAME:KIND[:key=value,...]`` -> MethodSpec (keys: adapter, image_encoder, scale, strength,
+    reference_mode, style_fidelity)."""
     parts = text.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ValueError(f"--method {text!r}: expected NAME:KIND[:key=value,...], e.g. ip:ip_adapter:adapter=ip.safetensors,scale=0.6")
@@ -103,13 +129,13 @@ def method_from_mapping(values: dict[str, Any], where: str) -> MethodSpec:
         if not values.get(name):
             raise ValueError(f"{where}: a method needs a {name}")
     converted = dict(values)
-    for name in ("scale", "strength"):
+    for name in ("scale", "strength", "style_fidelity"):
         if converted.get(name) is not None:
             try:
                 converted[name] = float(converted[name])
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: {name} must be a number, got {converted[name]!r}") from None
-    for name in ("name", "kind", "adapter", "image_encoder"):
+    for name in ("name", "kind", "adapter", "image_encoder", "reference_mode"):
         if converted.get(name) is not None:
             converted[name] = str(converted[name])
     return MethodSpec(**converted)

@@ -8,6 +8,8 @@
 * ``text_only``, ``unconditional``: the pipeline as it is.
 * ``img2img``: diffusers' img2img pipeline (sharing the text-to-image pipeline's components) with the
   reference as init image.
+* ``reference_only``: the pipeline with A1111's Reference-only (:mod:`imprompt.generation.reference`), no
+  adapter; an ``ip_adapter`` method with ``reference_mode`` runs Reference-only on top of its adapter.
 
 Every method draws sample ``j`` from its own ``torch.Generator("cpu").manual_seed(seeds[j])``, so
 a sample's noise does not depend on the method or on how many samples one call makes.
@@ -29,6 +31,7 @@ from ..adapter.model import IPAdapter
 from ..adapter.variants import CheckpointError
 from ..encoding import ImageEncoder, check_encoder
 from ..generation.generate import GenerationSettings, generate
+from ..generation.reference import ReferenceOptions
 from ..generation.pipelines import ModelNotFoundError, resolve_file, resolve_model
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder, fits
@@ -144,6 +147,13 @@ def shared_prompt_embeds(pipe, adapter: IPAdapter, encoder: ImageEncoder, refere
     return embeds
 
 
+def _reference(spec: MethodSpec, image: Image.Image) -> ReferenceOptions | None:
+    if spec.reference is None:
+        return None
+    mode, fidelity = spec.reference
+    return ReferenceOptions(image, mode, fidelity)
+
+
 @contextmanager
 def open_method(models: MethodModels, pipe, img2img_pipe, sampling: Sampling) -> Iterator[Sampler]:
     """A sampler for the method; an ip_adapter stays attached to the UNet until the block ends."""
@@ -154,7 +164,8 @@ def open_method(models: MethodModels, pipe, img2img_pipe, sampling: Sampling) ->
         with attach(pipe.unet, models.adapter) as attachment:
             def ip_adapter(reference, text, seeds, scale):
                 prompt = ImagePrompt([reference], scale=spec.ip_scale if scale is None else scale)
-                return generate(pipe, attachment, _settings(sampling, text, seeds), [prompt], [models.encoder])
+                return generate(pipe, attachment, _settings(sampling, text, seeds), [prompt], [models.encoder],
+                                reference=_reference(spec, reference))
             yield ip_adapter
         return
 
@@ -171,6 +182,10 @@ def open_method(models: MethodModels, pipe, img2img_pipe, sampling: Sampling) ->
             settings = _settings(sampling, text, seeds, guidance=None if text else 1.0, strength=spec.init_strength)
             return generate(img2img_pipe, None, settings, init_image=init_image(reference, sampling.size))
         yield img2img
+    elif spec.kind == "reference_only":
+        def reference_only(reference, text, seeds, scale):
+            return generate(pipe, None, _settings(sampling, text, seeds), reference=_reference(spec, reference))
+        yield reference_only
     elif spec.kind == "text_only":
         def text_only(reference, text, seeds, scale):
             return generate(pipe, None, _settings(sampling, text, seeds))

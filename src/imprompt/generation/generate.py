@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from ..adapter.attach import Attachment
+from ..adapter.attention import ImagePromptCall
 from ..encoding import ImageEncoder, ImageInputError
 from .loras import loras_applied
 from .networks import Networks, prompt_tags
 from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
+from .reference import ReferenceOptions, prepare_reference, reference_applied
 from .schedulers import make_scheduler
 from .settings import GenerationSettings
 from .text_encoding import TextSchedule, towers
@@ -104,7 +106,7 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
              image_prompts: Sequence[ImagePrompt] = (), encoders: Sequence[ImageEncoder] = (), *,
              init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
              control_image: Image.Image | None = None, output_type: str = "pil", callback=None,
-             networks: Networks | None = None):
+             networks: Networks | None = None, reference: ReferenceOptions | None = None):
     """Run ``pipe`` with image prompts; returns the pipeline's images (PIL by default).
 
     ``encoders[i]`` is the image encoder of ``attachment.adapters[i]``. ``callback`` is a diffusers
@@ -112,8 +114,11 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     AUTOMATIC1111's syntax (:mod:`imprompt.generation.text_encoding`); ``networks`` finds the LoRAs
     and embeddings they name. The LoRAs are loaded into the pipeline for this call only and removed
     after it (so, like attaching adapters, no other generation may use the same models meanwhile).
+    ``reference``: Reference-only (:mod:`imprompt.generation.reference`), alone or with image prompts.
     """
     settings.check()
+    if reference is not None:
+        reference.check()
     tags = prompt_tags(settings.prompt, settings.negative_prompt)
     if tags and networks is None:
         raise ValueError(f"the prompt names LoRAs ({', '.join(t.written for t in tags)}) but no model folders "
@@ -121,11 +126,11 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     with loras_applied(pipe, networks.uses(tags) if tags else [],
                        networks.lora_cache if networks is not None else None):
         return _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image,
-                         control_image, output_type, callback, networks)
+                         control_image, output_type, callback, networks, reference)
 
 
 def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image, control_image,
-              output_type, callback, networks):
+              output_type, callback, networks, reference=None):
     if image_prompts and attachment is None:
         raise ValueError("image prompts need adapters attached to the pipeline's UNet (imprompt.attach)")
     if attachment is not None:
@@ -144,8 +149,12 @@ def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, m
                                networks.embeddings if networks is not None else None) if towers(pipe) else None)
     kwargs = _call_arguments(pipe, settings, init_image, mask_image, control_image, text)
     view = call_pipeline(pipe, settings.scheduler)
-    # This call's image prompts and its progress through the schedule travel with the call.
-    state = attachment.prompt_call(prepared, num_steps=settings.steps) if attachment is not None else None
+    ref = prepare_reference(pipe, reference, layout.guidance, size) if reference is not None else None
+    # This call's image prompts, reference and progress through the schedule travel with the call.
+    state = attachment.prompt_call(prepared, num_steps=settings.steps) if attachment is not None else (
+        ImagePromptCall({}, num_steps=settings.steps) if ref is not None else None)
+    if ref is not None:
+        state.reference = ref
     edits = text is not None and text.changes  # prompt editing / alternation: new text embeddings per step
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
@@ -160,4 +169,5 @@ def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, m
     if edits:
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents", *text.tensor_names()]
     chained = on_step_end if state is not None or edits else callback
-    return view(**kwargs, output_type=output_type, callback_on_step_end=chained).images
+    with reference_applied(pipe.unet, ref):
+        return view(**kwargs, output_type=output_type, callback_on_step_end=chained).images

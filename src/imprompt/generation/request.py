@@ -51,6 +51,7 @@ from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline
                         resolve_file)
 from .pnginfo import format_parameters, save_png
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+from .reference import REFERENCE_MODES, ReferenceOptions
 from .schedulers import SCHEDULERS, sampler_name
 from .settings import MAX_SEED, GenerationSettings
 
@@ -116,6 +117,18 @@ class GenerateRequest(GenerationSettings):
     controlnet: str | None = field(default=None, metadata=option(
         "ControlNet: a single file, a diffusers folder, a hub id or a name", metavar="PATH"))
     control_image: str | None = field(default=None, metadata=option("ControlNet conditioning image", metavar="PATH"))
+    reference_image: str | None = field(default=None, metadata=option(
+        "Reference-only (A1111 ControlNet's reference_*): the UNet's self-attention / feature statistics "
+        "follow this image; no adapter needed, combines with --image and --controlnet", metavar="PATH"))
+    reference_mode: str = field(default="reference_only", metadata=option(
+        "what --reference-image steers", choices=list(REFERENCE_MODES)))
+    style_fidelity: float = field(default=0.5, metadata=option(
+        "Reference-only style fidelity 0..1: 1 keeps the reference out of the unconditional half, so guidance "
+        "amplifies it; 0 gives it to both halves (not 'off': --reference-weight 0 is)"))
+    reference_weight: float = field(default=1.0, metadata=option(
+        "Reference-only weight 0..2: the share of layers that read the reference (A1111's unit weight)"))
+    reference_start: float = field(default=0.0, metadata=option("fraction of the steps where Reference-only starts"))
+    reference_end: float = field(default=1.0, metadata=option("fraction of the steps where Reference-only stops"))
     output: str = field(default="outputs", metadata=option("folder for the PNGs"))
     batch_size: int = field(default=4, metadata=option(
         f"images per pipeline call (1 to {MAX_BATCH}); lower it if memory runs out. Images do not depend on it"))
@@ -131,6 +144,11 @@ class GenerateRequest(GenerationSettings):
     prompt_matrix: bool = field(default=False, metadata=option(
         "A1111's prompt matrix: 'a cat|in the snow|at night' draws every combination of the parts after the "
         "first (same seed), plus one labelled grid (grid-N.png)"))
+
+    def reference(self, image: "Image.Image | None") -> ReferenceOptions:
+        """The Reference-only options of this request, for ``image``."""
+        return ReferenceOptions(image, self.reference_mode, self.style_fidelity, self.reference_weight,
+                                start=self.reference_start, end=self.reference_end)
 
     @property
     def memory(self) -> MemoryOptions:
@@ -171,6 +189,8 @@ class GenerateRequest(GenerationSettings):
         device = pick_device(self.device)
         pick_dtype(self.dtype, device)
         self.memory.check(device)
+        if self.reference_image is not None:
+            self.reference(None).check()
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         check_writable_folder(self.output, "--output")
@@ -269,13 +289,19 @@ class Inputs:
     init: "Image.Image | None" = None
     mask: "Image.Image | None" = None
     control: "Image.Image | None" = None
+    reference: "Image.Image | None" = None
 
 
 def read_inputs(request: GenerateRequest, options: Sequence[AdapterOptions], read: ImageReader = load_image) -> Inputs:
     return Inputs(load_image_prompts(options, read),
                   read(request.init_image) if request.init_image else None,
                   read(request.mask_image, "L") if request.mask_image else None,
-                  read(request.control_image) if request.control_image else None)
+                  read(request.control_image) if request.control_image else None,
+                  read(request.reference_image) if request.reference_image else None)
+
+
+def reference_options(request: GenerateRequest, inputs: Inputs) -> ReferenceOptions | None:
+    return request.reference(inputs.reference) if inputs.reference is not None else None
 
 
 @dataclass
@@ -350,6 +376,9 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
         "ControlNet": f"{model_name(request.controlnet)} ({request.controlnet_scale:g})" if request.controlnet else None,
         **{f"IP-Adapter {o.index}": o.describe() for o in options},
     }
+    reference = reference_options(request, inputs)
+    if reference is not None:
+        rest["Reference"] = reference.describe()
     networks = parameters_of(models.networks, pipe, request.prompt, request.negative_prompt, request.steps)
     attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
@@ -361,7 +390,7 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
                                         extra={**request.extra, "generator": generators})
             images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
                               mask_image=inputs.mask, control_image=inputs.control, callback=callback,
-                              networks=models.networks)
+                              networks=models.networks, reference=reference)
             yield [Rendered(s, image, format_parameters(request.prompt, request.negative_prompt, {
                 **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest, **networks}))
                 for s, image in zip(seeds, images)]

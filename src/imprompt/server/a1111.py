@@ -10,7 +10,10 @@ An IP-Adapter unit is one whose ``module`` is an IP-Adapter preprocessor (A1111'
 ``ip-adapter-auto``, Forge's ``CLIP-ViT-H (IPAdapter)``) or whose ``model`` is an adapter found in the
 model folders; every other enabled unit is a ControlNet. The preprocessor names the image encoder; the
 encoder itself is the one the adapter needs (:mod:`imprompt.models.pairing`), and a preprocessor that
-contradicts the adapter is refused naming both.
+contradicts the adapter is refused naming both. A unit whose ``module`` is ``reference_only``,
+``reference_adain`` or ``reference_adain+attn`` is Reference-only (no model): its weight, its
+``threshold_a`` as style fidelity (the extension's default 0.5), and its control mode as the extension
+reads it (:func:`reference_fidelity`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation.reference import REFERENCE_MODES
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
 
@@ -127,6 +131,17 @@ def unit_images(unit: ControlNetUnit) -> list[tuple[str, str | None]]:
     return [(image, mask) for image, mask in pairs if image]
 
 
+def reference_fidelity(unit: ControlNetUnit) -> float:
+    """A reference unit's style fidelity: ``threshold_a`` (default 0.5) clamped to 0..1, but 1 for "ControlNet
+    is more important" and 0 for "My prompt is more important" (hook.py: cfg_injection / soft_injection)."""
+    mode = str(unit.control_mode).strip().lower()
+    if mode in ("controlnet is more important", "2"):
+        return 1.0
+    if mode in ("my prompt is more important", "1"):
+        return 0.0
+    return 0.5 if unit.threshold_a < 0 else max(0.0, min(1.0, unit.threshold_a))
+
+
 def strip_hash(name: str) -> str:
     """``"ip-adapter_sd15 [a1b2c3d4]"`` -> ``"ip-adapter_sd15"``: the extension lists models so; the hash is
     ignored, as the extension ignores it."""
@@ -158,6 +173,7 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
     controlnet = control_image = None
     extra: dict[str, Any] = {}
     controlnet_scale = 1.0
+    reference: dict[str, Any] = {}
 
     def is_adapter(name: str) -> bool:
         try:
@@ -175,7 +191,15 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
             raise ValueError(f"{where}: module {unit.module!r} is IP-Adapter FaceID, which imprompt does not support "
                              "yet; use ip-adapter-plus-face or full-face with ip-adapter_clip_h")
         pairs = unit_images(unit)
-        if is_ip_adapter_unit(unit, is_adapter):
+        if module in REFERENCE_MODES:
+            if reference:
+                raise ValueError(f"{where}: imprompt runs one reference unit at a time")
+            if not pairs:
+                raise ValueError(f"{where}: the reference unit has no image")
+            reference = dict(reference_image=add_image(pairs[0][0], f"{where}.image", "RGB"), reference_mode=module,
+                             reference_weight=unit.weight, style_fidelity=reference_fidelity(unit),
+                             reference_start=unit.guidance_start, reference_end=unit.guidance_end)
+        elif is_ip_adapter_unit(unit, is_adapter):
             adapter = lookup(strip_hash(unit.model), "adapter")
             wanted = IP_ADAPTER_MODULES.get(module)
             needed = encoder_family(adapter)
@@ -216,7 +240,7 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
         guidance=payload.cfg_scale, seed=None if payload.seed < 0 else payload.seed, width=payload.width,
         height=payload.height, num_images=payload.batch_size * payload.n_iter, batch_size=payload.batch_size,
         scheduler=scheduler, controlnet=controlnet, control_image=control_image, controlnet_scale=controlnet_scale,
-        extra=extra, **values)
+        extra=extra, **values, **reference)
     if isinstance(payload, Img2ImgPayload):
         if not payload.init_images:
             raise ValueError("init_images: img2img needs one init image")

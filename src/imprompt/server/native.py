@@ -32,12 +32,25 @@ class ImagePromptSpec(BaseModel):
     negative_noise: str | None = Field(None, description="noise negative image: TYPE[:STRENGTH[:BLUR[:SEED]]]")
 
 
+class ReferenceSpec(BaseModel):
+    """Reference-only (:class:`~imprompt.generation.reference.ReferenceOptions`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="base64 reference (or a multipart file name)")
+    mode: str = Field("reference_only", description="reference_only, reference_adain or reference_adain+attn")
+    style_fidelity: float = Field(0.5, ge=0.0, le=1.0)
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+
 class NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = Field(None, description="checkpoint name (default: the server's)")
     prompt: str = ""
     negative_prompt: str = ""
     image_prompts: list[ImagePromptSpec] = Field(default_factory=list)
+    reference: ReferenceSpec | None = None
     crop: str = "center"
     steps: int = Field(30, ge=1, le=500)
     guidance: float = 7.5
@@ -99,4 +112,12 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
         controlnet=lookup(body.controlnet, "controlnet") if body.controlnet else None,
         control_image=image(body.control_image, "control_image", "RGB") if body.control_image else None,
-        controlnet_scale=body.controlnet_scale, **values)
+        controlnet_scale=body.controlnet_scale, **values, **_reference_fields(body.reference, image))
+
+
+def _reference_fields(spec: ReferenceSpec | None, image: Callable[[str, str, str], str]) -> dict:
+    if spec is None:
+        return {}
+    return dict(reference_image=image(spec.image, "reference.image", "RGB"), reference_mode=spec.mode,
+                style_fidelity=spec.style_fidelity, reference_weight=spec.weight, reference_start=spec.start,
+                reference_end=spec.end)
