@@ -38,21 +38,25 @@ def _half_copy(component, folder: Path) -> None:
 
 
 def _pick_references(cfg: BuildConfig, folder: Path) -> list[dict]:
-    """One test image per (shape, style), the last two from the held-out split; copied into ``folder``."""
+    """One test image per (shape, style), the last two from the held-out split; copied into ``folder``.
+    Each image is copied from the split its metadata came from (an earlier version took the split from
+    the pick's position and shipped two held-out images under test images' names)."""
     folder.mkdir()
     picked, seen = [], set()
-    for name, _, a in workdir.load_metadata(cfg.work, "test") + workdir.load_metadata(cfg.work, "heldout"):
-        key = (a.shape, a.style)
-        if key in seen or len(picked) >= REFERENCE_PICKS:
-            continue
-        seen.add(key)
-        split = "test" if len(picked) < REFERENCE_PICKS - 2 else "heldout"
-        source = cfg.work / "data" / split / name
-        if not source.is_file():
-            continue
-        target = f"{a.style}-{a.color}-{a.shape}-on-{a.background}.png"
-        shutil.copy(source, folder / target)
-        picked.append({"file": target, "split": split, **dataclasses.asdict(a)})
+    candidates = ([("test", item) for item in workdir.load_metadata(cfg.work, "test")],
+                  [("heldout", item) for item in workdir.load_metadata(cfg.work, "heldout")])
+    for wanted, pool in zip((REFERENCE_PICKS - 2, REFERENCE_PICKS), candidates):
+        for split, (name, _, a) in pool:
+            key = (a.shape, a.style)
+            if key in seen or len(picked) >= wanted:
+                continue
+            source = cfg.work / "data" / split / name
+            if not source.is_file():
+                continue
+            seen.add(key)
+            target = f"{a.style}-{a.color}-{a.shape}-on-{a.background}.png"
+            shutil.copy(source, folder / target)
+            picked.append({"file": target, "split": split, **dataclasses.asdict(a)})
     (folder / "attributes.json").write_text(json.dumps(picked, indent=2, default=str))
     return picked
 
