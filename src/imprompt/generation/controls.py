@@ -157,7 +157,10 @@ def _fraction(text: str) -> float:
 
 def _module(text: str) -> str:
     key = module_key(text)
-    check_available(key)  # a model-based one without controlnet_aux fails now, not after the model loads
+    try:  # a model-based one without controlnet_aux fails now, not after the model loads
+        check_available(key)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
     return key
 
 

@@ -147,8 +147,8 @@ class GenerateRequest(GenerationSettings):
             value = getattr(self, name)
             if value is None or isinstance(value, (str, Path)):
                 setattr(self, name, [] if value is None else [str(value)])
-        if isinstance(self.controlnet_scale, (int, float)):
-            self.controlnet_scale = [repr(float(self.controlnet_scale))]
+        if isinstance(self.controlnet_scale, (int, float)):  # one scale for every ControlNet (none: no scale)
+            self.controlnet_scale = [repr(float(self.controlnet_scale))] if self.controlnet else []
 
     @property
     def memory(self) -> MemoryOptions:

@@ -216,7 +216,10 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         first = job.images[0].image if job.images else None
         sampler = parse_parameters(infotexts[0]).get("Sampler", "") if infotexts else ""
         info = a1111.info_json(payload, seeds, infotexts, first.width if first else 0, first.height if first else 0, sampler)
-        return {"images": [png_base64(r.image, r.parameters) for r in job.images] if payload.send_images else [],
+        pngs = [png_base64(r.image, r.parameters) for r in job.images]
+        if job.request.save_control_map:  # the extension appends the units' detected maps after the images
+            pngs += [png_base64(job.inputs.controls[n], "") for n in job.inputs.preprocessed]
+        return {"images": pngs if payload.send_images else [],
                 "parameters": payload.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
                 "info": json.dumps(info)}
 
