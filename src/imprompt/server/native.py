@@ -28,6 +28,21 @@ class ImagePromptSpec(BaseModel):
     image_encoder: str | None = Field(None, description="default: the one the adapter needs")
 
 
+class ControlNetSpec(BaseModel):
+    """One ControlNet of several (imprompt.generation.controls.ControlOptions' fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    controlnet: str = Field(description="ControlNet name, as GET /v1/models lists it")
+    image: str = Field(description="base64 control image (or a multipart file name)")
+    scale: float = 1.0
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+    preprocess: str = Field("none", description="preprocessor (GET /controlnet/module_list)")
+    resolution: int | None = Field(None, description="the image's short side before preprocessing")
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+
+
 class NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = Field(None, description="checkpoint name (default: the server's)")
@@ -46,9 +61,11 @@ class NativeRequest(BaseModel):
     init_image: str | None = None
     mask_image: str | None = None
     strength: float = Field(0.8, ge=0.0, le=1.0)
-    controlnet: str | None = None
+    controlnet: str | None = Field(None, description="one ControlNet (or give controlnets)")
     control_image: str | None = None
     controlnet_scale: float = 1.0
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, description="several ControlNets at once")
+    save_control_map: bool = Field(False, description="also return the preprocessed control maps")
 
 
 def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, str], str],
@@ -88,6 +105,32 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         batch_size=body.batch_size, scheduler=body.scheduler, strength=body.strength,
         init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
-        controlnet=lookup(body.controlnet, "controlnet") if body.controlnet else None,
-        control_image=image(body.control_image, "control_image", "RGB") if body.control_image else None,
-        controlnet_scale=body.controlnet_scale, **values)
+        save_control_map=body.save_control_map, **control_values(body, lookup, image), **values)
+
+
+def control_values(body: NativeRequest, lookup: Callable[[str, str], str],
+                   image: Callable[[str, str, str], str]) -> dict[str, list[str]]:
+    """The request's per-ControlNet values: ``controlnet`` (the single form) first, then ``controlnets``."""
+    values: dict[str, list[str]] = {k: [] for k in ("controlnet", "control_image", "controlnet_scale", "control_start",
+                                                    "control_end", "control_preprocess", "control_res",
+                                                    "control_threshold_a", "control_threshold_b")}
+    specs = list(body.controlnets)
+    if body.controlnet or body.control_image:
+        if not (body.controlnet and body.control_image):
+            raise ValueError("controlnet and control_image go together")
+        specs.insert(0, ControlNetSpec(controlnet=body.controlnet, image=body.control_image,
+                                       scale=body.controlnet_scale))
+    for n, spec in enumerate(specs):
+        where = "control_image" if body.controlnet and n == 0 else f"controlnets[{n - bool(body.controlnet)}].image"
+        values["controlnet"].append(lookup(spec.controlnet, "controlnet"))
+        values["control_image"].append(f"{n}={image(spec.image, where, 'RGB')}")
+        values["controlnet_scale"].append(f"{n}={spec.scale!r}")
+        values["control_start"].append(f"{n}={spec.start!r}")
+        values["control_end"].append(f"{n}={spec.end!r}")
+        values["control_preprocess"].append(f"{n}={spec.preprocess}")
+        if spec.resolution:
+            values["control_res"].append(f"{n}={spec.resolution}")
+        for name, value in (("control_threshold_a", spec.threshold_a), ("control_threshold_b", spec.threshold_b)):
+            if value is not None:
+                values[name].append(f"{n}={value!r}")
+    return values

@@ -346,8 +346,12 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         return submit(engine, generate, images, "api")
 
     def result(job: Job) -> dict:
-        return {**job.status(), "images": [{"seed": r.seed, "parameters": r.parameters,
-                                            "png": png_base64(r.image, r.parameters)} for r in job.images]}
+        out = {**job.status(), "images": [{"seed": r.seed, "parameters": r.parameters,
+                                           "png": png_base64(r.image, r.parameters)} for r in job.images]}
+        if job.request.save_control_map:  # the preprocessed maps, by ControlNet
+            out["control_maps"] = [{"controlnet": n, "png": png_base64(job.inputs.controls[n])}
+                                   for n in job.inputs.preprocessed]
+        return out
 
     @app.post("/v1/generate", tags=["native"])
     async def generate(body: NativeRequest, request: Request) -> dict:
