@@ -199,6 +199,13 @@ def test_a1111_canny_unit_equals_the_cli(tmp_path):
             assert "ControlNet 0: \"Module: canny, Model: toy_canny, Weight: 0.8" in info
             unit["save_detected_map"] = False
             assert len(client.post("/sdapi/v1/txt2img", json=body).json()["images"]) == 1
+            # The native API's controlnets are the same ControlNets.
+            native = client.post("/v1/generate", json={
+                "prompt": "a red circle", "steps": 3, "seed": 3, "guidance": 7, "save_control_map": True,
+                "controlnets": [{"controlnet": "toy_canny", "image": _b64(reference), "scale": 0.8, "end": 0.5,
+                                 "preprocess": "canny", "resolution": 64, "threshold_a": 40, "threshold_b": 120}]})
+            assert native.status_code == 200, native.text
+            native_png, native_map = native.json()["images"][0]["png"], native.json()["control_maps"][0]["png"]
     finally:
         app.state.engine.close()
     out = tmp_path / "cli"
@@ -215,4 +222,6 @@ def test_a1111_canny_unit_equals_the_cli(tmp_path):
 
     np.testing.assert_array_equal(pixels(images[0]), np.asarray(Image.open(png).convert("RGB")))
     np.testing.assert_array_equal(pixels(images[1]), np.asarray(Image.open(control_map).convert("RGB")))
+    np.testing.assert_array_equal(pixels(native_png), pixels(images[0]))
+    np.testing.assert_array_equal(pixels(native_map), pixels(images[1]))
     assert np.asarray(Image.open(control_map)).shape[:2] == (64, 64)  # processor_res: the short side

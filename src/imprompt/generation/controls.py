@@ -204,6 +204,28 @@ def control_options(request: "GenerateRequest") -> list[ControlOptions]:
     return out
 
 
+def request_values(controls: Sequence[ControlOptions]) -> dict[str, list[str]]:
+    """The GenerateRequest fields (``N=VALUE`` strings) of ControlNets given as options, as the servers'
+    payloads give them: the inverse of :func:`control_options`. Unset resolution / thresholds (None or
+    negative, the extension's -1) are left out, so the preprocessor's defaults act."""
+    values: dict[str, list[str]] = {k: [] for k in ("controlnet", "control_image", "controlnet_scale", "control_start",
+                                                    "control_end", "control_preprocess", "control_res",
+                                                    "control_threshold_a", "control_threshold_b")}
+    for n, c in enumerate(controls):
+        values["controlnet"].append(c.file)
+        values["control_image"].append(f"{n}={c.image}")
+        values["controlnet_scale"].append(f"{n}={float(c.scale)!r}")
+        values["control_start"].append(f"{n}={float(c.start)!r}")
+        values["control_end"].append(f"{n}={float(c.end)!r}")
+        values["control_preprocess"].append(f"{n}={c.preprocess or 'none'}")
+        if c.resolution is not None and int(c.resolution) > 0:
+            values["control_res"].append(f"{n}={int(c.resolution)}")
+        for name, value in (("control_threshold_a", c.threshold_a), ("control_threshold_b", c.threshold_b)):
+            if value is not None and float(value) >= 0:
+                values[name].append(f"{n}={float(value)!r}")
+    return values
+
+
 def as_call_value(values: Sequence[T]) -> T | list[T]:
     """A value per ControlNet as diffusers takes it: a list for several, the value itself for one."""
     return values[0] if len(values) == 1 else list(values)

@@ -334,8 +334,8 @@ class ModelLoader:
         return Networks.from_catalog(catalog)
 
     def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
-        return load_pipeline(request.model, request.task, controlnet=request.controlnet or None, dtype=dtype, device=device,
-                             memory=request.memory, model_config=request.model_config)
+        return load_pipeline(request.model, request.task, controlnet=request.controlnet or None, dtype=dtype,
+                             device=device, memory=request.memory, model_config=request.model_config)
 
 
 def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], catalog: Catalog | None,

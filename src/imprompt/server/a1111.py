@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation.controls import ControlOptions, request_values
 from ..generation.preprocess import PREPROCESSORS
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
@@ -156,9 +157,7 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
     parsed = [ControlNetUnit.model_validate(u) for u in units if isinstance(u, dict)]
     values: dict[str, Any] = {"adapter": [], "image": [], "scale": [], "start": [], "end": [], "mask": [], "crop": "center"}
     masks_given = False
-    controls: dict[str, list[str]] = {k: [] for k in ("controlnet", "control_image", "controlnet_scale", "control_start",
-                                                      "control_end", "control_preprocess", "control_res",
-                                                      "control_threshold_a", "control_threshold_b")}
+    controls: list[ControlOptions] = []
     save_maps = False
 
     def is_adapter(name: str) -> bool:
@@ -201,18 +200,10 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
             # Every other unit is one ControlNet of several (MultiControlNetModel), N in unit order.
             if not pairs:
                 raise ValueError(f"{where}: the ControlNet unit has no image")
-            n = len(controls["controlnet"])
-            controls["controlnet"].append(lookup(strip_hash(unit.model), "controlnet"))
-            controls["control_image"].append(f"{n}={add_image(pairs[0][0], f'{where}.image', 'RGB')}")
-            controls["controlnet_scale"].append(f"{n}={unit.weight!r}")
-            controls["control_start"].append(f"{n}={unit.guidance_start!r}")
-            controls["control_end"].append(f"{n}={unit.guidance_end!r}")
-            controls["control_preprocess"].append(f"{n}={unit.module}")
-            if unit.processor_res > 0:
-                controls["control_res"].append(f"{n}={unit.processor_res}")
-            for name, value in (("control_threshold_a", unit.threshold_a), ("control_threshold_b", unit.threshold_b)):
-                if value >= 0:  # the extension's -1: the preprocessor's default
-                    controls[name].append(f"{n}={value!r}")
+            controlnet = lookup(strip_hash(unit.model), "controlnet")
+            controls.append(ControlOptions(len(controls), controlnet, add_image(pairs[0][0], f"{where}.image", "RGB"),
+                                           unit.weight, unit.guidance_start, unit.guidance_end, unit.module,
+                                           unit.processor_res, unit.threshold_a, unit.threshold_b))
             save_maps |= unit.save_detected_map and unit.module.strip().lower() not in ("none", "")
     if masks_given:
         if None in values["mask"]:
@@ -225,7 +216,7 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
         model=model, prompt=payload.prompt, negative_prompt=payload.negative_prompt, steps=payload.steps,
         guidance=payload.cfg_scale, seed=None if payload.seed < 0 else payload.seed, width=payload.width,
         height=payload.height, num_images=payload.batch_size * payload.n_iter, batch_size=payload.batch_size,
-        scheduler=scheduler, save_control_map=save_maps, **controls, **values)
+        scheduler=scheduler, save_control_map=save_maps, **request_values(controls), **values)
     if isinstance(payload, Img2ImgPayload):
         if not payload.init_images:
             raise ValueError("init_images: img2img needs one init image")

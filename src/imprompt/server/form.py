@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 
 MODEL_DEFAULT = "model default"
@@ -121,29 +122,19 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
 def control_values(units: list[ControlForm], lookup: Callable[[str, str], str],
                    read_image: Callable[[str], Image.Image], add_image: Callable[[Image.Image, str], str]
                    ) -> dict[str, list[str]]:
-    """The request's per-ControlNet values (``N=VALUE``) of the units with a ControlNet chosen, numbered
-    0, 1, ... in page order; an image without a ControlNet is ignored, as the page shows it unused."""
-    values: dict[str, list[str]] = {k: [] for k in ("controlnet", "control_image", "controlnet_scale", "control_start",
-                                                    "control_end", "control_preprocess", "control_res",
-                                                    "control_threshold_a", "control_threshold_b")}
+    """The request's per-ControlNet values of the units with a ControlNet chosen, numbered 0, 1, ... in page
+    order; an image without a ControlNet is ignored, as the page shows it unused."""
+    controls = []
     for number, unit in enumerate(units, 1):
         if not unit.controlnet:
             continue
         if not unit.image:
             raise ValueError(f"ControlNet unit {number}: the ControlNet unit has a model but no control image")
-        n = len(values["controlnet"])
-        values["controlnet"].append(lookup(unit.controlnet, "controlnet"))
-        values["control_image"].append(f"{n}={add_image(read_image(unit.image), Path(unit.image).name)}")
-        values["controlnet_scale"].append(f"{n}={float(unit.scale)!r}")
-        values["control_start"].append(f"{n}={float(unit.start)!r}")
-        values["control_end"].append(f"{n}={float(unit.end)!r}")
-        values["control_preprocess"].append(f"{n}={unit.preprocess or 'none'}")
-        if unit.resolution is not None and int(unit.resolution) > 0:
-            values["control_res"].append(f"{n}={int(unit.resolution)}")
-        for name, value in (("control_threshold_a", unit.threshold_a), ("control_threshold_b", unit.threshold_b)):
-            if value is not None and float(value) >= 0:
-                values[name].append(f"{n}={float(value)!r}")
-    return values
+        controls.append(ControlOptions(len(controls), lookup(unit.controlnet, "controlnet"),
+                                       add_image(read_image(unit.image), Path(unit.image).name), unit.scale,
+                                       unit.start, unit.end, unit.preprocess, unit.resolution, unit.threshold_a,
+                                       unit.threshold_b))
+    return request_values(controls)
 
 
 def painted_mask(value: Any) -> Image.Image | None:

@@ -7,6 +7,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
 
@@ -111,26 +112,13 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
 def control_values(body: NativeRequest, lookup: Callable[[str, str], str],
                    image: Callable[[str, str, str], str]) -> dict[str, list[str]]:
     """The request's per-ControlNet values: ``controlnet`` (the single form) first, then ``controlnets``."""
-    values: dict[str, list[str]] = {k: [] for k in ("controlnet", "control_image", "controlnet_scale", "control_start",
-                                                    "control_end", "control_preprocess", "control_res",
-                                                    "control_threshold_a", "control_threshold_b")}
-    specs = list(body.controlnets)
+    specs = [(spec, f"controlnets[{i}].image") for i, spec in enumerate(body.controlnets)]
     if body.controlnet or body.control_image:
         if not (body.controlnet and body.control_image):
             raise ValueError("controlnet and control_image go together")
-        specs.insert(0, ControlNetSpec(controlnet=body.controlnet, image=body.control_image,
-                                       scale=body.controlnet_scale))
-    for n, spec in enumerate(specs):
-        where = "control_image" if body.controlnet and n == 0 else f"controlnets[{n - bool(body.controlnet)}].image"
-        values["controlnet"].append(lookup(spec.controlnet, "controlnet"))
-        values["control_image"].append(f"{n}={image(spec.image, where, 'RGB')}")
-        values["controlnet_scale"].append(f"{n}={spec.scale!r}")
-        values["control_start"].append(f"{n}={spec.start!r}")
-        values["control_end"].append(f"{n}={spec.end!r}")
-        values["control_preprocess"].append(f"{n}={spec.preprocess}")
-        if spec.resolution:
-            values["control_res"].append(f"{n}={spec.resolution}")
-        for name, value in (("control_threshold_a", spec.threshold_a), ("control_threshold_b", spec.threshold_b)):
-            if value is not None:
-                values[name].append(f"{n}={value!r}")
-    return values
+        specs.insert(0, (ControlNetSpec(controlnet=body.controlnet, image=body.control_image,
+                                        scale=body.controlnet_scale), "control_image"))
+    return request_values([ControlOptions(n, lookup(spec.controlnet, "controlnet"), image(spec.image, where, "RGB"),
+                                          spec.scale, spec.start, spec.end, spec.preprocess, spec.resolution,
+                                          spec.threshold_a, spec.threshold_b)
+                           for n, (spec, where) in enumerate(specs)])
