@@ -159,6 +159,10 @@ def test_cli_two_controlnets_with_canny_match_the_library(saved, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(expected))
 
 
+def pixels_of(data) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
 def _b64(path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -184,7 +188,8 @@ def test_a1111_canny_unit_equals_the_cli(tmp_path):
     net.save_pretrained(root / "models" / "ControlNet" / "toy_canny")
     reference = sorted(paths["references"].glob("*.png"))[0]
 
-    app = create_app(ServerConfig(ui=False, models_dir=[str(root)], device="cpu", dtype="float32"))
+    saved = tmp_path / "saved"
+    app = create_app(ServerConfig(ui=False, models_dir=[str(root)], device="cpu", dtype="float32", save_dir=str(saved)))
     try:
         with TestClient(app) as client:
             assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
@@ -197,6 +202,9 @@ def test_a1111_canny_unit_equals_the_cli(tmp_path):
             assert response.status_code == 200, response.text
             images = response.json()["images"]
             assert len(images) == 2  # the image, then the detected map (save_detected_map defaults to true)
+            assert sorted(p.name for p in saved.glob("*.png"))[0] == "00000-3.png"
+            np.testing.assert_array_equal(np.asarray(Image.open(saved / "control-00000-0.png")),
+                                          pixels_of(images[1]))  # --save-dir: written beside the image
             info = json.loads(response.json()["info"])["infotexts"][0]
             assert "ControlNet 0: \"Module: canny, Model: toy_canny, Weight: 0.8" in info
             unit["save_detected_map"] = False
@@ -219,13 +227,10 @@ def test_a1111_canny_unit_equals_the_cli(tmp_path):
     (png,) = out.glob("0*.png")
     (control_map,) = out.glob("control-*.png")
 
-    def pixels(data) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
-
-    np.testing.assert_array_equal(pixels(images[0]), np.asarray(Image.open(png).convert("RGB")))
-    np.testing.assert_array_equal(pixels(images[1]), np.asarray(Image.open(control_map).convert("RGB")))
-    np.testing.assert_array_equal(pixels(native_png), pixels(images[0]))
-    np.testing.assert_array_equal(pixels(native_map), pixels(images[1]))
+    np.testing.assert_array_equal(pixels_of(images[0]), np.asarray(Image.open(png).convert("RGB")))
+    np.testing.assert_array_equal(pixels_of(images[1]), np.asarray(Image.open(control_map).convert("RGB")))
+    np.testing.assert_array_equal(pixels_of(native_png), pixels_of(images[0]))
+    np.testing.assert_array_equal(pixels_of(native_map), pixels_of(images[1]))
     assert np.asarray(Image.open(control_map)).shape[:2] == (64, 64)  # processor_res: the short side
 
 
