@@ -258,5 +258,7 @@ def _run_aux(key: str, image: Image.Image) -> Image.Image:  # pragma: no cover -
         detector = detector_class()
     except OSError as err:
         raise ImportError(f"{aux_missing_message(key)} ({err})") from None
+    # Detect at the size given (the processor resolution was applied above), not controlnet_aux's 512.
+    side = min(image.size)
     kwargs = {"scribble": True} if key.startswith("scribble_") else {}
-    return detector(image, **kwargs).convert("RGB")
+    return detector(image, detect_resolution=side, image_resolution=side, **kwargs).convert("RGB")
