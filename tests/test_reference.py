@@ -245,7 +245,7 @@ def test_a1111_reference_unit_becomes_the_request_fields():
                          lambda adapter: None)
     assert (request.reference_image, request.reference_mode, request.reference_weight, request.style_fidelity,
             request.reference_start, request.reference_end) == ("file-IMG", "reference_adain", 0.8, 0.3, 0.1, 0.75)
-    assert request.controlnet is None and not request.adapter
+    assert request.controlnet == [] and not request.adapter
     with pytest.raises(ValueError, match="one reference unit"):
         to_request(Txt2ImgPayload(alwayson_scripts={"controlnet": {"args": [unit, unit]}}), "model",
                    lambda name, kind: name, lambda data, where, mode: data, lambda adapter: None)

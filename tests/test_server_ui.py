@@ -16,6 +16,7 @@ from PIL import Image
 
 from imprompt import toy
 from imprompt.generation.pnginfo import parse_parameters
+from imprompt.server.form import ControlForm
 from imprompt.server.ui import Form, Session, UnitForm, add_network, form_request, painted_mask, send_back
 
 torch.set_flush_denormal(True)
@@ -58,13 +59,26 @@ def test_form_maps_units_masks_and_seed():
     assert _mapping(Form(seed=42, steps=3))[0].seed == 42
 
 
+def test_form_controlnet_units_become_controlnets_with_their_preprocessors():
+    form = Form(controls=[ControlForm(None, str(REFS[2])),  # no ControlNet chosen: left out
+                          ControlForm("canny_net", str(REFS[0]), "canny", 0.8, 0.1, 0.9, 256, 40, -1),
+                          ControlForm("tile_net", str(REFS[1]), "tile_resample", threshold_a=2)])
+    request, images = _mapping(form)
+    assert request.controlnet == ["/models/controlnet/canny_net", "/models/controlnet/tile_net"]
+    assert request.control_image == [f"0={REFS[0].name}", f"1={REFS[1].name}"]
+    assert request.control_preprocess == ["0=canny", "1=tile_resample"]
+    assert request.controlnet_scale == ["0=0.8", "1=1.0"] and request.control_start == ["0=0.1", "1=0.0"]
+    assert request.control_res == ["0=256"] and request.control_threshold_a == ["0=40.0", "1=2.0"]
+    assert request.control_threshold_b == []  # -1: the preprocessor's default
+
+
 def test_form_errors_name_the_unit_as_the_page_numbers_it():
     with pytest.raises(ValueError, match="unit 1: custom layers need"):
         _mapping(Form(units=[UnitForm(True, "ip_adapter", [str(REFS[0])], layers="custom")]))
     with pytest.raises(ValueError, match="unit 2 has no reference image"):  # unit 1 is off: still "unit 2"
         _mapping(Form(units=[UnitForm(False), UnitForm(True, "ip_adapter", [])]))
     with pytest.raises(ValueError, match="ControlNet unit has a model but no control image"):
-        _mapping(Form(controlnet="canny"))
+        _mapping(Form(controls=[ControlForm(controlnet="canny")]))
 
 
 def test_painted_strokes_become_the_mask_and_png_info_goes_back():

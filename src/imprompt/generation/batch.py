@@ -26,6 +26,7 @@ import torch
 from ..config import option
 from ..files import atomic_write
 from .cache import CachedLoader, EmbeddingCache, ModelCache
+from .controls import split_target
 from .pnginfo import save_png
 from .request import GenerateRequest, load_models, prepare, read_inputs, render
 
@@ -40,7 +41,8 @@ class BatchConfig(GenerateRequest):
     prompts: list[str] = field(default_factory=list, metadata=option("prompts (default: --prompt)"))
     scales: list[float] = field(default_factory=list, metadata=option("image prompt scales (default: --scale)"))
     control_images: list[str] = field(default_factory=list, metadata=option(
-        "ControlNet images or folders (with --controlnet)", metavar="PATH"))
+        "ControlNet images or folders (with --controlnet; ControlNet 0's when there are several, the others "
+        "keep their --control-image N=PATH)", metavar="PATH"))
     seeds: list[int] = field(default_factory=list, metadata=option("seeds (default: --seed, else 0)"))
     name: str = field(default=DEFAULT_NAME, metadata=option(
         "file name pattern: {reference} {prompt} {scale} {control} {seed}"))
@@ -107,7 +109,10 @@ def job_request(base: GenerateRequest, job: BatchJob) -> GenerateRequest:
     if job.scale is not None:
         changes["scale"] = [f"{job.scale!r}"]
     if job.control is not None:
-        changes["control_image"] = str(job.control)
+        # The batch's control images are ControlNet 0's; other ControlNets keep the images given for them
+        # as N=PATH (a plain --control-image would be ControlNet 0's, which the job replaces).
+        others = [v for v in base.control_image if split_target(v)[0] not in (None, 0)]
+        changes["control_image"] = [f"0={job.control}", *others]
     return dataclasses.replace(base, **changes)
 
 

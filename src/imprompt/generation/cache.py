@@ -146,6 +146,6 @@ class CachedLoader(ModelLoader):
 
     def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
         key = ("pipeline", self._stamp(Path(request.model)), request.task,
-               self._stamp(Path(request.controlnet)) if request.controlnet else None, str(dtype), str(device),
+               tuple(self._stamp(Path(c)) for c in request.controlnet), str(dtype), str(device),
                request.memory, request.model_config)
         return self.models.get(key, lambda: super(CachedLoader, self).pipeline(request, dtype, device))

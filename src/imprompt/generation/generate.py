@@ -94,18 +94,48 @@ def _call_arguments(pipe, settings: GenerationSettings, init_image, mask_image, 
     if getattr(pipe, "controlnet", None) is not None:
         if control_image is None:
             raise ImageInputError(f"{type(pipe).__name__} has a ControlNet and needs a control image")
-        kwargs["control_image" if "control_image" in params else "image"] = control_image
-        kwargs["controlnet_conditioning_scale"] = settings.controlnet_scale
+        values = _control_arguments(pipe, settings, control_image)
+        kwargs["control_image" if "control_image" in params else "image"] = values.pop("image")
+        kwargs.update(values)
     elif control_image is not None:
         raise ImageInputError("a control image was given, but the pipeline has no ControlNet")
     kwargs.update(settings.extra)
     return kwargs
 
 
+def _control_arguments(pipe, settings: GenerationSettings, control_image) -> dict[str, Any]:
+    """The ControlNets' scale and steps as diffusers takes them: a list, one per ControlNet, for a
+    MultiControlNetModel (checked against its count here, with a message, rather than in diffusers)."""
+    nets = getattr(pipe.controlnet, "nets", None)
+    values = {"controlnet_conditioning_scale": settings.controlnet_scale,
+              "control_guidance_start": settings.control_guidance_start,
+              "control_guidance_end": settings.control_guidance_end}
+    if nets is None:
+        if isinstance(control_image, (list, tuple)):
+            if len(control_image) != 1:
+                raise ImageInputError(f"the pipeline has one ControlNet but {len(control_image)} control images "
+                                      "were given")
+            control_image = control_image[0]
+        for name, value in values.items():
+            if isinstance(value, (list, tuple)):
+                if len(value) != 1:
+                    raise ValueError(f"{name}: {len(value)} values for one ControlNet")
+                values[name] = value[0]
+        return {**values, "image": control_image}
+    if not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets):
+        found = len(control_image) if isinstance(control_image, (list, tuple)) else 1
+        raise ImageInputError(f"the pipeline has {len(nets)} ControlNets; give one control image each, found {found}")
+    for name, value in values.items():
+        if isinstance(value, (list, tuple)) and len(value) != len(nets):
+            raise ValueError(f"{name}: {len(value)} values for {len(nets)} ControlNets; give one each or one for all")
+        values[name] = list(value) if isinstance(value, (list, tuple)) else [value] * len(nets)
+    return {**values, "image": list(control_image)}
+
+
 def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
              image_prompts: Sequence[ImagePrompt] = (), encoders: Sequence[ImageEncoder] = (), *,
              init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
-             control_image: Image.Image | None = None, output_type: str = "pil", callback=None,
+             control_image: Image.Image | Sequence[Image.Image] | None = None, output_type: str = "pil", callback=None,
              networks: Networks | None = None, reference: ReferenceOptions | None = None):
     """Run ``pipe`` with image prompts; returns the pipeline's images (PIL by default).
 

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import diffusers
 import torch
@@ -211,10 +211,12 @@ class MemoryOptions:
         return pipe
 
 
-def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controlnet: str | os.PathLike | None = None,
+def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *,
+                  controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   memory: MemoryOptions = MemoryOptions(), model_config: str | os.PathLike | None = None):
-    """The diffusers pipeline for ``task`` (SD1.5 or SDXL, with a ControlNet if given).
+    """The diffusers pipeline for ``task`` (SD1.5 or SDXL, with a ControlNet if given; several, as a list,
+    run as diffusers' MultiControlNetModel).
 
     ``model`` is a diffusers folder, a hub id, or a single-file checkpoint (``.safetensors``, or a
     ``.ckpt`` read weights-only) as A1111 and ComfyUI keep them (:mod:`imprompt.models.single_file`;
@@ -238,12 +240,22 @@ def load_pipeline(model: str | os.PathLike, task: Task = "text2img", *, controln
     kwargs = {}
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if controlnet is not None:
-        kwargs["controlnet"] = load_controlnet(controlnet, dtype, unet_config=folder / "unet" / "config.json")
-    cls = pipeline_class(str(components.get("_class_name", "")), task, controlnet is not None)
+    if controlnet:
+        kwargs["controlnet"] = load_controlnets(controlnet, dtype, unet_config=folder / "unet" / "config.json")
+    cls = pipeline_class(str(components.get("_class_name", "")), task, bool(controlnet))
     pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return memory.apply(pipe, device)
+
+
+def load_controlnets(controlnets: str | os.PathLike | Sequence[str | os.PathLike], dtype: torch.dtype,
+                     unet_config: str | os.PathLike | None = None):
+    """One ControlNet (a path) or several (a list of two or more, which the pipeline wraps in
+    MultiControlNetModel); a list of one is that one ControlNet, so one --controlnet runs as before."""
+    if isinstance(controlnets, (str, os.PathLike)):
+        return load_controlnet(controlnets, dtype, unet_config)
+    nets = [load_controlnet(c, dtype, unet_config) for c in controlnets]
+    return nets[0] if len(nets) == 1 else nets
 
 
 def load_controlnet(controlnet: str | os.PathLike, dtype: torch.dtype, unet_config: str | os.PathLike | None = None):

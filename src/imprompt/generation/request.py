@@ -44,12 +44,14 @@ from ..files import check_writable_folder, remove_debris
 from ..models.catalog import Catalog, resolve_name, roots_from
 from .adapter_options import (AdapterOptions, ImageReader, adapter_options, load_encoders, load_image_prompts,
                               split_target)
+from .controls import as_call_value, control_options
 from .generate import generate
 from .matrix import matrix_grid, matrix_prompts
 from .networks import Networks, parameters_of, prompt_tags
 from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
                         resolve_file)
 from .pnginfo import format_parameters, save_png
+from .preprocess import PREPROCESSORS
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 from .reference import REFERENCE_MODES, ReferenceOptions
 from .schedulers import SCHEDULERS, sampler_name
@@ -114,9 +116,29 @@ class GenerateRequest(GenerationSettings):
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
     mask_image: str | None = field(default=None, metadata=option(
         "inpainting mask (white = repaint); needs --init-image", metavar="PATH"))
-    controlnet: str | None = field(default=None, metadata=option(
-        "ControlNet: a single file, a diffusers folder, a hub id or a name", metavar="PATH"))
-    control_image: str | None = field(default=None, metadata=option("ControlNet conditioning image", metavar="PATH"))
+    # Per ControlNet (imprompt.generation.controls): VALUE for all, or N=VALUE for ControlNet N.
+    controlnet: list[str] = field(default_factory=list, metadata=option(
+        "ControlNet: a single file, a diffusers folder, a hub id or a name; repeat for several", metavar="PATH"))
+    control_image: list[str] = field(default_factory=list, metadata=option(
+        "ControlNet conditioning image, PATH (in --controlnet order) or N=PATH", metavar="PATH"))
+    controlnet_scale: list[str] = field(default_factory=list, metadata=option(
+        "ControlNet conditioning scale, VALUE or N=VALUE (default 1)"))
+    control_start: list[str] = field(default_factory=list, metadata=option(
+        "first fraction of the steps the ControlNet acts in (default 0), or N=VALUE"))
+    control_end: list[str] = field(default_factory=list, metadata=option(
+        "fraction of the steps where the ControlNet stops (default 1), or N=VALUE"))
+    control_preprocess: list[str] = field(default_factory=list, metadata=option(
+        "preprocessor making the control map from the control image (default none: the image is the map): "
+        f"{'|'.join(PREPROCESSORS)}, or N=NAME", metavar="MODULE"))
+    control_res: list[str] = field(default_factory=list, metadata=option(
+        "preprocessor resolution: the image's short side before detection (-1: as given), or N=PIXELS"))
+    control_threshold_a: list[str] = field(default_factory=list, metadata=option(
+        "preprocessor threshold a (canny: low, default 100; scribble_xdog: 32; tile_resample: down sampling "
+        "rate; blur_gaussian: sigma), or N=VALUE"))
+    control_threshold_b: list[str] = field(default_factory=list, metadata=option(
+        "preprocessor threshold b (canny: high, default 200), or N=VALUE"))
+    save_control_map: bool = field(default=False, metadata=option(
+        "also write each preprocessed control map beside the images (control-INDEX-N.png)"))
     reference_image: str | None = field(default=None, metadata=option(
         "Reference-only (A1111 ControlNet's reference_*): the UNet's self-attention / feature statistics "
         "follow this image; no adapter needed, combines with --image and --controlnet", metavar="PATH"))
@@ -145,6 +167,15 @@ class GenerateRequest(GenerationSettings):
         "A1111's prompt matrix: 'a cat|in the snow|at night' draws every combination of the parts after the "
         "first (same seed), plus one labelled grid (grid-N.png)"))
 
+    def __post_init__(self) -> None:
+        # The single-ControlNet forms of the library (controlnet="...", controlnet_scale=0.5) as lists.
+        for name in ("controlnet", "control_image"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, (str, Path)):
+                setattr(self, name, [] if value is None else [str(value)])
+        if isinstance(self.controlnet_scale, (int, float)):  # one scale for every ControlNet (none: no scale)
+            self.controlnet_scale = [repr(float(self.controlnet_scale))] if self.controlnet else []
+
     def reference(self, image: "Image.Image | None") -> ReferenceOptions:
         """The Reference-only options of this request, for ``image``."""
         return ReferenceOptions(image, self.reference_mode, self.style_fidelity, self.reference_weight,
@@ -161,17 +192,21 @@ class GenerateRequest(GenerationSettings):
         return "img2img" if self.init_image is not None else "text2img"
 
     def settings(self, **changes) -> GenerationSettings:
-        """The GenerationSettings part of this request (with ``changes``)."""
+        """The GenerationSettings part of this request (with ``changes``): the ControlNets' options parsed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)}
+        controls = control_options(self)
+        values.update(controlnet_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0)
+        if controls:
+            values.update(controlnet_scale=as_call_value([c.scale for c in controls]),
+                          control_guidance_start=as_call_value([c.start for c in controls]),
+                          control_guidance_end=as_call_value([c.end for c in controls]))
         return GenerationSettings(**{**values, **changes})
 
     def check(self) -> None:
         """Every check that needs no file read and no model loaded; raises ValueError."""
-        super().check()
+        self.settings().check()  # the ControlNets' options parsed and checked too
         if self.mask_image is not None and self.init_image is None:
             raise ValueError("--mask-image (inpainting) needs --init-image")
-        if (self.controlnet is None) != (self.control_image is None):
-            raise ValueError("--controlnet and --control-image go together")
         if self.prompt_matrix:
             matrix_prompts(self.prompt)  # raises for a prompt without parts
         if self.image and not self.adapter:
@@ -213,7 +248,7 @@ def resolve_names(request: GenerateRequest, catalog: Catalog | None) -> Generate
         request,
         model=resolve_name(request.model, "checkpoint", catalog) if request.model else request.model,
         adapter=[resolve_name(a, "adapter", catalog) for a in request.adapter],
-        controlnet=resolve_name(request.controlnet, "controlnet", catalog) if request.controlnet else None,
+        controlnet=[resolve_name(c, "controlnet", catalog) for c in request.controlnet],
         image_encoder=targeted(request.image_encoder, "image_encoder"),
     )
 
@@ -288,15 +323,25 @@ class Inputs:
     prompts: list[ImagePrompt]
     init: "Image.Image | None" = None
     mask: "Image.Image | None" = None
-    control: "Image.Image | None" = None
-    reference: "Image.Image | None" = None
+    controls: "list[Image.Image]" = field(default_factory=list)  # one control map per ControlNet, preprocessed
+    preprocessed: list[int] = field(default_factory=list)  # the ControlNets whose map a preprocessor made
+    reference: "Image.Image | None" = None  # Reference-only's image
+
+    @property
+    def control(self) -> "Image.Image | list[Image.Image] | None":
+        """The control image(s) as generate() takes them."""
+        return None if not self.controls else as_call_value(self.controls)
 
 
 def read_inputs(request: GenerateRequest, options: Sequence[AdapterOptions], read: ImageReader = load_image) -> Inputs:
+    """The references, init image, mask and control maps (each control image through its preprocessor;
+    the shuffle preprocessor is seeded by the request's seed, 0 without one)."""
+    controls = control_options(request)
     return Inputs(load_image_prompts(options, read),
                   read(request.init_image) if request.init_image else None,
                   read(request.mask_image, "L") if request.mask_image else None,
-                  read(request.control_image) if request.control_image else None,
+                  [c.control_map(read(c.image), seed=(request.seed or 0) % 2**32) for c in controls],
+                  [c.index for c in controls if c.preprocess != "none"],
                   read(request.reference_image) if request.reference_image else None)
 
 
@@ -328,8 +373,8 @@ class ModelLoader:
         return Networks.from_catalog(catalog)
 
     def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
-        return load_pipeline(request.model, request.task, controlnet=request.controlnet, dtype=dtype, device=device,
-                             memory=request.memory, model_config=request.model_config)
+        return load_pipeline(request.model, request.task, controlnet=request.controlnet or None, dtype=dtype,
+                             device=device, memory=request.memory, model_config=request.model_config)
 
 
 def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], catalog: Catalog | None,
@@ -373,7 +418,7 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
     rest = {
         "Model": model_name(request.model),
         "Denoising strength": f"{request.strength:g}" if inputs.init is not None else None,
-        "ControlNet": f"{model_name(request.controlnet)} ({request.controlnet_scale:g})" if request.controlnet else None,
+        **{f"ControlNet {c.index}": c.describe(model_name(c.file)) for c in control_options(request)},
         **{f"IP-Adapter {o.index}": o.describe() for o in options},
     }
     reference = reference_options(request, inputs)
@@ -430,6 +475,20 @@ def check_networks(request: GenerateRequest, catalog: Catalog | None) -> None:
         Networks.from_catalog(catalog).uses(tags)
 
 
+def save_control_maps(out_dir: Path, index: int, inputs: Inputs, log: Callable[[str], None] = print) -> list[Path]:
+    """Write the preprocessed control maps as ``control-INDEX-N.png`` (N: the ControlNet), atomically;
+    INDEX is the number of the run's first image, so the maps sort beside it."""
+    written = []
+    for n in inputs.preprocessed:
+        path = out_dir / f"control-{index:05d}-{n}.png"
+        try:
+            written.append(save_png(inputs.controls[n], path, "", exclusive=True))
+        except FileExistsError:  # another run took this number meanwhile: keep its map, not ours
+            continue
+        log(f"wrote {path}")
+    return written
+
+
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:
     """Check everything, load the models, generate, and write PNGs with A1111 parameters."""
     request, options, catalog = prepare(request, log)
@@ -441,8 +500,10 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     if removed := remove_debris(out_dir, "*.png"):
         log(f"removed {removed} unfinished file(s) an interrupted run left in {out_dir}")
-    index = next_index(out_dir)
+    index = first_index = next_index(out_dir)
     written: list[Path] = []
+    if request.save_control_map:
+        written += save_control_maps(out_dir, first_index, inputs, log)
     prompts = matrix_prompts(request.prompt) if request.prompt_matrix else [request.prompt]
     firsts = []
     for prompt in prompts:

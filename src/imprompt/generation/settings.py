@@ -41,7 +41,12 @@ class GenerationSettings:
         "scheduler (default: the model's own)", choices=list(SCHEDULERS)))
     strength: float = field(default=0.8, metadata=option(
         "img2img / inpainting strength: how much of the init image is re-noised, in (0, 1]"))
-    controlnet_scale: float = field(default=1.0, metadata=option("ControlNet conditioning scale"))
+    # Library only: per ControlNet (a list for several), as diffusers' controlnet_conditioning_scale /
+    # control_guidance_start / control_guidance_end. The command line's per-ControlNet flags are
+    # GenerateRequest's (imprompt.generation.controls).
+    controlnet_scale: float | list[float] = 1.0
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
     # Library only (no option metadata, so no command-line flag): passed to the pipeline call as is.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -56,10 +61,11 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (0 < value <= MAX_SIDE and value % 8 == 0):
                 raise ValueError(f"{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {value}")
-        for name in ("guidance", "strength", "controlnet_scale"):
+        for name in ("guidance", "strength", "controlnet_scale", "control_guidance_start", "control_guidance_end"):
             value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if not math.isfinite(item):
+                    raise ValueError(f"{name} must be a finite number, got {item}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

@@ -72,10 +72,10 @@ def _config_folder(base_folder: Path, unet_in_channels: int | None) -> Iterator[
         yield folder
 
 
-def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *, controlnet: str | os.PathLike | None = None,
+def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *, controlnet=None,
                               dtype: torch.dtype = torch.float32, model_config: str | os.PathLike | None = None):
     """A diffusers pipeline for ``task`` from one SD1.5 / SD2 / SDXL checkpoint file."""
-    from ..generation.pipelines import load_controlnet, pipeline_class
+    from ..generation.pipelines import load_controlnets, pipeline_class
 
     path = Path(path)
     info = _inspect(path, "checkpoint")
@@ -100,9 +100,9 @@ def load_single_file_pipeline(path: str | os.PathLike, task: str = "text2img", *
     index = json.loads((config / "model_index.json").read_text())
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if controlnet is not None:
-        kwargs["controlnet"] = load_controlnet(controlnet, dtype, unet_config=config / "unet" / "config.json")
-    cls = pipeline_class(str(index.get("_class_name", "")), task, controlnet is not None)
+    if controlnet:
+        kwargs["controlnet"] = load_controlnets(controlnet, dtype, unet_config=config / "unet" / "config.json")
+    cls = pipeline_class(str(index.get("_class_name", "")), task, bool(controlnet))
     in_channels = info.details.get("in_channels") if model_config is None else None
     with _config_folder(config, in_channels) as folder:
         try:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation.controls import ControlOptions, request_values
+from ..generation.preprocess import PREPROCESSORS
 from ..generation.reference import REFERENCE_MODES
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
@@ -35,8 +37,7 @@ IP_ADAPTER_MODULES: dict[str, str | None] = {
     "clip-vit-h (ipadapter)": "ViT-H", "clip-vit-bigg (ipadapter)": "ViT-bigG", "clip-vit-l (ipadapter)": "ViT-L",
 }
 FACEID_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus", "insightface", "faceid")
-CONTROLNET_MODULES = ("none", "canny", "depth", "depth_midas", "openpose", "lineart", "softedge_hed", "scribble_hed",
-                      "mlsd", "normal_bae", "seg_ofade20k", "shuffle", "tile_resample", "invert")
+CONTROLNET_MODULES = tuple(PREPROCESSORS)  # imprompt.generation.preprocess: the weight-free ones, then controlnet_aux's
 # resize_mode -> how the reference is fitted into CLIP's square: A1111's "Resize and Fill" pads.
 RESIZE_MODES = {"just resize": "center", "crop and resize": "center", "resize and fill": "pad",
                 "0": "center", "1": "center", "2": "pad"}
@@ -77,6 +78,7 @@ class ControlNetUnit(BaseModel):
     threshold_a: float = -1
     threshold_b: float = -1
     pixel_perfect: bool = False
+    save_detected_map: bool = True
     advanced_weighting: list[float] | None = None
 
 
@@ -170,9 +172,8 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
     parsed = [ControlNetUnit.model_validate(u) for u in units if isinstance(u, dict)]
     values: dict[str, Any] = {"adapter": [], "image": [], "scale": [], "start": [], "end": [], "mask": [], "crop": "center"}
     masks_given = False
-    controlnet = control_image = None
-    extra: dict[str, Any] = {}
-    controlnet_scale = 1.0
+    controls: list[ControlOptions] = []
+    save_maps = False
     reference: dict[str, Any] = {}
 
     def is_adapter(name: str) -> bool:
@@ -220,14 +221,14 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
             if RESIZE_MODES.get(str(unit.resize_mode).strip().lower()) == "pad":
                 values["crop"] = "pad"
         else:
-            if controlnet is not None:
-                raise ValueError(f"{where}: imprompt runs one ControlNet unit at a time (plus any IP-Adapter units)")
+            # Every other unit is one ControlNet of several (MultiControlNetModel), N in unit order.
             if not pairs:
                 raise ValueError(f"{where}: the ControlNet unit has no image")
             controlnet = lookup(strip_hash(unit.model), "controlnet")
-            control_image = add_image(pairs[0][0], f"{where}.image", "RGB")
-            controlnet_scale = unit.weight
-            extra.update(control_guidance_start=unit.guidance_start, control_guidance_end=unit.guidance_end)
+            controls.append(ControlOptions(len(controls), controlnet, add_image(pairs[0][0], f"{where}.image", "RGB"),
+                                           unit.weight, unit.guidance_start, unit.guidance_end, unit.module,
+                                           unit.processor_res, unit.threshold_a, unit.threshold_b))
+            save_maps |= unit.save_detected_map and unit.module.strip().lower() not in ("none", "")
     if masks_given:
         if None in values["mask"]:
             raise ValueError("when one IP-Adapter image has a mask, every IP-Adapter image needs one")
@@ -239,8 +240,7 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
         model=model, prompt=payload.prompt, negative_prompt=payload.negative_prompt, steps=payload.steps,
         guidance=payload.cfg_scale, seed=None if payload.seed < 0 else payload.seed, width=payload.width,
         height=payload.height, num_images=payload.batch_size * payload.n_iter, batch_size=payload.batch_size,
-        scheduler=scheduler, controlnet=controlnet, control_image=control_image, controlnet_scale=controlnet_scale,
-        extra=extra, **values, **reference)
+        scheduler=scheduler, save_control_map=save_maps, **request_values(controls), **values, **reference)
     if isinstance(payload, Img2ImgPayload):
         if not payload.init_images:
             raise ValueError("init_images: img2img needs one init image")

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from ..generation.cache import CachedLoader, EmbeddingCache, ModelCache
 from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, next_index,
-                                  pick_seed, prepare, read_inputs, render, save_numbered_png)
+                                  pick_seed, prepare, read_inputs, render, save_control_maps, save_numbered_png)
 from ..models.catalog import Catalog
 from .config import ServerConfig
 
@@ -210,6 +210,9 @@ class Engine:
 
         save_dir = Path(self.config.save_dir) if self.config.save_dir else None
         index = next_index(save_dir) if save_dir and save_dir.is_dir() else 0
+        if save_dir is not None and request.save_control_map:  # the detected maps, as the CLI writes them
+            save_dir.mkdir(parents=True, exist_ok=True)
+            save_control_maps(save_dir, index, job.inputs, log=lambda message: None)
         for batch in render(request, job.options, models, job.inputs, job.seed, callback=on_step):
             if save_dir is not None:  # written as the CLI writes: atomically, never over another image
                 save_dir.mkdir(parents=True, exist_ok=True)

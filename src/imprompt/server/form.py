@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 
 MODEL_DEFAULT = "model default"
@@ -35,14 +36,28 @@ class UnitForm:
 
 
 @dataclass
+class ControlForm:
+    """One ControlNet unit of the form: several run at once, each with its preprocessor."""
+
+    controlnet: str | None = None  # a catalog name; None: the unit is off
+    image: str | None = None  # an uploaded file path
+    preprocess: str = "none"  # a key of imprompt.generation.preprocess.PREPROCESSORS
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    resolution: int = -1  # the preprocessor's short side; -1: as given
+    threshold_a: float = -1  # -1: the preprocessor's default
+    threshold_b: float = -1
+
+
+@dataclass
 class Form:
     model: str | None = None  # a catalog name; None: the server's default model
     prompt: str = ""
     negative_prompt: str = ""
     units: list[UnitForm] = field(default_factory=list)
     crop: str = "center"
-    controlnet: str | None = None
-    control_image: str | None = None
+    controls: list[ControlForm] = field(default_factory=list)
     init_image: str | None = None  # set: img2img, and inpainting where inpaint_mask is painted
     inpaint_mask: Image.Image | None = None
     strength: float = 0.75
@@ -94,18 +109,32 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
             values["negative_image"].append(f"{i}={add_image(read_image(unit.negative_image), 'negative.png')}")
     init = add_image(read_image(form.init_image), Path(form.init_image).name) if form.init_image else None
     inpaint = add_image(form.inpaint_mask, "inpaint-mask.png") if init and form.inpaint_mask is not None else None
-    control = add_image(read_image(form.control_image), Path(form.control_image).name) if form.control_image else None
-    if form.controlnet and not control:
-        raise ValueError("the ControlNet unit has a model but no control image")
+    controls = control_values(form.controls, lookup, read_image, add_image)
     return GenerateRequest(
         model=lookup(form.model, "checkpoint") if form.model else "", prompt=form.prompt,
         negative_prompt=form.negative_prompt, crop=form.crop, steps=int(form.steps), guidance=float(form.guidance),
         seed=None if form.seed is None or int(form.seed) < 0 else int(form.seed),
         width=int(form.width) or None, height=int(form.height) or None, num_images=int(form.num_images),
         scheduler=None if form.sampler in (None, MODEL_DEFAULT) else form.sampler,
-        controlnet=lookup(form.controlnet, "controlnet") if form.controlnet and control else None,
-        control_image=control if form.controlnet else None, init_image=init, mask_image=inpaint,
-        strength=float(form.strength), **values)
+        init_image=init, mask_image=inpaint, strength=float(form.strength), **controls, **values)
+
+
+def control_values(units: list[ControlForm], lookup: Callable[[str, str], str],
+                   read_image: Callable[[str], Image.Image], add_image: Callable[[Image.Image, str], str]
+                   ) -> dict[str, list[str]]:
+    """The request's per-ControlNet values of the units with a ControlNet chosen, numbered 0, 1, ... in page
+    order; an image without a ControlNet is ignored, as the page shows it unused."""
+    controls = []
+    for number, unit in enumerate(units, 1):
+        if not unit.controlnet:
+            continue
+        if not unit.image:
+            raise ValueError(f"ControlNet unit {number}: the ControlNet unit has a model but no control image")
+        controls.append(ControlOptions(len(controls), lookup(unit.controlnet, "controlnet"),
+                                       add_image(read_image(unit.image), Path(unit.image).name), unit.scale,
+                                       unit.start, unit.end, unit.preprocess, unit.resolution, unit.threshold_a,
+                                       unit.threshold_b))
+    return request_values(controls)
 
 
 def painted_mask(value: Any) -> Image.Image | None:

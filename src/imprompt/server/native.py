@@ -7,6 +7,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
 
@@ -44,6 +45,21 @@ class ReferenceSpec(BaseModel):
     end: float = Field(1.0, ge=0.0, le=1.0)
 
 
+class ControlNetSpec(BaseModel):
+    """One ControlNet of several (imprompt.generation.controls.ControlOptions' fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    controlnet: str = Field(description="ControlNet name, as GET /v1/models lists it")
+    image: str = Field(description="base64 control image (or a multipart file name)")
+    scale: float = 1.0
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+    preprocess: str = Field("none", description="preprocessor (GET /controlnet/module_list)")
+    resolution: int | None = Field(None, description="the image's short side before preprocessing")
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+
+
 class NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = Field(None, description="checkpoint name (default: the server's)")
@@ -63,9 +79,11 @@ class NativeRequest(BaseModel):
     init_image: str | None = None
     mask_image: str | None = None
     strength: float = Field(0.8, ge=0.0, le=1.0)
-    controlnet: str | None = None
+    controlnet: str | None = Field(None, description="one ControlNet (or give controlnets)")
     control_image: str | None = None
     controlnet_scale: float = 1.0
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, description="several ControlNets at once")
+    save_control_map: bool = Field(False, description="also return the preprocessed control maps")
 
 
 def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, str], str],
@@ -110,9 +128,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         batch_size=body.batch_size, scheduler=body.scheduler, strength=body.strength,
         init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
-        controlnet=lookup(body.controlnet, "controlnet") if body.controlnet else None,
-        control_image=image(body.control_image, "control_image", "RGB") if body.control_image else None,
-        controlnet_scale=body.controlnet_scale, **values, **_reference_fields(body.reference, image))
+        save_control_map=body.save_control_map, **control_values(body, lookup, image), **values,
+        **_reference_fields(body.reference, image))
 
 
 def _reference_fields(spec: ReferenceSpec | None, image: Callable[[str, str, str], str]) -> dict:
@@ -121,3 +138,18 @@ def _reference_fields(spec: ReferenceSpec | None, image: Callable[[str, str, str
     return dict(reference_image=image(spec.image, "reference.image", "RGB"), reference_mode=spec.mode,
                 style_fidelity=spec.style_fidelity, reference_weight=spec.weight, reference_start=spec.start,
                 reference_end=spec.end)
+
+
+def control_values(body: NativeRequest, lookup: Callable[[str, str], str],
+                   image: Callable[[str, str, str], str]) -> dict[str, list[str]]:
+    """The request's per-ControlNet values: ``controlnet`` (the single form) first, then ``controlnets``."""
+    specs = [(spec, f"controlnets[{i}].image") for i, spec in enumerate(body.controlnets)]
+    if body.controlnet or body.control_image:
+        if not (body.controlnet and body.control_image):
+            raise ValueError("controlnet and control_image go together")
+        specs.insert(0, (ControlNetSpec(controlnet=body.controlnet, image=body.control_image,
+                                        scale=body.controlnet_scale), "control_image"))
+    return request_values([ControlOptions(n, lookup(spec.controlnet, "controlnet"), image(spec.image, where, "RGB"),
+                                          spec.scale, spec.start, spec.end, spec.preprocess, spec.resolution,
+                                          spec.threshold_a, spec.threshold_b)
+                           for n, (spec, where) in enumerate(specs)])

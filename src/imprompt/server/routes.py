@@ -216,7 +216,10 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         first = job.images[0].image if job.images else None
         sampler = parse_parameters(infotexts[0]).get("Sampler", "") if infotexts else ""
         info = a1111.info_json(payload, seeds, infotexts, first.width if first else 0, first.height if first else 0, sampler)
-        return {"images": [png_base64(r.image, r.parameters) for r in job.images] if payload.send_images else [],
+        pngs = [png_base64(r.image, r.parameters) for r in job.images]
+        if job.request.save_control_map:  # the extension appends the units' detected maps after the images
+            pngs += [png_base64(job.inputs.controls[n], "") for n in job.inputs.preprocessed]
+        return {"images": pngs if payload.send_images else [],
                 "parameters": payload.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
                 "info": json.dumps(info)}
 
@@ -316,7 +319,8 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
 
     @app.get("/controlnet/module_list", tags=["ControlNet extension"])
     def controlnet_modules() -> dict:
-        return {"module_list": [*a1111.CONTROLNET_MODULES, *[m for m in a1111.IP_ADAPTER_MODULES if "(" not in m]]}
+        return {"module_list": [*a1111.CONTROLNET_MODULES, *a1111.REFERENCE_MODES,
+                                *[m for m in a1111.IP_ADAPTER_MODULES if "(" not in m]]}
 
     # --- native ---------------------------------------------------------------------------------------
 
@@ -343,8 +347,12 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         return submit(engine, generate, images, "api")
 
     def result(job: Job) -> dict:
-        return {**job.status(), "images": [{"seed": r.seed, "parameters": r.parameters,
-                                            "png": png_base64(r.image, r.parameters)} for r in job.images]}
+        out = {**job.status(), "images": [{"seed": r.seed, "parameters": r.parameters,
+                                           "png": png_base64(r.image, r.parameters)} for r in job.images]}
+        if job.request.save_control_map:  # the preprocessed maps, by ControlNet
+            out["control_maps"] = [{"controlnet": n, "png": png_base64(job.inputs.controls[n])}
+                                   for n in job.inputs.preprocessed]
+        return out
 
     @app.post("/v1/generate", tags=["native"])
     async def generate(body: NativeRequest, request: Request) -> dict:

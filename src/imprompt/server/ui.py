@@ -1,6 +1,6 @@
 """The web UI (Gradio), laid out as AUTOMATIC1111 / Forge users know it: a checkpoint picker, txt2img with
-IP-Adapter units like the ControlNet extension's and a ControlNet unit, img2img / inpainting, sampling
-settings, a gallery whose PNGs carry their parameters, and a PNG info tab that sends settings back.
+IP-Adapter units like the ControlNet extension's and ControlNet units with their preprocessors, img2img /
+inpainting, sampling settings, a gallery whose PNGs carry their parameters, and a PNG info tab that sends settings back.
 
 The page holds no logic of its own: :func:`imprompt.server.form.form_request` turns the form into a GenerateRequest (pure, so
 it is tested without a browser) and the engine runs it like any API request. Results are written as PNGs
@@ -28,10 +28,13 @@ from ..errors import one_line  # noqa: E402
 from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
-from .form import CANVAS, MODEL_DEFAULT, Form, UnitForm, add_network, form_request, painted_mask  # noqa: E402
+from ..generation.preprocess import PREPROCESSORS  # noqa: E402
+from .form import (CANVAS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network, form_request,  # noqa: E402
+                   painted_mask)
 from .uploads import decode_upload  # noqa: E402
 
 UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
+CONTROL_UNITS = 2  # ControlNet units shown (those without a ControlNet chosen are left out)
 LAYER_CHOICES = [*((name.replace("_", " "), name) for name in PRESETS), ("custom (below)", "custom")]
 SAMPLER_CHOICES = [(MODEL_DEFAULT, MODEL_DEFAULT), *((s.a1111, key) for key, s in SCHEDULERS.items())]
 POLL_SECONDS = 0.2
@@ -206,14 +209,57 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
 
 
 @dataclass
+class ControlWidgets:
+    controlnet: gr.Dropdown
+    image: gr.Image
+    preprocess: gr.Dropdown
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    resolution: gr.Number
+    threshold_a: gr.Number
+    threshold_b: gr.Number
+
+    def components(self) -> list:
+        return list(vars(self).values())
+
+    def read(self, data: dict) -> ControlForm:
+        return ControlForm(data[self.controlnet] or None, data[self.image], data[self.preprocess] or "none",
+                           float(data[self.scale]), float(data[self.start]), float(data[self.end]),
+                           int(data[self.resolution] if data[self.resolution] is not None else -1),
+                           float(data[self.threshold_a] if data[self.threshold_a] is not None else -1),
+                           float(data[self.threshold_b] if data[self.threshold_b] is not None else -1))
+
+
+def control_widgets(number: int, session: Session) -> ControlWidgets:
+    """One ControlNet unit's widgets: the ControlNet, its image and preprocessor (the extension's names and
+    threshold meanings, imprompt.generation.preprocess), weight and steps."""
+    with gr.Accordion(f"ControlNet unit {number}", open=False, elem_id=f"control{number - 1}"):
+        with gr.Row():
+            controlnet = gr.Dropdown([None, *session.names("controlnet")], value=None, label="ControlNet",
+                                     elem_id=f"control{number - 1}_model")
+            preprocess = gr.Dropdown(list(PREPROCESSORS), value="none", label="Preprocessor",
+                                     elem_id=f"control{number - 1}_preprocessor")
+        image = gr.Image(type="filepath", label="Control image", height=160)
+        with gr.Row():
+            scale = gr.Slider(0, 2, 1, step=0.05, label="Weight", min_width=140)
+            start = gr.Slider(0, 1, 0, step=0.05, label="Start", min_width=140)
+            end = gr.Slider(0, 1, 1, step=0.05, label="End", min_width=140)
+        with gr.Row():
+            resolution = gr.Number(-1, label="Preprocessor resolution (-1: as given)", precision=0)
+            threshold_a = gr.Number(-1, label="Threshold A (-1: default; canny low)")
+            threshold_b = gr.Number(-1, label="Threshold B (-1: default; canny high)")
+    return ControlWidgets(controlnet, image, preprocess, scale, start, end, resolution, threshold_a, threshold_b)
+
+
+@dataclass
 class FormWidgets:
     model: gr.Dropdown
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
     units: list[UnitWidgets]
     crop: gr.Radio
-    controlnet: gr.Dropdown
-    control_image: gr.Image
+    controls: list[ControlWidgets]
     sampler: gr.Dropdown
     steps: gr.Slider
     guidance: gr.Slider
@@ -226,15 +272,15 @@ class FormWidgets:
     strength: gr.Slider | None = None
 
     def components(self) -> set:
-        singles = [v for k, v in vars(self).items() if k != "units" and v is not None]
-        return {*singles, *(c for unit in self.units for c in unit.components())}
+        singles = [v for k, v in vars(self).items() if k not in ("units", "controls") and v is not None]
+        return {*singles, *(c for unit in [*self.units, *self.controls] for c in unit.components())}
 
     def read(self, data: dict, img2img: bool) -> Form:
         """The form; img2img's inputs only for its own Generate button (A1111's tabs are separate modes)."""
         seed = data[self.seed]
         return Form(data[self.model], data[self.prompt] or "", data[self.negative_prompt] or "",
-                    [unit.read(data) for unit in self.units], data[self.crop], data[self.controlnet],
-                    data[self.control_image], data[self.init_image] if img2img else None,
+                    [unit.read(data) for unit in self.units], data[self.crop],
+                    [control.read(data) for control in self.controls], data[self.init_image] if img2img else None,
                     painted_mask(data[self.inpaint]) if img2img else None, float(data[self.strength]),
                     data[self.sampler], int(data[self.steps]), float(data[self.guidance]),
                     int(seed) if seed is not None else -1, int(data[self.width] or 0), int(data[self.height] or 0),
@@ -282,10 +328,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     with gr.Column(scale=3):
                         units = [unit_widgets(number, session) for number in range(1, UNITS + 1)]
                         crop = gr.Radio(["center", "pad"], value="center", label="Reference crop (all units)")
-                        with gr.Accordion("ControlNet unit", open=False):
-                            controlnet = gr.Dropdown([None, *session.names("controlnet")], value=None,
-                                                     label="ControlNet")
-                            control_image = gr.Image(type="filepath", label="Control image", height=160)
+                        controls = [control_widgets(number, session) for number in range(1, CONTROL_UNITS + 1)]
                     with gr.Column(scale=2):
                         with gr.Row():
                             sampler = gr.Dropdown(SAMPLER_CHOICES, value=MODEL_DEFAULT, label="Sampling method",
@@ -325,7 +368,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                             "batch` and `imprompt merge` are there already on the command line); until then, "
                             "script them against the API (`/docs`).")
 
-        form = FormWidgets(model, prompt, negative, units, crop, controlnet, control_image, sampler, steps, guidance,
+        form = FormWidgets(model, prompt, negative, units, crop, controls, sampler, steps, guidance,
                            seed, width, height, num_images, init_image, inpaint, strength)
         job_id, last_seed = gr.State(None), gr.State(-1)  # per browser tab: this tab's job and seed
 
@@ -351,8 +394,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
         init_image.change(lambda path: {"background": path, "layers": [], "composite": path} if path
                           else blank_canvas(), init_image, inpaint)
 
-        pickers = [model, *(u.adapter for u in units), *(u.image_encoder for u in units), controlnet, lora_pick,
-                   embedding_pick]
+        pickers = [model, *(u.adapter for u in units), *(u.image_encoder for u in units),
+                   *(c.controlnet for c in controls), lora_pick, embedding_pick]
 
         def refreshed() -> list:
             engine.refresh()
@@ -360,7 +403,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             return [gr.update(choices=session.names("checkpoint")),
                     *(gr.update(choices=session.adapter_choices()) for _ in units),
                     *(gr.update(choices=encoders) for _ in units),
-                    gr.update(choices=[None, *session.names("controlnet")]),
+                    *(gr.update(choices=[None, *session.names("controlnet")]) for _ in controls),
                     gr.update(choices=[None, *session.names("lora")]),
                     gr.update(choices=[None, *session.names("embedding")])]
 
