@@ -21,8 +21,10 @@ from ..adapter.layers import PRESETS, LayerScales, parse_layer_scales
 from ..encoding import ImageEncoder, load_image
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder
+from .embeds import load_embeds
 from .pipelines import resolve_model
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+from .tiles import TileOptions
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,16 +52,20 @@ class AdapterOptions:
     start: float = 0.0
     end: float = 1.0
     crop: str = "center"  # the same for every adapter (--crop)
+    embeds: str | None = None  # saved encoder features used instead of images (imprompt encode)
+    tiles: TileOptions | None = None
 
     def describe(self) -> str:
         """The PNG info of this adapter: every option that acted, nothing else."""
         layers = self.layers.describe() if isinstance(self.layers, LayerScales) else self.layers
         parts = {
             "Model": Path(self.file).stem, "Weight": f"{self.scale:g}",
-            "Images": "+".join(Path(p).name for p in self.images), "Combine": self.combine,
+            "Images": "+".join(Path(p).name for p in self.images) or None, "Combine": self.combine,
             "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
             "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
             "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
+            "Embeds": Path(self.embeds).name if self.embeds else None,
+            "Tiles": self.tiles.describe() if self.tiles else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
@@ -148,6 +154,21 @@ def _layers(text: str) -> LayerScales | str:
     return text
 
 
+TILE_WORDS = ("on", "masked", "enhance")
+
+
+def _tiles(text: str) -> tuple[str, ...] | None:
+    """'off', or words from on/masked/enhance joined by commas or '+' ('masked,enhance')."""
+    words = tuple(w.strip() for w in text.replace("+", ",").split(","))
+    if words == ("off",):
+        return None
+    bad = [w for w in words if w not in TILE_WORDS]
+    if bad:
+        raise ValueError(f"unknown tiling word {bad[0]!r}; expected off, or any of {', '.join(TILE_WORDS)} "
+                         "joined by commas (e.g. masked,enhance)")
+    return words
+
+
 def _fraction(text: str) -> float:
     value = finite(text)
     if not 0.0 <= value <= 1.0:
@@ -155,7 +176,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder")
+PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
+               "embeds", "tiles", "tile_overlap", "tile_sharpen")
 
 
 def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
@@ -175,6 +197,10 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     starts = per_adapter(request.start, count, _fraction, 0.0, "start")
     ends = per_adapter(request.end, count, _fraction, 1.0, "end")
     encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
+    embeds = grouped(request.embeds, count, "embeds")
+    tiles = per_adapter(request.tiles, count, _tiles, None, "tiles")
+    overlaps = per_adapter(request.tile_overlap, count, finite, None, "tile_overlap")
+    sharpens = per_adapter(request.tile_sharpen, count, finite, None, "tile_sharpen")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -182,9 +208,27 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
 
     options = []
     for i, file in enumerate(request.adapter):
-        if not images[i]:
-            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH, "
-                             "or leave that --adapter out")
+        if len(embeds[i]) > 1:
+            raise ValueError(f"adapter {i} has {len(embeds[i])} --embeds files; give one per adapter "
+                             "(`imprompt encode` takes several references into one file)")
+        if embeds[i] and (images[i] or negatives[i] or tiles[i] or masks[i]):
+            raise ValueError(f"adapter {i} has --embeds and --image/--negative-image/--tiles/--mask; the embeds "
+                             "already hold the encoded references: give one or the other")
+        if not images[i] and not embeds[i]:
+            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH "
+                             f"(or --embeds {i}=FILE), or leave that --adapter out")
+        if tiles[i] is None and (overlaps[i] is not None or sharpens[i] is not None):
+            raise ValueError(f"adapter {i}: --tile-overlap / --tile-sharpen need --tiles (e.g. --tiles {i}=on)")
+        tile_options = None
+        if tiles[i] is not None:
+            tile_options = TileOptions(overlap=overlaps[i] or 0.0, sharpen=sharpens[i] or 0.0,
+                                       masks="masked" in tiles[i], enhance="enhance" in tiles[i])
+            try:
+                tile_options.check()
+            except ValueError as err:
+                raise ValueError(f"adapter {i}: {err}") from None
+            if tile_options.masks and masks[i]:
+                raise ValueError(f"adapter {i}: give --mask or --tiles masked, not both")
         combine = combines[i]
         if weights[i] is not None:
             # Weights act only when combining by weights: imply it, refuse a contradiction.
@@ -193,7 +237,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             elif combine != "weighted":
                 raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
                                  "drop one of them")
-            if len(weights[i]) != len(images[i]):
+            if not embeds[i] and len(weights[i]) != len(images[i]):
                 raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
                                  "give one weight per image")
             if sum(weights[i]) == 0:
@@ -202,6 +246,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             raise ValueError(f"--combine weighted (adapter {i}) needs --weights: one weight per image "
                              f"({len(images[i])} image(s))")
         combine = combine or "concat"
+        if tile_options is not None and tile_options.masks and combine != "concat":
+            raise ValueError(f"adapter {i}: masked tiles act per tile; use --combine concat with --tiles masked")
         if masks[i] and combine != "concat":
             raise ValueError(f"adapter {i}: region masks apply per image; use --combine concat with --mask")
         if not starts[i] < ends[i]:
@@ -210,6 +256,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             index=i, file=file, images=tuple(images[i]), masks=tuple(masks[i]) if request.mask else None,
             negative_images=tuple(negatives[i]), image_encoder=encoders[i], scale=scales[i], combine=combine,
             weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
+            embeds=embeds[i][0] if embeds[i] else None, tiles=tile_options,
         ))
     return options
 
@@ -226,6 +273,7 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             weights=o.weights, layers=o.layers, start=o.start, end=o.end,
             masks=[read(m, "L") for m in o.masks] if o.masks else None,
             negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
+            embeds=load_embeds(o.embeds) if o.embeds else None, tiles=o.tiles,
         )
         for o in options
     ]
