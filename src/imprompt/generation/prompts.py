@@ -170,6 +170,9 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
         check_features(features, variant, encoder)
     else:
         features = encode_references(prompt.images, encoder, output, prompt.crop, prompt.negative_images, prompt.tiles)
+    if features.regions is not None and prompt.combine != "concat":
+        raise ValueError("these features hold masked tiles, which act each on its part of the output; "
+                         f"use combine='concat' with them (got {prompt.combine!r})")
     weights = features.unit_weights(prompt.weights)
     cond = combine_features(features.conditional, prompt.combine, weights)
     if features.unconditional.shape[0] == 1:  # one for all units (negative images): after combining
