@@ -153,3 +153,18 @@ def test_tiling_a_wide_reference_changes_the_picture(world, encoder):
             _generate(pipe, attachment, ImagePrompt([wide], combine="average", tiles=TileOptions(masks=True)), encoder)
     assert np.abs(wide_tiled - wide_untiled).max() > 1e-3
     assert wide_masked.shape == (1, 32, 64, 3) and np.isfinite(wide_masked).all()
+
+
+def test_tiles_from_the_native_api_and_the_flags_become_tile_options():
+    from imprompt.generation.adapter_options import adapter_options
+    from imprompt.server.native import NativeRequest, native_to_request
+
+    body = NativeRequest(image_prompts=[{"adapter": "a", "images": ["x"]},
+                                        {"adapter": "b", "images": ["y"], "tiles": "masked,enhance",
+                                         "tile_overlap": 0.25, "tile_sharpen": 0.5}])
+    request = native_to_request(body, "model", lambda name, kind: name, lambda ref, where, mode: ref)
+    assert request.tiles == ["1=masked,enhance"]
+    options = adapter_options(request)
+    assert options[0].tiles is None
+    assert options[1].tiles == TileOptions(overlap=0.25, sharpen=0.5, masks=True, enhance=True)
+    assert options[1].describe().endswith("Tiles: tiles (overlap 0.25, sharpen 0.5, masked, enhance)")

@@ -26,6 +26,12 @@ class ImagePromptSpec(BaseModel):
     masks: list[str] | None = Field(None, description="one region mask per image (white = acts)")
     negative_images: list[str] = Field(default_factory=list)
     image_encoder: str | None = Field(None, description="default: the one the adapter needs")
+    tiles: str | None = Field(None, description="cut references into encoder-sized tiles: on, masked, enhance, or "
+                                                "words joined by commas (masked,enhance)")
+    tile_overlap: float | None = Field(None, ge=0.0, le=0.9, description="least tile overlap, fraction of a tile")
+    tile_sharpen: float | None = Field(None, ge=0.0, le=1.0, description="contrast-adaptive sharpening, 0 to 1")
+    # Saved embeds (`imprompt encode`, --embeds) are not taken over HTTP yet: uploads are read as images
+    # only. Send the references instead; the server's encoder gives the same features.
 
 
 class NativeRequest(BaseModel):
@@ -56,7 +62,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
     """The GenerateRequest of a /v1 body. ``lookup(name, kind)`` -> a model path found by name;
     ``image(ref, field, mode)`` -> the name an uploaded image is filed under."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "combine", "weights", "layers",
-                                                    "start", "end", "mask", "negative_image", "image_encoder")}
+                                                    "start", "end", "mask", "negative_image", "image_encoder",
+                                                    "tiles", "tile_overlap", "tile_sharpen")}
     any_masks = any(p.masks for p in body.image_prompts)
     for i, spec in enumerate(body.image_prompts):
         where = f"image_prompts[{i}]"
@@ -80,6 +87,12 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
             values["weights"].append(f"{i}=" + ",".join(repr(w) for w in spec.weights))
         if spec.layers:
             values["layers"].append(f"{i}={spec.layers}")
+        if spec.tiles:
+            values["tiles"].append(f"{i}={spec.tiles}")
+        if spec.tile_overlap is not None:
+            values["tile_overlap"].append(f"{i}={spec.tile_overlap!r}")
+        if spec.tile_sharpen is not None:
+            values["tile_sharpen"].append(f"{i}={spec.tile_sharpen!r}")
         if spec.image_encoder:
             values["image_encoder"].append(f"{i}={lookup(spec.image_encoder, 'image_encoder')}")
     return GenerateRequest(
