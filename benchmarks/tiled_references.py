@@ -40,8 +40,6 @@ SETTINGS = {
     "pad to square (untiled)": ({"crop": "pad"}, 32),
     "tiles": ({"tiles": TileOptions()}, 32),
     "tiles + enhance": ({"tiles": TileOptions(enhance=True)}, 32),
-    "centre crop, 64x32 output": ({}, 64),
-    "tiles, 64x32 output": ({"tiles": TileOptions()}, 64),
     "masked tiles, 64x32 output": ({"tiles": TileOptions(masks=True)}, 64),
 }
 
@@ -77,9 +75,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", type=Path, default=Path("docs/tiled-references.md"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     paths = toy.toy_paths()
     pipe = load_pipeline(paths["model"])
@@ -115,7 +114,8 @@ def main() -> None:
                         counts["background"] += left.background == a.background and right.background == a.background
             total = args.pairs * args.samples
             results[name] = {k: v / total for k, v in counts.items()}
-            print(name, {k: f"{v:.0%}" for k, v in results[name].items()}, flush=True)
+            print(name, {k: f"{v:.0%}" for k, v in results[name].items()}, f"{time.perf_counter() - started:.0f} s",
+                  flush=True)
     seconds = time.perf_counter() - started
     write_report(args, results, seconds)
 

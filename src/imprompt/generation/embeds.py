@@ -227,6 +227,9 @@ def _from_metadata(tensor: torch.Tensor, meta: dict[str, str], where: str) -> Im
     if meta.get("version") != VERSION:
         raise EmbedsError(f"{where} is imprompt embeds version {meta.get('version')!r}; this imprompt reads version "
                           f"{VERSION}: re-encode the references with `imprompt encode`")
+    if meta.get("encoder_output") not in OUTPUT_NAMES:
+        raise EmbedsError(f"{where}: metadata names encoder output {meta.get('encoder_output')!r}; expected one of "
+                          f"{', '.join(OUTPUT_NAMES)} (re-encode it with `imprompt encode`)")
     try:
         features = from_diffusers(tensor, meta["encoder_output"])
         counts = json.loads(meta["units_per_reference"]) if meta.get("units_per_reference") else None
@@ -251,6 +254,9 @@ def save_embeds(path: str | Path, features: ImageFeatures) -> Path:
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"embeds are written as {' or '.join(SUFFIXES)}; got {path.name!r}")
+    if features.output is None:
+        raise ValueError("these features do not say which encoder output they are (a bare 3-D tensor); "
+                         "read them for an adapter first: features.for_output(variant.encoder_output)")
     tensor = features.diffusers_layout().detach().to("cpu", torch.float32).contiguous()
     meta = features.metadata()
     with atomic_path(path) as tmp:
