@@ -40,6 +40,8 @@ SETTINGS = {
     "pad to square (untiled)": ({"crop": "pad"}, 32),
     "tiles": ({"tiles": TileOptions()}, 32),
     "tiles + enhance": ({"tiles": TileOptions(enhance=True)}, 32),
+    "centre crop, 64x32 output": ({}, 64),
+    "tiles, 64x32 output": ({"tiles": TileOptions()}, 64),
     "masked tiles, 64x32 output": ({"tiles": TileOptions(masks=True)}, 64),
 }
 
