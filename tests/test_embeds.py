@@ -16,8 +16,8 @@ import tiny_models as tm
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate
 from imprompt.adapter.checkpoint import nest
 from imprompt.cli import main
-from imprompt.generation.embeds import (EmbedsError, ImageFeatures, check_features, encode_references, load_embeds,
-                                        save_embeds)
+from imprompt.generation.embeds import (EmbedsError, ImageFeatures, check_features, encode_references,
+                                        from_diffusers, load_embeds, save_embeds)
 from imprompt.generation.prompts import BatchLayout, prepare_image_prompt
 from imprompt.generation.tiles import TileOptions
 
@@ -186,6 +186,11 @@ def test_malformed_files_give_one_clear_line(tmp_path):
     torch.save(torch.zeros(3, 1, 4, 5), tmp_path / "odd.ipadpt")
     with pytest.raises(EmbedsError, match=r"torch.cat\(\[negative, positive\]\) \(an even first dimension\)"):
         load_embeds(tmp_path / "odd.ipadpt")
+    swapped = torch.stack([torch.randn(1, 4), torch.zeros(1, 4)])  # old ComfyUI: stack((positive, zeros))
+    torch.save(swapped, tmp_path / "swapped.ipadpt")
+    with pytest.raises(EmbedsError, match="halves look swapped .*tensor.flip\\(0\\)"):
+        load_embeds(tmp_path / "swapped.ipadpt").for_output("image_embeds")
+    assert torch.equal(from_diffusers(swapped.flip(0)).conditional, swapped[0])
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(EmbedsError, match="not a safetensors file"):
         load_embeds(tmp_path / "junk.safetensors")

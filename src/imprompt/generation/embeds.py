@@ -203,6 +203,13 @@ def from_diffusers(tensor: torch.Tensor, output: EncoderOutput | None = None) ->
         raise EmbedsError(f"the tensor of shape {tuple(tensor.shape)} holds {positive.shape[0]} different embeds "
                           "per half; imprompt takes one set per adapter (give one prompt's embeds)")
     found = "image_embeds" if tensor.ndim == 3 else "penultimate_hidden"
+    # The unconditional image_embeds are zeros; zeros in the positive half instead mean the halves are
+    # the other way round, as ComfyUI_IPAdapter_plus's first IPAdapterEncoder stacked them
+    # (torch.stack((cond, zeros))). Refused rather than generated from an all-zero prompt.
+    if found == "image_embeds" and not positive.any() and negative.any():
+        raise EmbedsError(f"the positive half of the tensor of shape {tuple(tensor.shape)} is all zeros and the negative "
+                          "half is not: the halves look swapped (old ComfyUI order, positive first); save "
+                          "torch.cat([negative, positive]) (e.g. tensor.flip(0)) or re-encode with `imprompt encode`")
     if output is not None and output != found:
         raise EmbedsError(f"a {tensor.ndim}-D diffusers tensor holds {OUTPUT_NAMES[found]}, not {OUTPUT_NAMES[output]}")
     return ImageFeatures(positive[0].float(), negative[0].float(), found)
