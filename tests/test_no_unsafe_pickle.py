@@ -19,6 +19,7 @@ import torch
 
 from imprompt.adapter.checkpoint import load_adapter, load_shared_adapter, read_state
 from imprompt.files import load_torch_weights
+from imprompt.generation.embeds import load_embeds
 from imprompt.generation.loras import read_lora
 from imprompt.models.embeddings import read_embedding
 
@@ -111,6 +112,7 @@ LOADERS = {
     "files.load_torch_weights": load_torch_weights,
     "read_lora": read_lora,
     "read_embedding": read_embedding,
+    "load_embeds": load_embeds,
 }
 
 

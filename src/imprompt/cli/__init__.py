@@ -27,6 +27,18 @@ def _generate(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("references", nargs="+", metavar="REF", help="reference images")
+    _config_arguments("..generation.encode", "EncodeConfig")(parser)
+
+
+def _encode(namespace: argparse.Namespace) -> int:
+    from ..generation.encode import EncodeConfig, run_encode
+
+    run_encode(from_namespace(EncodeConfig, namespace))
+    return 0
+
+
 def _train(namespace: argparse.Namespace) -> int:
     from ..training.config import TrainConfig, load_config
     from ..training.trainer import train
@@ -200,6 +212,10 @@ COMMANDS = (
             "Generate images with IP-Adapter image prompts. Per-adapter options take VALUE (all adapters) or "
             "N=VALUE (adapter N, in --adapter order).", _config_arguments("..generation.request", "GenerateRequest"),
             _generate),
+    Command("encode", "encode references once into an embeds file for --embeds (.safetensors / .ipadpt)",
+            "Encode reference images into the image features an adapter reads (conditional and unconditional, in "
+            "diffusers' ip_adapter_image_embeds layout, with metadata) and write them; `imprompt generate --embeds "
+            "FILE` then uses them instead of --image.", _encode_arguments, _encode),
     Command("train", "train an IP-Adapter (paper recipe; cached features; resumable)",
             "Train an IP-Adapter. Fields come from CONFIG.yaml; flags override them.", _train_arguments, _train),
     Command("info", "show the generation parameters stored in a PNG, JPEG or WebP",

@@ -24,8 +24,10 @@ from ..encoding import ImageEncoder, load_image
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder
 from .negative_noise import NegativeNoise
+from .embeds import load_embeds
 from .pipelines import resolve_model
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+from .tiles import TileOptions
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,13 +59,15 @@ class AdapterOptions:
     composition_scale: float | None = None
     embeds_scaling: str = "V only"
     negative_noise: NegativeNoise | None = None
+    embeds: str | None = None  # saved encoder features used instead of images (imprompt encode)
+    tiles: TileOptions | None = None
 
     def describe(self) -> str:
         """The PNG info of this adapter: every option that acted, nothing else."""
         layers = self.layers.describe() if isinstance(self.layers, LayerScales) else self.layers
         parts = {
             "Model": Path(self.file).stem, "Weight": f"{self.scale:g}",
-            "Images": "+".join(Path(p).name for p in self.images), "Combine": self.combine,
+            "Images": "+".join(Path(p).name for p in self.images) or None, "Combine": self.combine,
             "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
             "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
             "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
@@ -71,6 +75,8 @@ class AdapterOptions:
             "Composition weight": f"{self.composition_scale:g}" if self.composition_scale is not None else None,
             "Embeds scaling": self.embeds_scaling if self.embeds_scaling != "V only" else None,
             "Negative noise": self.negative_noise.describe() if self.negative_noise else None,
+            "Embeds": Path(self.embeds).name if self.embeds else None,
+            "Tiles": self.tiles.describe() if self.tiles else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
@@ -163,6 +169,21 @@ def _combine_mode(text: str) -> str:
     return _combine(text.replace("_", " "))
 
 
+TILE_WORDS = ("on", "masked", "enhance")
+
+
+def _tiles(text: str) -> tuple[str, ...] | None:
+    """'off', or words from on/masked/enhance joined by commas or '+' ('masked,enhance')."""
+    words = tuple(w.strip() for w in text.replace("+", ",").split(","))
+    if words == ("off",):
+        return None
+    bad = [w for w in words if w not in TILE_WORDS]
+    if bad:
+        raise ValueError(f"unknown tiling word {bad[0]!r}; expected off, or any of {', '.join(TILE_WORDS)} "
+                         "joined by commas (e.g. masked,enhance)")
+    return words
+
+
 def _fraction(text: str) -> float:
     value = finite(text)
     if not 0.0 <= value <= 1.0:
@@ -171,7 +192,8 @@ def _fraction(text: str) -> float:
 
 
 PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
-               "weight_type", "composition_scale", "embeds_scaling", "negative_noise")
+               "weight_type", "composition_scale", "embeds_scaling", "negative_noise",
+               "embeds", "tiles", "tile_overlap", "tile_sharpen")
 
 
 def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
@@ -195,6 +217,10 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     composition_scales = per_adapter(request.composition_scale, count, _scale, None, "composition_scale")
     scalings = per_adapter(request.embeds_scaling, count, check_embeds_scaling, "V only", "embeds_scaling")
     noises = per_adapter(request.negative_noise, count, NegativeNoise.parse, None, "negative_noise")
+    embeds = grouped(request.embeds, count, "embeds")
+    tiles = per_adapter(request.tiles, count, _tiles, None, "tiles")
+    overlaps = per_adapter(request.tile_overlap, count, finite, None, "tile_overlap")
+    sharpens = per_adapter(request.tile_sharpen, count, finite, None, "tile_sharpen")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -202,9 +228,27 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
 
     options = []
     for i, file in enumerate(request.adapter):
-        if not images[i]:
-            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH, "
-                             "or leave that --adapter out")
+        if len(embeds[i]) > 1:
+            raise ValueError(f"adapter {i} has {len(embeds[i])} --embeds files; give one per adapter "
+                             "(`imprompt encode` takes several references into one file)")
+        if embeds[i] and (images[i] or negatives[i] or tiles[i] or masks[i]):
+            raise ValueError(f"adapter {i} has --embeds and --image/--negative-image/--tiles/--mask; the embeds "
+                             "already hold the encoded references: give one or the other")
+        if not images[i] and not embeds[i]:
+            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH "
+                             f"(or --embeds {i}=FILE), or leave that --adapter out")
+        if tiles[i] is None and (overlaps[i] is not None or sharpens[i] is not None):
+            raise ValueError(f"adapter {i}: --tile-overlap / --tile-sharpen need --tiles (e.g. --tiles {i}=on)")
+        tile_options = None
+        if tiles[i] is not None:
+            tile_options = TileOptions(overlap=overlaps[i] or 0.0, sharpen=sharpens[i] or 0.0,
+                                       masks="masked" in tiles[i], enhance="enhance" in tiles[i])
+            try:
+                tile_options.check()
+            except ValueError as err:
+                raise ValueError(f"adapter {i}: {err}") from None
+            if tile_options.masks and masks[i]:
+                raise ValueError(f"adapter {i}: give --mask or --tiles masked, not both")
         combine = combines[i]
         if weights[i] is not None:
             # Weights act only when combining by weights: imply it, refuse a contradiction.
@@ -213,7 +257,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             elif combine != "weighted":
                 raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
                                  "drop one of them")
-            if len(weights[i]) != len(images[i]):
+            if not embeds[i] and len(weights[i]) != len(images[i]):
                 raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
                                  "give one weight per image")
             if sum(weights[i]) == 0:
@@ -222,6 +266,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             raise ValueError(f"--combine weighted (adapter {i}) needs --weights: one weight per image "
                              f"({len(images[i])} image(s))")
         combine = combine or "concat"
+        if tile_options is not None and tile_options.masks and combine != "concat":
+            raise ValueError(f"adapter {i}: masked tiles act per tile; use --combine concat with --tiles masked")
         if masks[i] and combine != "concat":
             raise ValueError(f"adapter {i}: region masks apply per image; use --combine concat with --mask")
         if combine == "subtract" and len(images[i]) < 2:
@@ -235,6 +281,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
             weight_type=weight_types[i], composition_scale=composition_scales[i], embeds_scaling=scalings[i],
             negative_noise=noises[i],
+            embeds=embeds[i][0] if embeds[i] else None, tiles=tile_options,
         ))
     return options
 
@@ -253,6 +300,7 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
             weight_type=o.weight_type, composition_scale=o.composition_scale, embeds_scaling=o.embeds_scaling,
             negative_noise=o.negative_noise,
+            embeds=load_embeds(o.embeds) if o.embeds else None, tiles=o.tiles,
         )
         for o in options
     ]

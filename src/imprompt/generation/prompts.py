@@ -23,6 +23,8 @@ from ..adapter.layers import LayerScales, parse_layer_scales
 from ..adapter.weight_types import check_weight_type, layer_weights
 from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
 from .negative_noise import NegativeNoise
+from .embeds import ImageFeatures, check_features, encode_references, fill_unconditional
+from .tiles import TileOptions, region_mask
 
 CombineMode = Literal["concat", "average", "weighted", "add", "subtract", "norm average"]
 COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted", "add", "subtract", "norm average")
@@ -45,9 +47,12 @@ class ImagePrompt:
     ``weight_type`` spreads ``scale`` over the layers (:mod:`imprompt.adapter.weight_types`;
     ``composition_scale`` is the composition blocks' weight where a type has one, default ``scale``);
     ``embeds_scaling`` says where the weight acts (:mod:`imprompt.adapter.embeds_scaling`).
+    ``embeds``: encoder features computed before (``imprompt encode``, diffusers, ComfyUI), used
+    instead of ``images``. ``tiles``: each reference is cut into encoder-sized tiles, each a unit
+    (:mod:`imprompt.generation.tiles`); ``combine``, ``weights`` and ``masks`` still count references.
     """
 
-    images: Sequence[Image.Image]
+    images: Sequence[Image.Image] = ()
     adapter: int = 0
     scale: float = DEFAULT_SCALE
     combine: CombineMode = "concat"
@@ -62,10 +67,26 @@ class ImagePrompt:
     composition_scale: float | None = None
     embeds_scaling: str = "V only"
     negative_noise: NegativeNoise | None = None
+    embeds: ImageFeatures | None = None
+    tiles: TileOptions | None = None
+
+    @property
+    def num_references(self) -> int:
+        return self.embeds.references if self.embeds is not None else len(self.images)
 
     def check(self, num_adapters: int) -> None:
-        if not self.images:
-            raise ValueError("an image prompt needs at least one reference image")
+        if self.embeds is not None:
+            if self.images or self.negative_images or self.tiles is not None:
+                raise ValueError("an image prompt with embeds takes no images, negative images or tiles (they were "
+                                 "fixed when the embeds were encoded); give either images or embeds")
+        elif not self.images:
+            raise ValueError("an image prompt needs at least one reference image (or embeds)")
+        if self.tiles is not None:
+            self.tiles.check()
+            if self.tiles.masks and self.combine != "concat":
+                raise ValueError("tile masks apply per tile; use combine='concat' with masked tiles")
+            if self.tiles.masks and self.masks is not None:
+                raise ValueError("give region masks or masked tiles, not both (combining them is not supported yet)")
         if not 0 <= self.adapter < num_adapters:
             raise ValueError(f"image prompt refers to adapter {self.adapter}, but {num_adapters} adapter(s) are attached")
         if not math.isfinite(self.scale):
@@ -73,9 +94,9 @@ class ImagePrompt:
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
         if self.combine == "weighted":
-            if self.weights is None or len(self.weights) != len(self.images):
+            if self.weights is None or len(self.weights) != self.num_references:
                 raise ValueError(
-                    f"combine='weighted' needs one weight per image: {len(self.images)} images, "
+                    f"combine='weighted' needs one weight per image: {self.num_references} images, "
                     f"{0 if self.weights is None else len(self.weights)} weights"
                 )
             if sum(self.weights) == 0:
@@ -89,8 +110,8 @@ class ImagePrompt:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"need 0 <= start < end <= 1 (fractions of the denoising steps), got start={self.start}, end={self.end}")
         if self.masks is not None:
-            if len(self.masks) != len(self.images):
-                raise ValueError(f"give one mask per reference image (or None): {len(self.images)} images, {len(self.masks)} masks")
+            if len(self.masks) != self.num_references:
+                raise ValueError(f"give one mask per reference image (or None): {self.num_references} images, {len(self.masks)} masks")
             if self.combine != "concat":
                 raise ValueError("region masks apply per image; use combine='concat' with masks")
 
@@ -182,14 +203,23 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     check_encoder(variant, encoder)
     output = variant.encoder_output
 
-    pixels = encoder.pixels(prompt.images, prompt.crop)
-    cond = combine_features(encoder.features(pixels, output), prompt.combine, prompt.weights)
+    param = next(adapter.parameters())
+    # a noise negative is one more negative image (averaged with the others)
     negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
-    if negatives:
-        negative = encoder.features(encoder.pixels(negatives, prompt.crop), output)
-        uncond = negative.mean(dim=0, keepdim=True).expand_as(cond)
+    if prompt.embeds is not None:
+        features = fill_unconditional(prompt.embeds.for_output(output).to(param), encoder)
+        check_features(features, variant, encoder)
     else:
-        uncond = combine_unconditional(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
+        features = encode_references(prompt.images, encoder, output, prompt.crop, negatives, prompt.tiles)
+    if features.regions is not None and prompt.combine != "concat":
+        raise ValueError("these features hold masked tiles, which act each on its part of the output; "
+                         f"use combine='concat' with them (got {prompt.combine!r})")
+    unit_weights = features.unit_weights(prompt.weights)
+    cond = combine_features(features.conditional, prompt.combine, unit_weights)
+    if features.unconditional.shape[0] == 1:  # one for all units (negative images): after combining
+        uncond = features.unconditional.expand_as(cond)
+    else:
+        uncond = combine_unconditional(features.unconditional, prompt.combine, unit_weights)
 
     with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
         tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
@@ -201,11 +231,15 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
                             prompt.scale, prompt.composition_scale)
     swaps = any(w.swap for w in weights.values())
 
-    # Unmasked: all units' tokens form one sequence (a joint softmax). Masked: one entry per image.
-    if prompt.masks is None:
-        groups = [(slice(None), None)]
+    # Unmasked: all units' tokens form one sequence (a joint softmax). Masked: one entry per image
+    # (all its tiles together), or per tile for masked tiles (each on its own part of the output).
+    if prompt.masks is not None:
+        groups = list(zip(features.reference_rows(), prompt.masks))
+    elif features.regions is not None:
+        groups = [(slice(i, i + 1), None if r is None else region_mask(r, *latent_size))
+                  for i, r in enumerate(features.regions)]
     else:
-        groups = [(slice(i, i + 1), m) for i, m in enumerate(prompt.masks)]
+        groups = [(slice(None), None)]
     prepared = []
     for rows, mask in groups:
         cond_seq = tokens_cond[rows].reshape(1, -1, tokens_cond.shape[-1])
@@ -219,7 +253,6 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
             swapped = torch.cat([cond_seq, nothing]) if layout.guidance else nothing
         masks = None
         if mask is not None:
-            param = next(adapter.parameters())
             masks = {n: m.to(param) for n, m in region_masks(mask_tensor(mask), *latent_size, vae_scale_factor=vae_scale_factor).items()}
         with torch.no_grad():
             prepared.append(

@@ -111,6 +111,16 @@ class GenerateRequest(GenerationSettings):
     image_encoder: list[str] = field(default_factory=list, metadata=option(
         "image encoder (CLIP vision folder, single file or name), PATH or N=PATH (default: the one the adapter "
         "needs, found beside it or in --models-dir)", metavar="PATH"))
+    embeds: list[str] = field(default_factory=list, metadata=option(
+        "saved image features (`imprompt encode`; diffusers or ComfyUI .ipadpt embeds) used instead of --image, "
+        "PATH or N=PATH for adapter N (.safetensors or .ipadpt)", metavar="FILE"))
+    tiles: list[str] = field(default_factory=list, metadata=option(
+        "cut each reference into encoder-sized tiles (wide references keep their sides): on, masked (each tile "
+        "acts on its part of the output), enhance (plus the whole reference), e.g. masked,enhance; or N=..."))
+    tile_overlap: list[str] = field(default_factory=list, metadata=option(
+        "least overlap of neighbouring tiles, fraction of a tile 0 to 0.9 (default 0), or N=VALUE"))
+    tile_sharpen: list[str] = field(default_factory=list, metadata=option(
+        "contrast-adaptive sharpening of a tiled reference, 0 to 1 (default 0), or N=VALUE"))
     crop: str = field(default="center", metadata=option(
         "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
@@ -209,10 +219,10 @@ class GenerateRequest(GenerationSettings):
             raise ValueError("--mask-image (inpainting) needs --init-image")
         if self.prompt_matrix:
             matrix_prompts(self.prompt)  # raises for a prompt without parts
-        if self.image and not self.adapter:
-            raise ValueError("--image needs an --adapter to read it")
-        if self.adapter and not self.image:
-            raise ValueError("give at least one --image for the adapter(s)")
+        if (self.image or self.embeds) and not self.adapter:
+            raise ValueError(f"{'--image' if self.image else '--embeds'} needs an --adapter to read it")
+        if self.adapter and not (self.image or self.embeds):
+            raise ValueError("give at least one --image (or --embeds) for the adapter(s)")
         if self.init_image is not None and int(self.steps * self.strength) < 1:
             raise ValueError(f"--steps {self.steps} at --strength {self.strength:g} leaves no denoising step "
                              f"(img2img runs steps x strength); raise one of them")
@@ -301,7 +311,7 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     log("note: no --model given, using imprompt's bundled toy model (32x32 shapes world); "
         "pass --model PATH_OR_HUB_ID (and --adapter) for Stable Diffusion")
     changes: dict = {"model": str(paths["model"])}
-    if request.image and not request.adapter:
+    if (request.image or request.embeds) and not request.adapter:
         changes["adapter"] = [str(paths["adapter"])]
         changes["image_encoder"] = request.image_encoder or [str(paths["image_encoder"])]
     return dataclasses.replace(request, **changes)

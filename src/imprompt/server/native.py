@@ -31,6 +31,12 @@ class ImagePromptSpec(BaseModel):
     composition_scale: float | None = Field(None, description="composition blocks' weight (default: scale)")
     embeds_scaling: str | None = Field(None, description="V only, K+V, K+V w/ C penalty or K+mean(V) w/ C penalty")
     negative_noise: str | None = Field(None, description="noise negative image: TYPE[:STRENGTH[:BLUR[:SEED]]]")
+    tiles: str | None = Field(None, description="cut references into encoder-sized tiles: on, masked, enhance, or "
+                                                "words joined by commas (masked,enhance)")
+    tile_overlap: float | None = Field(None, ge=0.0, le=0.9, description="least tile overlap, fraction of a tile")
+    tile_sharpen: float | None = Field(None, ge=0.0, le=1.0, description="contrast-adaptive sharpening, 0 to 1")
+    # Saved embeds (`imprompt encode`, --embeds) are not taken over HTTP yet: uploads are read as images
+    # only. Send the references instead; the server's encoder gives the same features.
 
 
 class ReferenceSpec(BaseModel):
@@ -93,7 +99,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "combine", "weights", "layers",
                                                     "start", "end", "mask", "negative_image", "image_encoder",
                                                     "weight_type", "composition_scale", "embeds_scaling",
-                                                    "negative_noise")}
+                                                    "negative_noise",
+                                                    "tiles", "tile_overlap", "tile_sharpen")}
     any_masks = any(p.masks for p in body.image_prompts)
     for i, spec in enumerate(body.image_prompts):
         where = f"image_prompts[{i}]"
@@ -120,6 +127,12 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         for name in ("weight_type", "composition_scale", "embeds_scaling", "negative_noise"):
             if getattr(spec, name) is not None:
                 values[name].append(f"{i}={getattr(spec, name)!s}")
+        if spec.tiles:
+            values["tiles"].append(f"{i}={spec.tiles}")
+        if spec.tile_overlap is not None:
+            values["tile_overlap"].append(f"{i}={spec.tile_overlap!r}")
+        if spec.tile_sharpen is not None:
+            values["tile_sharpen"].append(f"{i}={spec.tile_sharpen!r}")
         if spec.image_encoder:
             values["image_encoder"].append(f"{i}={lookup(spec.image_encoder, 'image_encoder')}")
     return GenerateRequest(
