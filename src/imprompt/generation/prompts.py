@@ -20,6 +20,7 @@ from ..adapter.attach import Attachment
 from ..adapter.attention import ImageKV, StepWindow
 from ..adapter.layers import LayerScales, parse_layer_scales
 from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
+from .faceid import FaceEmbeddingLike, check_face_embeddings, faceid_tokens
 
 CombineMode = Literal["concat", "average", "weighted"]
 COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted")
@@ -50,23 +51,33 @@ class ImagePrompt:
     masks: Sequence[MaskLike | None] | None = None
     negative_images: Sequence[Image.Image] | None = None
     crop: CropMode = "center"
+    # FaceID adapters only (imprompt.generation.faceid): insightface face-ID embeddings, (512,) or
+    # (n, 512) or a list (None: computed from ``images`` when insightface is installed); the LoRA's
+    # scale (official lora_scale); FaceID-PlusV2's shortcut (None: on for PlusV2 files) and its s_scale.
+    face_embeddings: FaceEmbeddingLike | Sequence[FaceEmbeddingLike] | None = None
+    lora_scale: float = 1.0
+    shortcut: bool | None = None
+    s_scale: float = 1.0
 
     def check(self, num_adapters: int) -> None:
-        if not self.images:
-            raise ValueError("an image prompt needs at least one reference image")
+        if not self.images and self.face_embeddings is None:
+            raise ValueError("an image prompt needs at least one reference image (or, for FaceID, a face embedding)")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
         if not 0 <= self.adapter < num_adapters:
             raise ValueError(f"image prompt refers to adapter {self.adapter}, but {num_adapters} adapter(s) are attached")
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale}")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
-        if self.combine == "weighted":
+        if self.combine == "weighted" and self.face_embeddings is None:
             if self.weights is None or len(self.weights) != len(self.images):
                 raise ValueError(
                     f"combine='weighted' needs one weight per image: {len(self.images)} images, "
                     f"{0 if self.weights is None else len(self.weights)} weights"
                 )
-            if sum(self.weights) == 0:
+        if self.combine == "weighted":
+            if self.weights and sum(self.weights) == 0:
                 raise ValueError("weights sum to zero; give at least one non-zero weight")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"need 0 <= start < end <= 1 (fractions of the denoising steps), got start={self.start}, end={self.end}")
@@ -140,19 +151,15 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     prompt.check(len(attachment.adapters))
     adapter = attachment.adapters[prompt.adapter]
     variant = adapter.variant
-    check_encoder(variant, encoder)
-    output = variant.encoder_output
-
-    pixels = encoder.pixels(prompt.images, prompt.crop)
-    cond = combine_features(encoder.features(pixels, output), prompt.combine, prompt.weights)
-    if prompt.negative_images:
-        negative = encoder.features(encoder.pixels(prompt.negative_images, prompt.crop), output)
-        uncond = negative.mean(dim=0, keepdim=True).expand_as(cond)
+    if variant.is_faceid:
+        tokens_uncond, tokens_cond = _faceid_tokens(prompt, adapter, encoder)
     else:
-        uncond = combine_features(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
-
-    with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
-        tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
+        if prompt.face_embeddings is not None:
+            raise ValueError(f"face embeddings were given for adapter {prompt.adapter}, a {variant.name} adapter; "
+                             "only FaceID adapters read them")
+        tokens_uncond, tokens_cond = _image_tokens(prompt, adapter, encoder)
+    if prompt.masks is not None and len(prompt.masks) != tokens_cond.shape[0]:
+        raise ValueError(f"give one mask per face: {tokens_cond.shape[0]} faces, {len(prompt.masks)} masks")
     layer_scales = prompt.layers if isinstance(prompt.layers, LayerScales) else (
         parse_layer_scales(prompt.layers, attachment.layout) if prompt.layers else LayerScales()
     )
@@ -179,4 +186,29 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
                     window=window, batch_repeat=layout.images_per_prompt, masks=masks,
                 )
             )
+    if adapter.lora_ids:  # FaceID's LoRA acts on the whole UNet for this call (once per adapter)
+        prepared.append(attachment.layer_loras(prompt.adapter, prompt.lora_scale))
     return prepared
+
+
+def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unconditional, conditional) image tokens from the reference images' CLIP features."""
+    check_encoder(adapter.variant, encoder)
+    output = adapter.variant.encoder_output
+    pixels = encoder.pixels(prompt.images, prompt.crop)
+    cond = combine_features(encoder.features(pixels, output), prompt.combine, prompt.weights)
+    if prompt.negative_images:
+        negative = encoder.features(encoder.pixels(prompt.negative_images, prompt.crop), output)
+        uncond = negative.mean(dim=0, keepdim=True).expand_as(cond)
+    else:
+        uncond = combine_features(encoder.unconditional(pixels, output), prompt.combine, prompt.weights)
+    with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
+        return adapter.project(torch.cat([uncond, cond])).chunk(2)
+
+
+def _faceid_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if prompt.negative_images:
+        raise ValueError("negative images do not apply to FaceID adapters (their unconditional side is a zero face embedding)")
+    faces = None if prompt.face_embeddings is None else check_face_embeddings(prompt.face_embeddings)
+    return faceid_tokens(adapter, encoder, prompt.images, faces, combine=prompt.combine, weights=prompt.weights,
+                         crop=prompt.crop, shortcut=prompt.shortcut, s_scale=prompt.s_scale)
