@@ -88,3 +88,189 @@ def test_faceid_matches_diffusers(family, kind, tokens, rank, n):
     plain = _run(ours)
     assert np.abs(got - expected).max() <= 1e-4
     assert np.abs(got - plain).max() > 1e-2
+
+
+@pytest.mark.parametrize("shortcut,s_scale", [(False, 1.0), (True, 0.6)], ids=["plus", "plusv2"])
+def test_faceid_plus_matches_diffusers(shortcut, s_scale):
+    ours, theirs = _pipes("sd15")
+    encoder = tm.image_encoder()
+    adapter = faceid_adapter(ours.unet, "plus", clip_width=encoder.config.hidden_size)
+    face, crop = faces(1), tm.reference_images(1)
+
+    theirs.image_encoder = copy.deepcopy(encoder)
+    theirs.load_ip_adapter(nest({k: v.clone() for k, v in adapter.state_dict().items()}),
+                           subfolder="", weight_name="", image_encoder_folder=None)
+    theirs.set_ip_adapter_scale(0.7)
+    # As diffusers' docs (ip_adapter.md, "IP-Adapter-FaceID-Plus"): the CLIP features travel on the projection.
+    clip_embeds = theirs.prepare_ip_adapter_image_embeds([crop], None, torch.device("cpu"), 1, True)[0]
+    projection = theirs.unet.encoder_hid_proj.image_projection_layers[0]
+    projection.clip_embeds, projection.shortcut, projection.shortcut_scale = clip_embeds, shortcut, s_scale
+    expected = _run(theirs, ip_adapter_image_embeds=[torch.stack([torch.zeros_like(face), face])])
+
+    with attach(ours.unet, adapter) as attachment:
+        settings = GenerationSettings(prompt=PROMPT, steps=3, guidance=7.5, seed=0)
+        prompt = ImagePrompt(crop, scale=0.7, face_embeddings=face[0].numpy(), shortcut=shortcut, s_scale=s_scale)
+        got = generate(ours, attachment, settings, [prompt], [ImageEncoder(encoder)], output_type="np")
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - _run(ours)).max() > 1e-2
+
+
+# --- detection and refusals ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,tokens,rank,name", [
+    ("faceid", 4, 4, "faceid (SD1.5-shaped"), ("faceid", 16, 0, "faceid-portrait"), ("plus", 4, 4, "faceid-plus")])
+@pytest.mark.parametrize("ext", [".bin", ".safetensors"])
+def test_each_kind_is_detected_from_its_keys(tmp_path, kind, tokens, rank, name, ext):
+    unet = tm.sd15_unet()
+    adapter = faceid_adapter(unet, kind, tokens=tokens, lora_rank=rank)
+    state = adapter.state_dict()
+    if rank:  # LoRA on every attention layer, self-attention included; image K/V only at attn2
+        assert {f"ip_adapter.{i}.to_out_lora.up.weight" for i in range(len(unet.attn_processors))} <= set(state)
+        assert "ip_adapter.0.to_k_ip.weight" not in state and "ip_adapter.1.to_k_ip.weight" in state
+    else:
+        assert not any("lora" in k for k in state)
+    from imprompt.adapter.checkpoint import save_adapter
+    path = save_adapter(adapter, tmp_path / f"ip-adapter-faceid{'-plusv2' if kind == 'plus' else ''}_sd15{ext}")
+    loaded = load_adapter(path)
+    assert loaded.variant == adapter.variant
+    assert loaded.variant.num_tokens == tokens and loaded.variant.lora_rank == rank
+    assert loaded.variant.display_name in name and loaded.lora_ids == adapter.lora_ids
+    assert loaded.shortcut_default == (kind == "plus")  # PlusV2, by its file name
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def _state(kind="faceid", rank=4, **kw):
+    return {k: v.clone() for k, v in faceid_adapter(tm.sd15_unet(), kind, lora_rank=rank, **kw).state_dict().items()}
+
+
+def test_refusals_name_the_problem():
+    state = _state()
+    cut = {k: v for k, v in state.items() if k != "ip_adapter.2.to_v_lora.up.weight"}
+    with pytest.raises(CheckpointError, match=r"layer 2's LoRA is incomplete: 'ip_adapter.2.to_v_lora.up.weight' is missing"):
+        IPAdapter.from_state_dict(cut)
+    wide = {**state, "image_proj.proj.0.weight": torch.zeros(1024, 768)}
+    with pytest.raises(CheckpointError, match=r"reads a face embedding of width 768; every FaceID release reads insightface's 512"):
+        IPAdapter.from_state_dict(wide)
+    odd = {**state, "image_proj.proj.2.weight": torch.zeros(130, 1024)}
+    with pytest.raises(CheckpointError, match=r"has 130 rows, not a multiple of the token width 32"):
+        IPAdapter.from_state_dict(odd)
+    # LoRA weights beside a plain IP-Adapter projection: two files mixed
+    plain = {k: v for k, v in tm.random_adapter(tm.sd15_unet()).state_dict().items()}
+    mixed = {**plain, "ip_adapter.0.to_q_lora.down.weight": torch.zeros(4, 16)}
+    with pytest.raises(CheckpointError, match=r"'ip_adapter.0.to_q_lora.down.weight' is a FaceID LoRA weight, but the image "
+                                              r"projection is not FaceID's"):
+        IPAdapter.from_state_dict(mixed)
+    bad = {**state, "ip_adapter.1.to_k_lora.up.weight": torch.zeros(16, 5)}
+    with pytest.raises(CheckpointError, match=r"'ip_adapter.1.to_k_lora.up.weight' has shape \(16, 5\), expected \(16, 4\)"):
+        IPAdapter.from_state_dict(bad)
+
+
+def test_a_lora_for_another_unet_is_refused_at_attach():
+    state = _state()
+    # layer 0 (a self-attention) made 24 wide instead of 16: consistent in the file, wrong for this UNet
+    state["ip_adapter.0.to_q_lora.down.weight"] = torch.zeros(4, 24)
+    state["ip_adapter.0.to_out_lora.up.weight"] = torch.zeros(24, 4)
+    adapter = IPAdapter.from_state_dict(state)
+    with pytest.raises(CheckpointError, match=r"ip_adapter.0.to_q_lora maps width 24 to 16, but this UNet's "
+                                              r"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q maps 16 to 16"):
+        attach(tm.sd15_unet(), adapter)
+
+
+# --- the LoRA ------------------------------------------------------------------------------------------
+
+def test_lora_linear_is_the_official_sum():
+    from imprompt.adapter.lora import LayerLoRA, lora_linear
+    linear = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]))
+        linear.bias.copy_(torch.tensor([0.5, -1.0]))
+    down, up = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[2.0], [-1.0]])  # rank 1
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    lora = LayerLoRA({"to_q": down}, {"to_q": up}, scale=0.5)
+    # W x + b = (7.5, 1); down x = 3; up (down x) = (6, -3); half of it added
+    assert lora_linear(linear, x, [lora], "to_q").tolist() == [[10.5, -0.5]]
+    assert torch.equal(lora_linear(linear, x, [], "to_q"), linear(x))
+
+
+def test_lora_acts_and_leaves_the_unet_bit_for_bit():
+    unet = tm.sd15_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = dict(unet.attn_processors)
+    generator = torch.Generator().manual_seed(1)
+    sample, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 7, 32, generator=generator)
+
+    def run(call=None):
+        with torch.no_grad():
+            kwargs = {"cross_attention_kwargs": call.cross_attention_kwargs()} if call is not None else {}
+            return unet(sample, 10, text, **kwargs).sample
+
+    plain = run()
+    with attach(unet, faceid_adapter(unet, "faceid")) as attachment:
+        lora = attachment.layer_loras(0, 1.0)
+        assert len(lora) == len(unet.attn_processors)  # self-attention layers too
+        with_lora = run(attachment.prompt_call([lora, attachment.layer_loras(0, 1.0)]))  # once per adapter
+        once = run(attachment.prompt_call([lora]))
+        off = run(attachment.prompt_call([attachment.layer_loras(0, 0.0)]))
+        assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())  # never merged
+    assert (with_lora - plain).abs().max() > 1e-3 and torch.equal(with_lora, once)
+    assert (off - plain).abs().max() <= 1e-6  # the same attention, computed by our processor
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert all(a is b for a, b in zip(unet.attn_processors.values(), processors.values()))
+    assert torch.equal(run(), plain)
+
+
+# --- face embeddings -------------------------------------------------------------------------------
+
+def test_face_embedding_files(tmp_path):
+    one, three = faces(1)[0].numpy(), faces(3).numpy()
+    np.save(tmp_path / "one.npy", one)
+    np.save(tmp_path / "three.npy", three)
+    save_file({"embedding": torch.from_numpy(three)}, str(tmp_path / "three.safetensors"))
+    assert load_face_embedding(tmp_path / "one.npy").shape == (1, 512)
+    assert torch.equal(load_face_embedding(tmp_path / "three.npy"), torch.from_numpy(three))
+    assert torch.equal(load_face_embedding(tmp_path / "three.safetensors"), torch.from_numpy(three))
+    assert check_face_embeddings([one, three]).shape == (4, 512)
+
+    np.save(tmp_path / "short.npy", np.zeros(511, np.float32))
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 512), np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    save_file({"a": torch.zeros(512), "b": torch.zeros(512)}, str(tmp_path / "two.safetensors"))
+    (tmp_path / "face.txt").write_text("0.1 0.2")
+    for name, message in [("short.npy", r"short.npy has shape \(511,\); expected \(512,\) or \(n, 512\)"),
+                          ("cube.npy", r"cube.npy has shape \(2, 3, 512\)"),
+                          ("objects.npy", r"cannot read objects.npy as a face embedding"),
+                          ("two.safetensors", r"two.safetensors holds 2 tensors \(a, b\); a face embedding file holds one"),
+                          ("face.txt", r"face.txt: a face embedding is a .npy or .safetensors file"),
+                          ("missing.npy", r"does not exist")]:
+        with pytest.raises(FaceEmbeddingError, match=message):
+            load_face_embedding(tmp_path / name)
+    with pytest.raises(FaceEmbeddingError, match="NaN"):
+        check_face_embeddings(np.full(512, np.nan, np.float32))
+
+
+def test_without_insightface_the_message_says_what_to_do():
+    pytest.importorskip("PIL")
+    try:
+        import insightface  # noqa: F401
+        pytest.skip("insightface is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(FaceEmbeddingError) as err:
+        insightface_embeddings(tm.reference_images(1))
+    message = str(err.value)
+    assert "needs insightface, which is not installed" in message
+    assert "pip install 'imprompt[faceid]'" in message and "--face-embedding face.npy" in message
+    # and through a generation that gives a face image but no embedding
+    pipe = tm.sd15_pipeline()
+    with attach(pipe.unet, faceid_adapter(pipe.unet)) as attachment:
+        with pytest.raises(FaceEmbeddingError, match=r"pip install 'imprompt\[faceid\]'"):
+            generate(pipe, attachment, GenerationSettings(prompt=PROMPT, steps=1), [ImagePrompt(tm.reference_images(1))], [None])
+
+
+def test_face_embeddings_for_a_clip_adapter_are_refused():
+    pipe = tm.sd15_pipeline()
+    encoder = tm.image_encoder()
+    with attach(pipe.unet, tm.random_adapter(pipe.unet, encoder=encoder)) as attachment:
+        with pytest.raises(ValueError, match=r"face embeddings were given for adapter 0, a base .* only FaceID adapters"):
+            generate(pipe, attachment, GenerationSettings(prompt=PROMPT, steps=1),
+                     [ImagePrompt(tm.reference_images(1), face_embeddings=faces(1))], [ImageEncoder(encoder)])
