@@ -167,29 +167,6 @@ LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 _LORA_KEY = re.compile(r"^(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
-def faceid_evidence(keys: Iterable[str]) -> str | None:
-    """What marks a flat state (``image_proj.*`` / ``ip_adapter.*`` keys) as an IP-Adapter FaceID
-    checkpoint (tencent-ailab ``ip_adapter_faceid*.py``), in words for a message; None if nothing does.
-
-    FaceID and FaceID-Portrait project the face-ID embedding with ``MLPProjModel`` (``proj.0``,
-    ``proj.2`` and a ``norm``, where full-face has ``proj.3``); FaceID-Plus adds
-    ``perceiver_resampler.*``; all but Portrait carry LoRA weights in ``ip_adapter``.
-    """
-    keys = sorted(keys)
-    named = [k for k in keys if "faceid" in k.lower()]
-    if named:
-        return f"{named[0]!r}"
-    lora = [k for k in keys if k.startswith("ip_adapter.") and "lora" in k]
-    if lora:
-        return f"LoRA keys such as {lora[0]!r}"
-    if any(k.startswith("image_proj.perceiver_resampler.") for k in keys):
-        return "'image_proj.perceiver_resampler.*'"
-    if {"image_proj.norm.weight", "image_proj.proj.0.weight"} <= set(keys) and "image_proj.proj.weight" not in keys:
-        return ("'image_proj.norm.weight' beside 'image_proj.proj.0.weight': the face-ID embedding projection "
-                "of FaceID and FaceID-Portrait")
-    return None
-
-
 def check_not_faceid(keys: Iterable[str]) -> None:
     """Refuse a FaceID file in a layout other than tencent-ailab's (keys that name ``faceid``, e.g. a
     ``faceid_proj``): the official ``image_proj`` / ``ip_adapter`` layout is read by :func:`detect_variant`."""
