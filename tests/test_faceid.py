@@ -68,7 +68,7 @@ def _pipes(family: str):
     return pipe, copy.deepcopy(pipe)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind,tokens,rank,n", [("faceid", 4, 4, 1), ("portrait", 16, 0, 3)], ids=["faceid", "portrait"])
 def test_faceid_matches_diffusers(family, kind, tokens, rank, n):
     ours, theirs = _pipes(family)
@@ -274,3 +274,37 @@ def test_face_embeddings_for_a_clip_adapter_are_refused():
         with pytest.raises(ValueError, match=r"face embeddings were given for adapter 0, a base .* only FaceID adapters"):
             generate(pipe, attachment, GenerationSettings(prompt=PROMPT, steps=1),
                      [ImagePrompt(tm.reference_images(1), face_embeddings=faces(1))], [ImageEncoder(encoder)])
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def test_command_line_face_embeddings(tmp_path, capsys):
+    from PIL import Image
+
+    from imprompt.adapter.checkpoint import save_adapter
+    from imprompt.cli import main
+    from imprompt.generation.pnginfo import parse_parameters, read_parameters
+
+    pipe = tm.sd15_pipeline()
+    pipe.save_pretrained(tmp_path / "sd")
+    adapter = faceid_adapter(pipe.unet, "faceid", tokens=16, lora_rank=0)  # Portrait: several faces, no CLIP
+    save_adapter(adapter, tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
+    np.save(tmp_path / "a.npy", faces(1, seed=1)[0].numpy())
+    np.save(tmp_path / "b.npy", faces(2, seed=2).numpy())
+    args = ["generate", "--model", str(tmp_path / "sd"), "--adapter", str(tmp_path / "ip-adapter-faceid-portrait_sd15.bin"),
+            "--prompt", PROMPT, "--steps", "3", "--seed", "7", "--scale", "0.8", "--output", str(tmp_path / "out")]
+    assert main([*args, "--face-embedding", str(tmp_path / "a.npy"), "--face-embedding", f"0={tmp_path / 'b.npy'}"]) == 0
+    png = next((tmp_path / "out").glob("*.png"))
+    assert parse_parameters(read_parameters(png))["IP-Adapter 0"].startswith(
+        "Model: ip-adapter-faceid-portrait_sd15, Weight: 0.8, Images: , Combine: concat")
+
+    pipe.set_progress_bar_config(disable=True)
+    with attach(pipe.unet, load_adapter(tmp_path / "ip-adapter-faceid-portrait_sd15.bin")) as attachment:
+        prompt = ImagePrompt([], scale=0.8, face_embeddings=[np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")])
+        expected = generate(pipe, attachment, GenerationSettings(prompt=PROMPT, steps=3, seed=7), [prompt], [None])[0]
+    assert np.abs(np.asarray(Image.open(png), np.int16) - np.asarray(expected, np.int16)).max() <= 1
+
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
+    capsys.readouterr()
+    assert main([*args, "--face-embedding", str(tmp_path / "bad.npy")]) != 0
+    assert "bad.npy has shape (2, 3); expected (512,) or (n, 512)" in capsys.readouterr().err

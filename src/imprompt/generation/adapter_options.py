@@ -22,6 +22,7 @@ from ..encoding import ImageEncoder, load_image
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder
 from .pipelines import resolve_model
+from .faceid import load_face_embedding
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ class AdapterOptions:
     start: float = 0.0
     end: float = 1.0
     crop: str = "center"  # the same for every adapter (--crop)
+    # FaceID adapters only (imprompt.generation.faceid)
+    face_embeddings: tuple[str, ...] = ()  # .npy / .safetensors files, (512,) or (n, 512) each
+    lora_scale: float = 1.0
+    shortcut: bool | None = None  # None: on for FaceID-PlusV2 files
+    s_scale: float = 1.0
 
     def describe(self) -> str:
         """The PNG info of this adapter: every option that acted, nothing else."""
@@ -60,6 +66,10 @@ class AdapterOptions:
             "Weights": ",".join(f"{w:g}" for w in self.weights) if self.weights else None,
             "Layers": layers, "Start": f"{self.start:g}", "End": f"{self.end:g}", "Crop": self.crop,
             "Masked": "yes" if self.masks else None, "Negative images": "yes" if self.negative_images else None,
+            "Face embeddings": "+".join(Path(p).name for p in self.face_embeddings) or None,
+            "LoRA scale": f"{self.lora_scale:g}" if self.lora_scale != 1.0 else None,
+            "Shortcut": {True: "on", False: "off", None: None}[self.shortcut],
+            "S scale": f"{self.s_scale:g}" if self.s_scale != 1.0 else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
@@ -155,7 +165,14 @@ def _fraction(text: str) -> float:
     return value
 
 
-PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder")
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError("expected on or off")
+    return text.lower() in ("on", "true", "1")
+
+
+PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
+               "face_embedding", "lora_scale", "shortcut", "s_scale")
 
 
 def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
@@ -175,6 +192,10 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     starts = per_adapter(request.start, count, _fraction, 0.0, "start")
     ends = per_adapter(request.end, count, _fraction, 1.0, "end")
     encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
+    face_embeddings = grouped(request.face_embedding, count, "face_embedding")
+    lora_scales = per_adapter(request.lora_scale, count, _scale, 1.0, "lora_scale")
+    shortcuts = per_adapter(request.shortcut, count, _on_off, None, "shortcut")
+    s_scales = per_adapter(request.s_scale, count, _scale, 1.0, "s_scale")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -182,9 +203,9 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
 
     options = []
     for i, file in enumerate(request.adapter):
-        if not images[i]:
-            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH, "
-                             "or leave that --adapter out")
+        if not images[i] and not face_embeddings[i]:
+            raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH "
+                             f"(FaceID: or --face-embedding {i}=FILE), or leave that --adapter out")
         combine = combines[i]
         if weights[i] is not None:
             # Weights act only when combining by weights: imply it, refuse a contradiction.
@@ -193,7 +214,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             elif combine != "weighted":
                 raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
                                  "drop one of them")
-            if len(weights[i]) != len(images[i]):
+            if len(weights[i]) != len(images[i]) and not face_embeddings[i]:  # FaceID: per face, checked later
                 raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
                                  "give one weight per image")
             if sum(weights[i]) == 0:
@@ -210,6 +231,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             index=i, file=file, images=tuple(images[i]), masks=tuple(masks[i]) if request.mask else None,
             negative_images=tuple(negatives[i]), image_encoder=encoders[i], scale=scales[i], combine=combine,
             weights=weights[i], layers=layers[i], start=starts[i], end=ends[i], crop=request.crop,
+            face_embeddings=tuple(face_embeddings[i]), lora_scale=lora_scales[i], shortcut=shortcuts[i],
+            s_scale=s_scales[i],
         ))
     return options
 
@@ -226,6 +249,8 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             weights=o.weights, layers=o.layers, start=o.start, end=o.end,
             masks=[read(m, "L") for m in o.masks] if o.masks else None,
             negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
+            face_embeddings=[load_face_embedding(p) for p in o.face_embeddings] or None,
+            lora_scale=o.lora_scale, shortcut=o.shortcut, s_scale=o.s_scale,
         )
         for o in options
     ]
@@ -239,6 +264,9 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     encoders = []
     for o, file, adapter in zip(options, adapter_files, adapters):
         path = encoder_path(o, file, adapter, catalog)
+        if path is None:  # FaceID without CLIP: no encoder
+            encoders.append(None)
+            continue
         key = path.resolve()
         if key not in loaded:
             loaded[key] = ImageEncoder.load(path, dtype)
@@ -247,8 +275,11 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     return encoders
 
 
-def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path:
-    """The image encoder of one adapter: the one given, else the one its shapes need."""
+def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path | None:
+    """The image encoder of one adapter: the one given, else the one its shapes need; None for the
+    FaceID adapters that read only a face embedding."""
+    if not adapter.variant.uses_image_encoder:
+        return None
     if o.image_encoder is not None:
         given = Path(o.image_encoder)
         return given if given.is_file() else resolve_model(o.image_encoder, "image encoder")

@@ -95,6 +95,17 @@ class GenerateRequest(GenerationSettings):
     image_encoder: list[str] = field(default_factory=list, metadata=option(
         "image encoder (CLIP vision folder, single file or name), PATH or N=PATH (default: the one the adapter "
         "needs, found beside it or in --models-dir)", metavar="PATH"))
+    face_embedding: list[str] = field(default_factory=list, metadata=option(
+        "FaceID: insightface face-ID embedding (.npy or .safetensors, shape (512,) or (n, 512)), PATH or N=PATH; "
+        "repeat for several faces (Portrait); default: computed from --image with insightface (pip install "
+        "'imprompt[faceid]')", metavar="FILE"))
+    lora_scale: list[str] = field(default_factory=list, metadata=option(
+        "FaceID: scale of the adapter's LoRA (the official lora_scale), VALUE or N=VALUE (default 1)"))
+    shortcut: list[str] = field(default_factory=list, metadata=option(
+        "FaceID-Plus: keep the face-ID tokens and add the CLIP part (PlusV2), on|off or N=on|off "
+        "(default: on for files named *v2*)"))
+    s_scale: list[str] = field(default_factory=list, metadata=option(
+        "FaceID-PlusV2: weight of the CLIP part with --shortcut on (s_scale), VALUE or N=VALUE (default 1)"))
     crop: str = field(default="center", metadata=option(
         "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
@@ -145,8 +156,8 @@ class GenerateRequest(GenerationSettings):
             matrix_prompts(self.prompt)  # raises for a prompt without parts
         if self.image and not self.adapter:
             raise ValueError("--image needs an --adapter to read it")
-        if self.adapter and not self.image:
-            raise ValueError("give at least one --image for the adapter(s)")
+        if self.adapter and not self.image and not self.face_embedding:
+            raise ValueError("give at least one --image for the adapter(s) (FaceID: or --face-embedding)")
         if self.init_image is not None and int(self.steps * self.strength) < 1:
             raise ValueError(f"--steps {self.steps} at --strength {self.strength:g} leaves no denoising step "
                              f"(img2img runs steps x strength); raise one of them")
@@ -303,7 +314,8 @@ def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], cat
     adapters = [loader.adapter(f, dtype) for f in adapter_files]
     encoders = loader.encoders(options, adapter_files, adapters, dtype, device, catalog)
     for adapter, encoder in zip(adapters, encoders):
-        check_encoder(adapter.variant, encoder)
+        if encoder is not None:  # None: a FaceID adapter that reads no CLIP features
+            check_encoder(adapter.variant, encoder)
     return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype,
                         loader.networks(catalog))
 
