@@ -158,8 +158,9 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
             raise ValueError(f"face embeddings were given for adapter {prompt.adapter}, a {variant.name} adapter; "
                              "only FaceID adapters read them")
         tokens_uncond, tokens_cond = _image_tokens(prompt, adapter, encoder)
-    if prompt.masks is not None and len(prompt.masks) != tokens_cond.shape[0]:
-        raise ValueError(f"give one mask per face: {tokens_cond.shape[0]} faces, {len(prompt.masks)} masks")
+    if prompt.masks is not None and len(prompt.masks) != tokens_cond.shape[0]:  # (images: checked by check())
+        raise ValueError(f"give one mask per face embedding (FaceID): {tokens_cond.shape[0]} faces, "
+                         f"{len(prompt.masks)} masks")
     layer_scales = prompt.layers if isinstance(prompt.layers, LayerScales) else (
         parse_layer_scales(prompt.layers, attachment.layout) if prompt.layers else LayerScales()
     )
