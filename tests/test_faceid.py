@@ -308,3 +308,19 @@ def test_command_line_face_embeddings(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--face-embedding", str(tmp_path / "bad.npy")]) != 0
     assert "bad.npy has shape (2, 3); expected (512,) or (n, 512)" in capsys.readouterr().err
+
+
+def test_faceid_options_per_adapter():
+    from imprompt.generation.request import GenerateRequest, adapter_options
+
+    request = GenerateRequest(adapter=["a.bin", "b.bin"], image=["1=crop.png"], face_embedding=["a.npy", "a2.npy", "1=b.npy"],
+                              shortcut=["1=on"], s_scale=["1=0.5"], lora_scale=["0.8"])
+    first, second = adapter_options(request)
+    assert (first.face_embeddings, first.shortcut, first.lora_scale, first.images) == (("a.npy", "a2.npy"), None, 0.8, ())
+    assert (second.face_embeddings, second.shortcut, second.s_scale) == (("b.npy",), True, 0.5)
+    assert "Face embeddings: b.npy" in second.describe() and "Shortcut: on, S scale: 0.5" in second.describe()
+    with pytest.raises(ValueError, match=r"--shortcut 'maybe': expected on or off"):
+        adapter_options(GenerateRequest(adapter=["a.bin"], face_embedding=["a.npy"], shortcut=["maybe"]))
+    with pytest.raises(ValueError, match=r"adapter 0 \(a.bin\) has no reference image; give --image 0=PATH \(FaceID: or "
+                                         r"--face-embedding 0=FILE\)"):
+        adapter_options(GenerateRequest(adapter=["a.bin"], lora_scale=["1"]))
