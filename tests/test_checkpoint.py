@@ -158,12 +158,13 @@ def test_detected_variant_names_and_encoder_outputs():
 
 
 def test_one_vocabulary_of_projection_kinds():
-    """linear / plus / full everywhere (training's --variant adds only 'shared'); the official release
-    names are display names derived from the kind, and the former kind names are refused by name."""
+    """linear / plus / full (and, for inference only, faceid / faceid_plus) everywhere (training's
+    --variant adds only 'shared'); the official release names are display names derived from the kind,
+    and the former kind names are refused by name."""
     from imprompt.adapter.projection import PROJECTIONS
     from imprompt.adapter.variants import DISPLAY_NAMES, PROJECTION_KINDS, TRAINING_VARIANTS
 
-    assert PROJECTION_KINDS == ("linear", "plus", "full")
+    assert PROJECTION_KINDS == ("linear", "plus", "full", "faceid", "faceid_plus")
     assert TRAINING_VARIANTS == ("linear", "plus", "full", "shared")
     assert set(PROJECTIONS) == set(DISPLAY_NAMES) == set(PROJECTION_KINDS)
     assert {name: OFFICIAL[name][3].projection for name in OFFICIAL} == {
@@ -171,7 +172,7 @@ def test_one_vocabulary_of_projection_kinds():
         "ip-adapter-full-face_sd15": "full", "ip-adapter_sdxl": "linear", "ip-adapter-plus_sdxl_vit-h": "plus"}
     for former, now in (("resampler", "plus"), ("mlp", "full")):
         with pytest.raises(ValueError, match=rf"unknown projection kind '{former}'; expected one of linear, plus, "
-                                             rf"full \('{former}' is now called '{now}'\)"):
+                                             rf"full, faceid, faceid_plus \('{former}' is now called '{now}'\)"):
             AdapterVariant(former, 32, 32, 4)
     with pytest.raises(ValueError, match="unknown projection kind 'shared'"):
         AdapterVariant("shared", 32, 32, 4)  # a training variant, not a projection

@@ -39,7 +39,7 @@ def _ip_adapter_half(state: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def faceid_portrait_image_proj(id_dim: int = 16, cross_attention_dim: int = 32, tokens: int = 16) -> dict:
+def faceid_portrait_image_proj(id_dim: int = 512, cross_attention_dim: int = 32, tokens: int = 16) -> dict:
     """tencent-ailab ip_adapter_faceid_separate.MLPProjModel (FaceID-Portrait; also FaceID's own
     projection): proj.0 Linear(id, 2 id), proj.1 GELU, proj.2 Linear(2 id, cross * tokens), norm
     LayerNorm(cross). FaceID-Portrait has no LoRA weights in its ip_adapter half."""
@@ -54,19 +54,24 @@ def faceid_portrait_image_proj(id_dim: int = 16, cross_attention_dim: int = 32, 
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".bin"])
-def test_faceid_portrait_without_lora_gets_the_faceid_message(linear_state, tmp_path, ext):
+def test_faceid_portrait_without_lora_loads_as_portrait(linear_state, tmp_path, ext):
     state = {**faceid_portrait_image_proj(), **_ip_adapter_half(linear_state)}
     path = tmp_path / f"ip-adapter-faceid-portrait_sd15{ext}"
     if ext == ".safetensors":
         save_file(state, str(path))
     else:
         torch.save(nest(state), path)
+    variant = load_adapter(path).variant
+    assert (variant.projection, variant.num_tokens, variant.lora_rank, variant.display_name) == ("faceid", 16, 0, "faceid-portrait")
+
+
+def test_a_face_embedding_of_another_width_is_not_read_as_faceid(linear_state):
+    state = {**faceid_portrait_image_proj(id_dim=16), **_ip_adapter_half(linear_state)}
     with pytest.raises(CheckpointError) as err:
-        load_adapter(path)
+        IPAdapter.from_state_dict(state)
     message = str(err.value)
-    assert "unrecognised" not in message
-    assert "IP-Adapter FaceID checkpoint (found 'image_proj.norm.weight' beside 'image_proj.proj.0.weight'" in message
-    assert "insightface" in message and "\n" not in message
+    assert "unrecognised" not in message and "\n" not in message
+    assert "reads a face embedding of width 16; every FaceID release reads insightface's 512-wide embedding" in message
 
 
 @pytest.mark.parametrize("where", ["image_proj", "top-level-flat", "top-level-nested"])

@@ -287,7 +287,9 @@ def test_faceid_and_broken_adapters(tmp_path):
               "image_proj.norm.weight": (768,), "ip_adapter.1.to_k_lora.down.weight": (128, 320),
               **_ip_layers(768)}
     info = inspect_shapes(tmp_path, faceid, name="ip-adapter-faceid_sd15.safetensors")
-    assert info.kind == "adapter" and info.base == "SD1.5" and info.problem.startswith("FaceID is not supported yet")
+    assert info.kind == "adapter" and info.base == "SD1.5" and info.problem is None
+    assert info.details["variant"] == "faceid" and info.details["num_tokens"] == 4 and info.details["lora_rank"] == 128
+    assert info.details["encoder"] is None  # FaceID reads an insightface embedding, no CLIP encoder
     half = {k: v for k, v in _linear(4, 1024, 768).items() if k.startswith("image_proj.")}
     assert "no 'ip_adapter' weights" in inspect_shapes(tmp_path, half).problem
     assert "image projection" in inspect_shapes(tmp_path, _ip_layers(768)).problem

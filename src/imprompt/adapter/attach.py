@@ -17,6 +17,7 @@ from .attention import DecoupledAttnProcessor, ImageKV, ImagePromptCall, StepWin
 from .embeds_scaling import scale_image_kv
 from .layers import LayerScales
 from .weight_types import LayerWeight
+from .lora import LayerLoRA
 from .model import IPAdapter
 from .variants import CheckpointError, unet_family
 
@@ -110,6 +111,27 @@ def check_compatible(adapter: IPAdapter, layers: Sequence[CrossAttentionLayer], 
     raise CheckpointError(f"the {variant.name} adapter does not fit {where}: {'; '.join(problems)}. {fix}")
 
 
+def check_lora_fits(adapter: IPAdapter, unet, family: str) -> None:
+    """A FaceID adapter's LoRA must cover every attention layer of the UNet, with matching widths."""
+    if not adapter.lora_ids:
+        return
+    names = list(unet.attn_processors)
+    modules = dict(unet.named_modules())
+    if adapter.lora_ids != list(range(len(names))):
+        raise CheckpointError(
+            f"the {adapter.variant.name} adapter has LoRA weights for {len(adapter.lora_ids)} attention layers, but "
+            f"this {family} UNet has {len(names)}: it was made for a differently built UNet; use an adapter made for this model")
+    for index, name in enumerate(names):
+        attn, layer = modules[name.removesuffix(".processor")], adapter.layer(index)
+        for target, linear in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out", attn.to_out[0])):
+            pair = getattr(layer, f"{target}_lora")
+            if (pair.down.in_features, pair.up.out_features) != (linear.in_features, linear.out_features):
+                raise CheckpointError(
+                    f"ip_adapter.{index}.{target}_lora maps width {pair.down.in_features} to {pair.up.out_features}, but "
+                    f"this UNet's {name.removesuffix('.processor')}.{target} maps {linear.in_features} to "
+                    f"{linear.out_features}: use an adapter made for this model")
+
+
 def install_processors(unet, owner: int) -> dict[str, DecoupledAttnProcessor]:
     """Wrap every attention processor of ``unet`` (once, shared by all attachments), by block name.
 
@@ -166,6 +188,7 @@ class Attachment:
         self.layout = unet_layout(unet)
         for adapter in adapters:
             check_compatible(adapter, layers, self.family)
+            check_lora_fits(adapter, unet, self.family)
         self.unet = unet
         self.layers = layers
         param = next(unet.parameters())
@@ -230,6 +253,15 @@ class Attachment:
             out[layer.block] = ImageKV(key, value, out_scale, window, dict(masks) if masks is not None else None)
         return out
 
+    def layer_loras(self, adapter_index: int, scale: float = 1.0) -> dict[str, LayerLoRA]:
+        """A FaceID adapter's LoRA for one call, by attention layer (self-attention layers included);
+        empty for adapters without LoRA. ``scale`` is the official ``lora_scale`` (1 by default)."""
+        if not self.attached:
+            raise RuntimeError("the adapters were detached from this UNet")
+        adapter = self.adapters[adapter_index]
+        names = [name.removesuffix(".processor") for name in self.unet.attn_processors]
+        return {names[i]: LayerLoRA.of(adapter.layer(i), scale, adapter_index) for i in adapter.lora_ids}
+
     def check_layer_scales(self, layer_scales: LayerScales) -> None:
         """Every named block must exist here: a typo would otherwise silently switch layers off."""
         blocks = [layer.block for layer in self.layers]
@@ -241,16 +273,23 @@ class Attachment:
                     f"UNet; its blocks are: {', '.join(names)}"
                 )
 
-    def prompt_call(self, prompts: Sequence[Mapping[str, ImageKV]], num_steps: int = 1) -> ImagePromptCall:
+    def prompt_call(self, prompts: Sequence[Mapping[str, ImageKV | LayerLoRA]], num_steps: int = 1) -> ImagePromptCall:
         """The per-call state that makes these prepared image prompts act in one UNet call (or a
-        whole generation): pass ``call.cross_attention_kwargs()`` to the UNet or pipeline."""
+        whole generation): pass ``call.cross_attention_kwargs()`` to the UNet or pipeline.
+        FaceID LoRAs (:func:`imprompt.adapter.faceid.layer_loras`) may come among them: each
+        adapter's once, however many of its image prompts the call has."""
         if not self.attached:
             raise RuntimeError("the adapters were detached from this UNet")
         layers: dict[str, list[ImageKV]] = {}
+        loras: dict[str, list[LayerLoRA]] = {}
         for prompt in prompts:
-            for name, kv in prompt.items():
-                layers.setdefault(name, []).append(kv)
-        return ImagePromptCall(layers, num_steps=num_steps)
+            for name, item in prompt.items():
+                if isinstance(item, LayerLoRA):
+                    if all(other.owner != item.owner for other in loras.get(name, ())):
+                        loras.setdefault(name, []).append(item)
+                else:
+                    layers.setdefault(name, []).append(item)
+        return ImagePromptCall(layers, num_steps=num_steps, loras=loras)
 
 
 def attach(unet, adapters: IPAdapter | Sequence[IPAdapter]) -> Attachment:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from .lora import LayerLoRA, lora_linear
 
 # The key under which a call's image prompts travel in diffusers' ``cross_attention_kwargs``.
 IMAGE_PROMPTS_KWARG = "image_prompts"
@@ -74,6 +75,9 @@ class ImagePromptCall:
     num_steps: int = 1
     step: int = 0
     reference: SelfAttentionHook | None = None  # this call's Reference-only, if any
+    # FaceID's LoRA per layer, self-attention layers included (imprompt.adapter.lora): it acts at
+    # every step, whatever the image prompts' scales and windows, as the official processors do.
+    loras: Mapping[str, Sequence[LayerLoRA]] = field(default_factory=dict)
 
     def active(self, layer: str) -> list[ImageKV]:
         return [p for p in self.layers.get(layer, ()) if p.scale != 0 and p.window.acts(self.step, self.num_steps)]
@@ -139,13 +143,18 @@ class DecoupledAttnProcessor:
             return image_prompts.reference.self_attention(self.layer_name, self.original, attn, hidden_states,
                                                           attention_mask, temb, *args, **kwargs)
         active = image_prompts.active(self.layer_name) if image_prompts is not None else []
-        if not active or encoder_hidden_states is None:
+        loras = image_prompts.loras.get(self.layer_name, ()) if image_prompts is not None else ()
+        if encoder_hidden_states is None:
+            active = []  # self-attention: no image prompts here, at most a FaceID LoRA
+        if not active and not loras:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        return self._decoupled(attn, hidden_states, encoder_hidden_states, attention_mask, temb, active)
+        return self._decoupled(attn, hidden_states, encoder_hidden_states, attention_mask, temb, active, loras)
 
-    def _decoupled(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, prompts):
+    def _decoupled(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, prompts, loras=()):
         # The text half follows diffusers' AttnProcessor2_0 step for step, so that results agree with
-        # the plain UNet and with diffusers' IP-Adapter processors to float rounding.
+        # the plain UNet and with diffusers' IP-Adapter processors to float rounding. It also serves
+        # self-attention (encoder_hidden_states None) when a FaceID LoRA acts there; without LoRAs,
+        # lora_linear is exactly the layer's own projection.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -153,18 +162,20 @@ class DecoupledAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, text_length, _ = encoder_hidden_states.shape
+        batch, text_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
+        query = lora_linear(attn.to_q, hidden_states, loras, "to_q")
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key = lora_linear(attn.to_k, encoder_hidden_states, loras, "to_k")
+        value = lora_linear(attn.to_v, encoder_hidden_states, loras, "to_v")
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
@@ -181,7 +192,7 @@ class DecoupledAttnProcessor:
         text = text.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
         hidden_states = decoupled_attention(query, text, prompts)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = attn.to_out[1](lora_linear(attn.to_out[0], hidden_states, loras, "to_out"))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:

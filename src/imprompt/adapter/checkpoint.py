@@ -153,7 +153,15 @@ def nest(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None) -> IPAdapter:
     """Read, detect and check an official checkpoint; returns the adapter on the CPU."""
     adapter = IPAdapter.from_state_dict(read_state(path))
+    if adapter.variant.projection == "faceid_plus":
+        adapter.shortcut_default = is_plus_v2(Path(path).name)
     return adapter.to(dtype) if dtype is not None else adapter
+
+
+def is_plus_v2(file_name: str) -> bool:
+    """FaceID-PlusV2 (``ip-adapter-faceid-plusv2_sd15.bin``), which wants the shortcut, by its file name:
+    its weights have FaceID-Plus's shapes. The official examples choose ``shortcut = "v2" in name``."""
+    return "v2" in file_name.lower()
 
 
 def load_shared_adapter(path: str | Path, dtype: torch.dtype | None = None) -> IPAdapter:

@@ -121,6 +121,80 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class FaceIDProjection(nn.Module):
+    """FaceID / FaceID-Portrait: a face-ID embedding -> ``num_tokens`` tokens (tencent-ailab
+    ``ip_adapter_faceid.MLPProjModel``): a two-layer MLP makes all tokens at once, each is layer-normed.
+
+    Keys: ``proj.0`` (Linear), ``proj.2`` (Linear), ``norm`` (LayerNorm); ``proj.1`` is the GELU.
+    """
+
+    def __init__(self, face_dim: int, hidden: int, width: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens, self.width = num_tokens, width
+        self.proj = nn.Sequential(nn.Linear(face_dim, hidden), nn.GELU(), nn.Linear(hidden, width * num_tokens))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, face_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(face_embeds).reshape(-1, self.num_tokens, self.width))
+
+
+class FacePerceiver(nn.Module):
+    """FaceID-Plus's ``FacePerceiverResampler``: the Resampler's blocks, with the face-ID tokens as the
+    queries instead of learned latents. Keys: ``proj_in``, ``layers.N.0`` / ``.1``, ``proj_out``, ``norm_out``."""
+
+    def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
+                 cross_attention_dim: int, ff_width: int):
+        super().__init__()
+        self.proj_in = nn.Linear(embed_dim, width)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(width, heads, head_dim), _feed_forward(width, ff_width)])
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(width, cross_attention_dim)
+        self.norm_out = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, latents: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        features = self.proj_in(hidden_states)
+        for attention, feed_forward in self.layers:
+            latents = attention(features, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+class FaceIDPlusProjection(nn.Module):
+    """FaceID-Plus / PlusV2 (``ip_adapter_faceid.ProjPlusModel``): face-ID tokens as in FaceID, refined by
+    a Perceiver reading CLIP's penultimate hidden states of the face crop.
+
+    With ``shortcut`` (PlusV2) the face-ID tokens are kept and the Perceiver's output added to them,
+    weighted by ``s_scale``: ``out = id_tokens + s_scale * perceiver(id_tokens, clip)``.
+    Keys: ``proj.0``, ``proj.2``, ``norm``, ``perceiver_resampler.*``.
+    """
+
+    def __init__(self, variant: AdapterVariant):
+        super().__init__()
+        self.num_tokens, self.width = variant.num_tokens, variant.resampler_width
+        self.proj = nn.Sequential(nn.Linear(variant.face_embed_dim, variant.face_hidden_dim), nn.GELU(),
+                                  nn.Linear(variant.face_hidden_dim, self.width * self.num_tokens))
+        self.norm = nn.LayerNorm(self.width)
+        self.perceiver_resampler = FacePerceiver(
+            variant.image_embed_dim, self.width, variant.resampler_depth, variant.resampler_heads, RESAMPLER_HEAD_DIM,
+            variant.cross_attention_dim, variant.resampler_ff_width)
+
+    def forward(self, face_embeds: torch.Tensor, hidden_states: torch.Tensor, shortcut: bool = False,
+                s_scale: float = 1.0) -> torch.Tensor:
+        if face_embeds.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"{face_embeds.shape[0]} face embeddings but {hidden_states.shape[0]} face images: "
+                             "FaceID-Plus reads one face image per face embedding")
+        tokens = self.norm(self.proj(face_embeds).reshape(-1, self.num_tokens, self.width))
+        out = self.perceiver_resampler(tokens, hidden_states)
+        if not shortcut:
+            return out
+        if out.shape[-1] != self.width:
+            raise ValueError(f"the shortcut adds the {self.width}-wide face-ID tokens to {out.shape[-1]}-wide image "
+                             "tokens; this checkpoint cannot use it")
+        return tokens + s_scale * out
+
+
 def _linear(variant: AdapterVariant) -> nn.Module:
     return LinearProjection(variant.image_embed_dim, variant.cross_attention_dim, variant.num_tokens)
 
@@ -142,8 +216,13 @@ def _full(variant: AdapterVariant) -> nn.Module:
     return MLPProjection(variant.image_embed_dim, variant.cross_attention_dim)
 
 
+def _faceid(variant: AdapterVariant) -> nn.Module:
+    return FaceIDProjection(variant.face_embed_dim, variant.face_hidden_dim, variant.cross_attention_dim,
+                            variant.num_tokens)
+
+
 # The registry of projection kinds (variants.PROJECTION_KINDS) -> the module each builds.
-PROJECTIONS = {"linear": _linear, "plus": _plus, "full": _full}
+PROJECTIONS = {"linear": _linear, "plus": _plus, "full": _full, "faceid": _faceid, "faceid_plus": FaceIDPlusProjection}
 
 
 def build_projection(variant: AdapterVariant) -> nn.Module:

@@ -26,6 +26,7 @@ from ..models.pairing import find_encoder
 from .negative_noise import NegativeNoise
 from .embeds import load_embeds
 from .pipelines import resolve_model
+from .faceid import load_face_embedding
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 from .tiles import TileOptions
 
@@ -61,6 +62,11 @@ class AdapterOptions:
     negative_noise: NegativeNoise | None = None
     embeds: str | None = None  # saved encoder features used instead of images (imprompt encode)
     tiles: TileOptions | None = None
+    # FaceID adapters only (imprompt.generation.faceid)
+    face_embeddings: tuple[str, ...] = ()  # .npy / .safetensors files, (512,) or (n, 512) each
+    lora_scale: float = 1.0
+    shortcut: bool | None = None  # None: on for FaceID-PlusV2 files
+    s_scale: float = 1.0
 
     def describe(self) -> str:
         """The PNG info of this adapter: every option that acted, nothing else."""
@@ -77,6 +83,10 @@ class AdapterOptions:
             "Negative noise": self.negative_noise.describe() if self.negative_noise else None,
             "Embeds": Path(self.embeds).name if self.embeds else None,
             "Tiles": self.tiles.describe() if self.tiles else None,
+            "Face embeddings": "+".join(Path(p).name for p in self.face_embeddings) or None,
+            "LoRA scale": f"{self.lora_scale:g}" if self.lora_scale != 1.0 else None,
+            "Shortcut": {True: "on", False: "off", None: None}[self.shortcut],
+            "S scale": f"{self.s_scale:g}" if self.s_scale != 1.0 else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in parts.items() if v is not None)
 
@@ -191,9 +201,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError("expected on or off")
+    return text.lower() in ("on", "true", "1")
+
+
 PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
                "weight_type", "composition_scale", "embeds_scaling", "negative_noise",
-               "embeds", "tiles", "tile_overlap", "tile_sharpen")
+               "embeds", "tiles", "tile_overlap", "tile_sharpen",
+               "face_embedding", "lora_scale", "shortcut", "s_scale")
 
 
 def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
@@ -221,6 +238,10 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     tiles = per_adapter(request.tiles, count, _tiles, None, "tiles")
     overlaps = per_adapter(request.tile_overlap, count, finite, None, "tile_overlap")
     sharpens = per_adapter(request.tile_sharpen, count, finite, None, "tile_sharpen")
+    face_embeddings = grouped(request.face_embedding, count, "face_embedding")
+    lora_scales = per_adapter(request.lora_scale, count, _scale, 1.0, "lora_scale")
+    shortcuts = per_adapter(request.shortcut, count, _on_off, None, "shortcut")
+    s_scales = per_adapter(request.s_scale, count, _scale, 1.0, "s_scale")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -234,9 +255,9 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
         if embeds[i] and (images[i] or negatives[i] or tiles[i] or masks[i]):
             raise ValueError(f"adapter {i} has --embeds and --image/--negative-image/--tiles/--mask; the embeds "
                              "already hold the encoded references: give one or the other")
-        if not images[i] and not embeds[i]:
+        if not images[i] and not embeds[i] and not face_embeddings[i]:
             raise ValueError(f"adapter {i} ({Path(file).name}) has no reference image; give --image {i}=PATH "
-                             f"(or --embeds {i}=FILE), or leave that --adapter out")
+                             f"(or --embeds {i}=FILE; FaceID: --face-embedding {i}=FILE), or leave that --adapter out")
         if tiles[i] is None and (overlaps[i] is not None or sharpens[i] is not None):
             raise ValueError(f"adapter {i}: --tile-overlap / --tile-sharpen need --tiles (e.g. --tiles {i}=on)")
         tile_options = None
@@ -257,7 +278,7 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             elif combine != "weighted":
                 raise ValueError(f"--weights is for --combine weighted, but adapter {i} has --combine {combine}; "
                                  "drop one of them")
-            if not embeds[i] and len(weights[i]) != len(images[i]):
+            if not embeds[i] and not face_embeddings[i] and len(weights[i]) != len(images[i]):  # FaceID: per face, later
                 raise ValueError(f"--weights for adapter {i}: {len(weights[i])} weights for {len(images[i])} images; "
                                  "give one weight per image")
             if sum(weights[i]) == 0:
@@ -282,6 +303,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             weight_type=weight_types[i], composition_scale=composition_scales[i], embeds_scaling=scalings[i],
             negative_noise=noises[i],
             embeds=embeds[i][0] if embeds[i] else None, tiles=tile_options,
+            face_embeddings=tuple(face_embeddings[i]), lora_scale=lora_scales[i], shortcut=shortcuts[i],
+            s_scale=s_scales[i],
         ))
     return options
 
@@ -301,6 +324,8 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             weight_type=o.weight_type, composition_scale=o.composition_scale, embeds_scaling=o.embeds_scaling,
             negative_noise=o.negative_noise,
             embeds=load_embeds(o.embeds) if o.embeds else None, tiles=o.tiles,
+            face_embeddings=[load_face_embedding(p) for p in o.face_embeddings] or None,
+            lora_scale=o.lora_scale, shortcut=o.shortcut, s_scale=o.s_scale,
         )
         for o in options
     ]
@@ -314,6 +339,9 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     encoders = []
     for o, file, adapter in zip(options, adapter_files, adapters):
         path = encoder_path(o, file, adapter, catalog)
+        if path is None:  # FaceID without CLIP: no encoder
+            encoders.append(None)
+            continue
         key = path.resolve()
         if key not in loaded:
             loaded[key] = ImageEncoder.load(path, dtype)
@@ -322,8 +350,11 @@ def load_encoders(options: Sequence[AdapterOptions], adapter_files: Sequence[Pat
     return encoders
 
 
-def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path:
-    """The image encoder of one adapter: the one given, else the one its shapes need."""
+def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalog | None) -> Path | None:
+    """The image encoder of one adapter: the one given, else the one its shapes need; None for the
+    FaceID adapters that read only a face embedding."""
+    if not adapter.variant.uses_image_encoder:
+        return None
     if o.image_encoder is not None:
         given = Path(o.image_encoder)
         return given if given.is_file() else resolve_model(o.image_encoder, "image encoder")

@@ -135,6 +135,9 @@ class CachedLoader(ModelLoader):
         out = []
         for o, file, adapter in zip(options, files, adapters):
             path = encoder_path(o, file, adapter, catalog)
+            if path is None:  # FaceID without CLIP: no encoder
+                out.append(None)
+                continue
 
             def load(path=path):
                 encoder = ImageEncoder.load(path, dtype)

@@ -184,6 +184,11 @@ def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, m
     state = attachment.prompt_call(prepared, num_steps=settings.steps) if attachment is not None else (
         ImagePromptCall({}, num_steps=settings.steps) if ref is not None else None)
     if ref is not None:
+        if state.loras:
+            # Reference-only takes over the self-attention layers, where FaceID's LoRA also acts; running
+            # one without the other would change the picture silently.
+            raise ValueError("Reference-only and a FaceID adapter's LoRA do not combine yet; drop the reference "
+                             "image or use a FaceID adapter without LoRA (Portrait)")
         state.reference = ref
     edits = text is not None and text.changes  # prompt editing / alternation: new text embeddings per step
 

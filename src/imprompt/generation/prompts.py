@@ -25,6 +25,7 @@ from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
 from .negative_noise import NegativeNoise
 from .embeds import ImageFeatures, check_features, encode_references, fill_unconditional
 from .tiles import TileOptions, region_mask
+from .faceid import FaceEmbeddingLike, check_face_embeddings, faceid_tokens
 
 CombineMode = Literal["concat", "average", "weighted", "add", "subtract", "norm average"]
 COMBINE_MODES: tuple[str, ...] = ("concat", "average", "weighted", "add", "subtract", "norm average")
@@ -70,6 +71,14 @@ class ImagePrompt:
     embeds: ImageFeatures | None = None
     tiles: TileOptions | None = None
 
+    # FaceID adapters only (imprompt.generation.faceid): insightface face-ID embeddings, (512,) or
+    # (n, 512) or a list (None: computed from ``images`` when insightface is installed); the LoRA's
+    # scale (official lora_scale); FaceID-PlusV2's shortcut (None: on for PlusV2 files) and its s_scale.
+    face_embeddings: FaceEmbeddingLike | Sequence[FaceEmbeddingLike] | None = None
+    lora_scale: float = 1.0
+    shortcut: bool | None = None
+    s_scale: float = 1.0
+
     @property
     def num_references(self) -> int:
         return self.embeds.references if self.embeds is not None else len(self.images)
@@ -79,29 +88,33 @@ class ImagePrompt:
             if self.images or self.negative_images or self.tiles is not None:
                 raise ValueError("an image prompt with embeds takes no images, negative images or tiles (they were "
                                  "fixed when the embeds were encoded); give either images or embeds")
-        elif not self.images:
-            raise ValueError("an image prompt needs at least one reference image (or embeds)")
+        elif not self.images and self.face_embeddings is None:
+            raise ValueError("an image prompt needs at least one reference image (or embeds; for FaceID, a face "
+                             "embedding)")
         if self.tiles is not None:
             self.tiles.check()
             if self.tiles.masks and self.combine != "concat":
                 raise ValueError("tile masks apply per tile; use combine='concat' with masked tiles")
             if self.tiles.masks and self.masks is not None:
                 raise ValueError("give region masks or masked tiles, not both (combining them is not supported yet)")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
         if not 0 <= self.adapter < num_adapters:
             raise ValueError(f"image prompt refers to adapter {self.adapter}, but {num_adapters} adapter(s) are attached")
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale}")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
-        if self.combine == "weighted":
+        if self.combine == "weighted" and self.face_embeddings is None:
             if self.weights is None or len(self.weights) != self.num_references:
                 raise ValueError(
                     f"combine='weighted' needs one weight per image: {self.num_references} images, "
                     f"{0 if self.weights is None else len(self.weights)} weights"
                 )
-            if sum(self.weights) == 0:
+        if self.combine == "weighted":
+            if self.weights and sum(self.weights) == 0:
                 raise ValueError("weights sum to zero; give at least one non-zero weight")
-        if self.combine == "subtract" and len(self.images) < 2:
+        if self.combine == "subtract" and self.num_references < 2:
             raise ValueError("combine='subtract' takes the later images away from the first: give at least two images")
         check_weight_type(self.weight_type)
         check_embeds_scaling(self.embeds_scaling)
@@ -110,7 +123,7 @@ class ImagePrompt:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"need 0 <= start < end <= 1 (fractions of the denoising steps), got start={self.start}, end={self.end}")
         if self.masks is not None:
-            if len(self.masks) != self.num_references:
+            if len(self.masks) != self.num_references and self.face_embeddings is None:  # FaceID: in prepare
                 raise ValueError(f"give one mask per reference image (or None): {self.num_references} images, {len(self.masks)} masks")
             if self.combine != "concat":
                 raise ValueError("region masks apply per image; use combine='concat' with masks")
@@ -200,29 +213,18 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     prompt.check(len(attachment.adapters))
     adapter = attachment.adapters[prompt.adapter]
     variant = adapter.variant
-    check_encoder(variant, encoder)
-    output = variant.encoder_output
-
+    features = None  # the CLIP features behind the tokens (None for FaceID's face embeddings)
+    if variant.is_faceid:
+        tokens_uncond, tokens_cond = _faceid_tokens(prompt, adapter, encoder)
+        if prompt.masks is not None and len(prompt.masks) != tokens_cond.shape[0]:
+            raise ValueError(f"give one mask per face embedding (FaceID): {tokens_cond.shape[0]} faces, "
+                             f"{len(prompt.masks)} masks")
+    else:
+        if prompt.face_embeddings is not None:
+            raise ValueError(f"face embeddings were given for adapter {prompt.adapter}, a {variant.name} adapter; "
+                             "only FaceID adapters read them")
+        tokens_uncond, tokens_cond, features = _image_tokens(prompt, adapter, encoder)
     param = next(adapter.parameters())
-    # a noise negative is one more negative image (averaged with the others)
-    negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
-    if prompt.embeds is not None:
-        features = fill_unconditional(prompt.embeds.for_output(output).to(param), encoder)
-        check_features(features, variant, encoder)
-    else:
-        features = encode_references(prompt.images, encoder, output, prompt.crop, negatives, prompt.tiles)
-    if features.regions is not None and prompt.combine != "concat":
-        raise ValueError("these features hold masked tiles, which act each on its part of the output; "
-                         f"use combine='concat' with them (got {prompt.combine!r})")
-    unit_weights = features.unit_weights(prompt.weights)
-    cond = combine_features(features.conditional, prompt.combine, unit_weights)
-    if features.unconditional.shape[0] == 1:  # one for all units (negative images): after combining
-        uncond = features.unconditional.expand_as(cond)
-    else:
-        uncond = combine_unconditional(features.unconditional, prompt.combine, unit_weights)
-
-    with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
-        tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
     layer_scales = prompt.layers if isinstance(prompt.layers, LayerScales) else (
         parse_layer_scales(prompt.layers, attachment.layout) if prompt.layers else LayerScales()
     )
@@ -234,8 +236,9 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     # Unmasked: all units' tokens form one sequence (a joint softmax). Masked: one entry per image
     # (all its tiles together), or per tile for masked tiles (each on its own part of the output).
     if prompt.masks is not None:
-        groups = list(zip(features.reference_rows(), prompt.masks))
-    elif features.regions is not None:
+        rows_of = features.reference_rows() if features is not None else [slice(i, i + 1) for i in range(len(prompt.masks))]
+        groups = list(zip(rows_of, prompt.masks))
+    elif features is not None and features.regions is not None:
         groups = [(slice(i, i + 1), None if r is None else region_mask(r, *latent_size))
                   for i, r in enumerate(features.regions)]
     else:
@@ -262,4 +265,42 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
                     swapped_tokens=swapped, embeds_scaling=prompt.embeds_scaling,
                 )
             )
+    if adapter.lora_ids:  # FaceID's LoRA acts on the whole UNet for this call (once per adapter)
+        prepared.append(attachment.layer_loras(prompt.adapter, prompt.lora_scale))
     return prepared
+
+
+def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[torch.Tensor, torch.Tensor, ImageFeatures]:
+    """(unconditional, conditional) image tokens, and the features they were projected from: the reference
+    images' CLIP features (tiled or not, with negative images and a noise negative), or saved embeds."""
+    variant = adapter.variant
+    check_encoder(variant, encoder)
+    output = variant.encoder_output
+    param = next(adapter.parameters())
+    # a noise negative is one more negative image (averaged with the others)
+    negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
+    if prompt.embeds is not None:
+        features = fill_unconditional(prompt.embeds.for_output(output).to(param), encoder)
+        check_features(features, variant, encoder)
+    else:
+        features = encode_references(prompt.images, encoder, output, prompt.crop, negatives, prompt.tiles)
+    if features.regions is not None and prompt.combine != "concat":
+        raise ValueError("these features hold masked tiles, which act each on its part of the output; "
+                         f"use combine='concat' with them (got {prompt.combine!r})")
+    unit_weights = features.unit_weights(prompt.weights)
+    cond = combine_features(features.conditional, prompt.combine, unit_weights)
+    if features.unconditional.shape[0] == 1:  # one for all units (negative images): after combining
+        uncond = features.unconditional.expand_as(cond)
+    else:
+        uncond = combine_unconditional(features.unconditional, prompt.combine, unit_weights)
+    with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
+        tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
+    return tokens_uncond, tokens_cond, features
+
+
+def _faceid_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if prompt.negative_images:
+        raise ValueError("negative images do not apply to FaceID adapters (their unconditional side is a zero face embedding)")
+    faces = None if prompt.face_embeddings is None else check_face_embeddings(prompt.face_embeddings)
+    return faceid_tokens(adapter, encoder, prompt.images, faces, combine=prompt.combine, weights=prompt.weights,
+                         crop=prompt.crop, shortcut=prompt.shortcut, s_scale=prompt.s_scale)

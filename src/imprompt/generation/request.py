@@ -121,6 +121,17 @@ class GenerateRequest(GenerationSettings):
         "least overlap of neighbouring tiles, fraction of a tile 0 to 0.9 (default 0), or N=VALUE"))
     tile_sharpen: list[str] = field(default_factory=list, metadata=option(
         "contrast-adaptive sharpening of a tiled reference, 0 to 1 (default 0), or N=VALUE"))
+    face_embedding: list[str] = field(default_factory=list, metadata=option(
+        "FaceID: insightface face-ID embedding (.npy or .safetensors, shape (512,) or (n, 512)), PATH or N=PATH; "
+        "repeat for several faces (Portrait); default: computed from --image with insightface (pip install "
+        "'imprompt[faceid]')", metavar="FILE"))
+    lora_scale: list[str] = field(default_factory=list, metadata=option(
+        "FaceID: scale of the adapter's LoRA (the official lora_scale), VALUE or N=VALUE (default 1)"))
+    shortcut: list[str] = field(default_factory=list, metadata=option(
+        "FaceID-Plus: keep the face-ID tokens and add the CLIP part (PlusV2), on|off or N=on|off "
+        "(default: on for files named *v2*)"))
+    s_scale: list[str] = field(default_factory=list, metadata=option(
+        "FaceID-PlusV2: weight of the CLIP part with --shortcut on (s_scale), VALUE or N=VALUE (default 1)"))
     crop: str = field(default="center", metadata=option(
         "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
@@ -221,8 +232,8 @@ class GenerateRequest(GenerationSettings):
             matrix_prompts(self.prompt)  # raises for a prompt without parts
         if (self.image or self.embeds) and not self.adapter:
             raise ValueError(f"{'--image' if self.image else '--embeds'} needs an --adapter to read it")
-        if self.adapter and not (self.image or self.embeds):
-            raise ValueError("give at least one --image (or --embeds) for the adapter(s)")
+        if self.adapter and not (self.image or self.embeds or self.face_embedding):
+            raise ValueError("give at least one --image (or --embeds; FaceID: or --face-embedding) for the adapter(s)")
         if self.init_image is not None and int(self.steps * self.strength) < 1:
             raise ValueError(f"--steps {self.steps} at --strength {self.strength:g} leaves no denoising step "
                              f"(img2img runs steps x strength); raise one of them")
@@ -397,7 +408,8 @@ def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], cat
     adapters = [loader.adapter(f, dtype) for f in adapter_files]
     encoders = loader.encoders(options, adapter_files, adapters, dtype, device, catalog)
     for adapter, encoder in zip(adapters, encoders):
-        check_encoder(adapter.variant, encoder)
+        if encoder is not None:  # None: a FaceID adapter that reads no CLIP features
+            check_encoder(adapter.variant, encoder)
     return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype,
                         loader.networks(catalog))
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..adapter.variants import CheckpointError, detect_variant, faceid_evidence
+from ..adapter.variants import CheckpointError, detect_variant
 from ..files import PickleRefusedError, UnsafeFileError, check_regular_file
 from .embeddings import embedding_info
 from .info import BASE_BY_CROSS_WIDTH, ModelInfo, Shapes, base_of_width
@@ -324,9 +324,6 @@ def _adapter(shapes: Shapes, file_name: str) -> ModelInfo:
     keys = list(shapes)
     layers = [shapes[k] for k in keys if _IP_LAYER.match(k)]
     ip_width = layers[0][1] if layers and len(layers[0]) == 2 else None
-    if evidence := faceid_evidence(keys):
-        return ModelInfo("adapter", base_of_width(ip_width), {"variant": "faceid"},
-                         f"FaceID is not supported yet (found {evidence}); use ip-adapter-plus-face or full-face")
     halves: dict[str, dict[str, _Shaped]] = {"image_proj": {}, "ip_adapter": {}}
     for key, shape in shapes.items():
         half, _, rest = key.partition(".")
@@ -337,10 +334,14 @@ def _adapter(shapes: Shapes, file_name: str) -> ModelInfo:
     except CheckpointError as err:
         return ModelInfo("adapter", base_of_width(ip_width), {}, str(err))
     cross, embed = variant.cross_attention_dim, variant.image_embed_dim
-    encoder = required_encoder(file_name, variant)
+    # Plain FaceID and Portrait read only an insightface face embedding: no CLIP image encoder.
+    encoder = required_encoder(file_name, variant) if variant.uses_image_encoder else None
     details = {"variant": variant.projection, "num_tokens": variant.num_tokens,
                "encoder_output": variant.encoder_output, "encoder_width": embed, "cross_attention_dim": cross,
-               "layers": len(layers), "encoder": encoder, "encoder_needed": ENCODER_WORDS[encoder]}
+               "layers": len(layers), "encoder": encoder,
+               "encoder_needed": ENCODER_WORDS[encoder] if encoder else "none (an insightface face embedding)"}
+    if variant.is_faceid:
+        details.update(faceid=variant.display_name, lora_rank=variant.lora_rank)
     problem = None
     if ip_width != cross:
         problem = f"its image tokens are {cross} wide but its to_k_ip reads {ip_width}: corrupt or mixed file"
