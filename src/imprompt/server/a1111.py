@@ -189,8 +189,9 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
         where = f"alwayson_scripts.controlnet.args[{number}]"
         module = unit.module.strip().lower()
         if any(mark in module for mark in FACEID_MODULES):
-            raise ValueError(f"{where}: module {unit.module!r} is IP-Adapter FaceID, which imprompt does not support "
-                             "yet; use ip-adapter-plus-face or full-face with ip-adapter_clip_h")
+            raise ValueError(f"{where}: module {unit.module!r} is IP-Adapter FaceID, which the server does not run "
+                             "yet (it needs a face embedding); use `imprompt generate --adapter FACEID.bin "
+                             "--face-embedding FACE.npy` or the Python API, or ip-adapter-plus-face here")
         pairs = unit_images(unit)
         if module in REFERENCE_MODES:
             if reference:
