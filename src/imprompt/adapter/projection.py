@@ -93,54 +93,12 @@ def _feed_forward(width: int, inner: int) -> nn.Sequential:
     )
 
 
-class Resampler(nn.Module):
-    """Plus / plus-face: ``num_tokens`` learned queries read the encoder's penultimate hidden states.
-
-    Keys: ``latents``, ``proj_in``, ``layers.N.0`` (attention), ``layers.N.1`` (feed-forward),
-    ``proj_out``, ``norm_out``.
-    """
-
-    def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
-                 num_tokens: int, cross_attention_dim: int, ff_width: int):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_tokens, width) / width**0.5)
-        self.proj_in = nn.Linear(embed_dim, width)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(width, heads, head_dim), _feed_forward(width, ff_width)])
-            for _ in range(depth)
-        )
-        self.proj_out = nn.Linear(width, cross_attention_dim)
-        self.norm_out = nn.LayerNorm(cross_attention_dim)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.expand(hidden_states.shape[0], -1, -1)
-        features = self.proj_in(hidden_states)
-        for attention, feed_forward in self.layers:
-            latents = attention(features, latents) + latents
-            latents = feed_forward(latents) + latents
-        return self.norm_out(self.proj_out(latents))
-
-
-class FaceIDProjection(nn.Module):
-    """FaceID / FaceID-Portrait: a face-ID embedding -> ``num_tokens`` tokens (tencent-ailab
-    ``ip_adapter_faceid.MLPProjModel``): a two-layer MLP makes all tokens at once, each is layer-normed.
-
-    Keys: ``proj.0`` (Linear), ``proj.2`` (Linear), ``norm`` (LayerNorm); ``proj.1`` is the GELU.
-    """
-
-    def __init__(self, face_dim: int, hidden: int, width: int, num_tokens: int):
-        super().__init__()
-        self.num_tokens, self.width = num_tokens, width
-        self.proj = nn.Sequential(nn.Linear(face_dim, hidden), nn.GELU(), nn.Linear(hidden, width * num_tokens))
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, face_embeds: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(face_embeds).reshape(-1, self.num_tokens, self.width))
-
-
-class FacePerceiver(nn.Module):
-    """FaceID-Plus's ``FacePerceiverResampler``: the Resampler's blocks, with the face-ID tokens as the
-    queries instead of learned latents. Keys: ``proj_in``, ``layers.N.0`` / ``.1``, ``proj_out``, ``norm_out``."""
+class PerceiverResampler(nn.Module):
+    """The Perceiver blocks of the plus projections: queries read the encoder's hidden states through
+    ``depth`` rounds of attention + feed-forward, then ``proj_out`` and ``norm_out``. The queries are the
+    caller's (FaceID-Plus: the face-ID tokens, its ``FacePerceiverResampler``); :class:`Resampler` adds
+    learned ones. Keys: ``proj_in``, ``layers.N.0`` (attention), ``layers.N.1`` (feed-forward),
+    ``proj_out``, ``norm_out``."""
 
     def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
                  cross_attention_dim: int, ff_width: int):
@@ -161,6 +119,36 @@ class FacePerceiver(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class Resampler(PerceiverResampler):
+    """Plus / plus-face: ``num_tokens`` learned queries (key ``latents``) read the encoder's penultimate
+    hidden states through the :class:`PerceiverResampler` blocks."""
+
+    def __init__(self, embed_dim: int, width: int, depth: int, heads: int, head_dim: int,
+                 num_tokens: int, cross_attention_dim: int, ff_width: int):
+        super().__init__(embed_dim, width, depth, heads, head_dim, cross_attention_dim, ff_width)
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, width) / width**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.latents.expand(hidden_states.shape[0], -1, -1), hidden_states)
+
+
+class FaceIDProjection(nn.Module):
+    """FaceID / FaceID-Portrait: a face-ID embedding -> ``num_tokens`` tokens (tencent-ailab
+    ``ip_adapter_faceid.MLPProjModel``): a two-layer MLP makes all tokens at once, each is layer-normed.
+
+    Keys: ``proj.0`` (Linear), ``proj.2`` (Linear), ``norm`` (LayerNorm); ``proj.1`` is the GELU.
+    """
+
+    def __init__(self, face_dim: int, hidden: int, width: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens, self.width = num_tokens, width
+        self.proj = nn.Sequential(nn.Linear(face_dim, hidden), nn.GELU(), nn.Linear(hidden, width * num_tokens))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, face_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(face_embeds).reshape(-1, self.num_tokens, self.width))
+
+
 class FaceIDPlusProjection(nn.Module):
     """FaceID-Plus / PlusV2 (``ip_adapter_faceid.ProjPlusModel``): face-ID tokens as in FaceID, refined by
     a Perceiver reading CLIP's penultimate hidden states of the face crop.
@@ -176,7 +164,7 @@ class FaceIDPlusProjection(nn.Module):
         self.proj = nn.Sequential(nn.Linear(variant.face_embed_dim, variant.face_hidden_dim), nn.GELU(),
                                   nn.Linear(variant.face_hidden_dim, self.width * self.num_tokens))
         self.norm = nn.LayerNorm(self.width)
-        self.perceiver_resampler = FacePerceiver(
+        self.perceiver_resampler = PerceiverResampler(
             variant.image_embed_dim, self.width, variant.resampler_depth, variant.resampler_heads, RESAMPLER_HEAD_DIM,
             variant.cross_attention_dim, variant.resampler_ff_width)
 

@@ -13,12 +13,12 @@ s taken by the ControlNets in order (one ``--control-image`` for one ``--control
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
+from .adapter_options import finite
 from .preprocess import PREPROCESSORS, check_available, module_key, preprocess
 
 if TYPE_CHECKING:
@@ -126,16 +126,6 @@ def control_images(values: Sequence[str], count: int) -> list[str]:
     for i, path in zip(free, plain):
         out[i] = path
     return [p for p in out if p is not None]
-
-
-def finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("expected a number") from None
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return value
 
 
 def _scale(text: str) -> float:
