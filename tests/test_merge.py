@@ -124,3 +124,25 @@ def test_a_baked_in_vae_replaces_the_first_stage(ckpts, tmp_path):
     out = merged(ckpts, tmp_path, ["a", "b"], "--vae", str(tmp_path / "vae.safetensors"))
     assert all(torch.equal(out[k], c[k]) for k in c if k.startswith("first_stage_model."))
     assert sorted(out) == sorted(load(ckpts, "a"))
+
+
+def test_toy_merged_unet_is_the_weighted_sum_of_every_tensor():
+    """imprompt.toy.toolbox merges the toy UNets in memory with the function `imprompt merge` streams."""
+    from diffusers import UNet2DConditionModel
+
+    from imprompt.toy.toolbox import merged_unet
+
+    def unet(seed):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                    norm_num_groups=4, attention_head_dim=2)
+
+    base, derived = unet(0), unet(1)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    half = merged_unet(base, derived, 0.5).state_dict()
+    for key, value in before.items():
+        assert torch.allclose(half[key], 0.5 * value + 0.5 * derived.state_dict()[key], atol=1e-6), key
+        assert torch.equal(base.state_dict()[key], value)  # the base is left as it was
+    assert all(torch.equal(v, before[k]) for k, v in merged_unet(base, derived, 0.0).state_dict().items())

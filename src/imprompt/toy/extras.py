@@ -16,6 +16,7 @@ files and numbers come out the same.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,13 @@ import torch
 
 from ..config import option
 from ..files import write_bytes, write_text
-from . import PACKAGE_DIR, models, shapes, toy_paths
+from . import PACKAGE_DIR, models, shapes, toolbox, toy_paths
 from .config import path_option
 from .judge import read
 
+MATRIX_GRID = "toy-matrix-grid.png"
 NETWORKS = "networks"  # not "embeddings/": that name would make the package folder an A1111 tree when scanned
+MEASURES = ("lora", "embedding", "merge", "matrix")
 LORA_NAME = "toy-striped"
 EMBEDDING_NAME = "tistripes"
 
@@ -49,6 +52,9 @@ class ExtrasConfig:
     seed: int = field(default=0, metadata=option("seed"))
     threads: int = field(default=2, metadata=option("torch threads"))
     report: Path = field(default=Path("docs/toy-extras.md"), metadata=path_option("the measurements' page"))
+    measure: str = field(default=",".join(MEASURES), metadata=option(
+        f"what to measure, comma-separated ({', '.join(MEASURES)}); the others keep their numbers from the "
+        "report's JSON"))
 
 
 def build_lora(cfg: ExtrasConfig, log=print) -> Path:
@@ -141,13 +147,14 @@ def _rate(images, style: str = "striped") -> float:
     return float(np.mean([read(image).style == style for image in images]))
 
 
-def measure(cfg: ExtrasConfig, log=print) -> dict:
+def measure(cfg: ExtrasConfig, log=print, parts: tuple[str, ...] = MEASURES) -> dict:
     """Style rates, each over ``samples`` seeded generations (20 steps):
 
-    * LoRA at 0 / 0.5 / 1, unprompted (empty text, guidance 1) and with an image prompt of a solid
-      reference (scale 0.5): how far the LoRA pulls toward stripes, with and against a reference;
-    * the derivative model itself, for comparison;
-    * the embedding: prompt "tistripes shape" vs "shape" vs "striped shape" (guidance 3)."""
+    * ``lora``: LoRA at 0 / 0.5 / 1, unprompted (empty text, guidance 1) and with an image prompt of a solid
+      reference (scale 0.5): how far the LoRA pulls toward stripes, with and against a reference; the
+      derivative model itself, for comparison;
+    * ``embedding``: prompt "tistripes shape" vs "shape" vs "striped shape" (guidance 3);
+    * ``merge`` and ``matrix``: :mod:`imprompt.toy.toolbox`."""
     from ..adapter.attach import attach
     from ..adapter.checkpoint import load_adapter
     from ..encoding import ImageEncoder, load_image
@@ -178,22 +185,33 @@ def measure(cfg: ExtrasConfig, log=print) -> dict:
         finally:
             attachment.detach()
 
-    for weight in (0, 0.5, 1):
-        tag = f"<lora:{LORA_NAME}:{weight:g}>"
-        rows[f"LoRA {weight:g}"] = {"unprompted": _rate(images(tag, 1.0)),
-                                    "solid reference, scale 0.5": _rate(images(tag, 1.0, image_prompt=True))}
-        log(f"[toy extras] LoRA {weight:g}: {rows[f'LoRA {weight:g}']}")
-    derived = load_pipeline(cfg.derived)
-    rows["derivative model"] = {"unprompted": _rate(images("", 1.0, model=derived)),
-                                "solid reference, scale 0.5": _rate(images("", 1.0, True, model=derived))}
-    embedding = {prompt: _rate(images(prompt, 3.0)) for prompt in ("shape", f"{EMBEDDING_NAME} shape", "striped shape")}
-    log(f"[toy extras] embedding: {embedding}")
-    return {"lora": rows, "embedding": embedding, "samples": n}
+    result: dict = {"samples": n}
+    if "lora" in parts:
+        for weight in (0, 0.5, 1):
+            tag = f"<lora:{LORA_NAME}:{weight:g}>"
+            rows[f"LoRA {weight:g}"] = {"unprompted": _rate(images(tag, 1.0)),
+                                        "solid reference, scale 0.5": _rate(images(tag, 1.0, image_prompt=True))}
+            log(f"[toy extras] LoRA {weight:g}: {rows[f'LoRA {weight:g}']}")
+        derived = load_pipeline(cfg.derived)
+        rows["derivative model"] = {"unprompted": _rate(images("", 1.0, model=derived)),
+                                    "solid reference, scale 0.5": _rate(images("", 1.0, True, model=derived))}
+        result["lora"] = rows
+    if "embedding" in parts:
+        result["embedding"] = {prompt: _rate(images(prompt, 3.0))
+                               for prompt in ("shape", f"{EMBEDDING_NAME} shape", "striped shape")}
+        log(f"[toy extras] embedding: {result['embedding']}")
+    if "merge" in parts:
+        result["merge"] = toolbox.measure_merge(cfg.derived, cfg.package, _rate, images, log)
+    if "matrix" in parts:
+        with tempfile.TemporaryDirectory() as folder:
+            result["matrix"] = toolbox.measure_matrix(cfg.package, n, cfg.seed, Path(folder), log)
+            toolbox.copy_grid(Path(result["matrix"].pop("grid")), cfg.report.parent / MATRIX_GRID)
+    return result
 
 
 def write_report(cfg: ExtrasConfig, result: dict) -> None:
     n = result["samples"]
-    lines = ["# The toy LoRA and embedding, measured", "",
+    lines = ["# The toolbox in the toy world: LoRA, embedding, merge, prompt matrix", "",
              f"Made and measured by `imprompt toy extras` (module `imprompt.toy.extras`); each rate is the share of "
              f"{n} seeded generations (20 steps) the attribute reader reads as striped (95% interval about "
              f"±{1.96 * (0.25 / n) ** 0.5:.0%} at 50%).", "",
@@ -205,6 +223,13 @@ def write_report(cfg: ExtrasConfig, result: dict) -> None:
               "| prompt (guidance 3) | striped |", "|---|---|"]
     for prompt, rate in result["embedding"].items():
         lines.append(f"| `{prompt}` | {rate:.0%} |")
+    lines += ["", "![LoRA weight 0 / 0.5 / 1 (columns) by seed (rows), prompt \"a circle\", guidance 1](toy-lora-grid.png)",
+              "", f"`imprompt grid --prompt \"a circle\" --x lora:{LORA_NAME}=0,0.5,1 --y seed=1,2,3,4 --steps 20 "
+              "--guidance 1`"]
+    if "merge" in result:
+        lines += toolbox.merge_lines(result["merge"], n)
+    if "matrix" in result:
+        lines += toolbox.matrix_lines(result["matrix"], n, MATRIX_GRID)
     lines += ["", "Raw numbers: `docs/toy-extras.json`.", ""]
     write_text(cfg.report, "\n".join(lines))
     write_text(cfg.report.with_suffix(".json"), json.dumps(result, indent=2))
@@ -216,6 +241,12 @@ def run(cfg: ExtrasConfig, log=print) -> dict:
     for name, build in ((LORA_NAME, build_lora), (EMBEDDING_NAME, train_embedding)):
         if not (cfg.skip_built and (cfg.package / NETWORKS / f"{name}.safetensors").is_file()):
             build(cfg, log)
-    result = measure(cfg, log)
+    parts = tuple(p.strip() for p in cfg.measure.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"--measure {cfg.measure!r}: unknown {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
+    earlier = cfg.report.with_suffix(".json")
+    result = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    result.update(measure(cfg, log, parts))
     write_report(cfg, result)
     return result
