@@ -5,16 +5,19 @@ unconditional baselines, 50 references x 2 samples, image alone and image + text
 500 generations) runs here on the first ``--references`` test references, twice per round:
 
 * ``unbatched`` -- ``batch_images=1``: one pipeline call per reference (2 images, 4 UNet rows with guidance),
+  on the first ``--unbatched-references``,
 * ``batched``   -- ``batch_images=--batch-images``: the samples of many references in one call
-  (:mod:`imprompt.generation.batched`),
+  (:mod:`imprompt.generation.batched`), on the first ``--references`` (default 32: one call of 64 images, as
+  the full run's calls are),
 
 rounds interleaved (unbatched, batched, unbatched, batched, ...) so that load from other processes hits
-both alike; the median of ``--repeats`` rounds is reported. Times are the generation passes' seconds
-(generation, scoring and attribute reading of every reference; model loading excluded); the
-500-generation figure is that per-generation time x 500 plus the run's median load time. The two runs'
-results are compared: every saved PNG pixel by pixel, and the scores.
+both alike; the median of ``--repeats`` rounds is reported. Times are seconds per generation of the
+generation passes (generation, scoring and attribute reading; model loading excluded): unbatched, every
+call is one reference, so its rate does not depend on how many are run. The 500-generation figure is
+that time x 500 plus the median model-loading time. The two runs' results are compared on the
+references both ran: every saved PNG pixel by pixel, the scores, the attributes read.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_batched_eval.py [--references 16] [--repeats 3] [--threads N]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_batched_eval.py [--references 32] [--unbatched-references 8] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def run(out: Path, references: int, batch_images: int) -> dict:
     results = evaluate(config, log=lambda m: None).results
     passes = [p for m in results["methods"].values() for p in m["passes"].values()]
     return {"seconds": sum(p["seconds"] for p in passes), "generations": sum(len(p["samples"]) for p in passes),
-            "load": results["timing"]["load_seconds"], "results": results, "folder": out}
+            "load": results["timing"]["load_seconds"], "results": results, "folder": out, "references": references}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -74,7 +77,10 @@ def compare(a: dict, b: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--references", type=int, default=16)
+    parser.add_argument("--references", type=int, default=32, help="references of the batched run (32: one call "
+                        "of 64 images, the size of the full run's calls)")
+    parser.add_argument("--unbatched-references", type=int, default=8, help="references of the unbatched run: its "
+                        "time per generation does not depend on how many (every call is one reference); fewer saves time")
     parser.add_argument("--batch-images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -87,26 +93,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         last = {}
         for round_ in range(args.repeats):
-            for name, batch in (("unbatched", 1), ("batched", args.batch_images)):
-                r = run(Path(tmp) / f"{name}-{round_}", args.references, batch)
-                times[name].append(r["seconds"])
+            for name, batch, count in (("unbatched", 1, args.unbatched_references),
+                                       ("batched", args.batch_images, args.references)):
+                r = run(Path(tmp) / f"{name}-{round_}", count, batch)
+                times[name].append(r["seconds"] / r["generations"])
                 loads.append(r["load"])
                 last[name] = r
                 print(f"round {round_ + 1} {name}: {r['seconds']:.1f} s for {r['generations']} generations", flush=True)
         same = compare(last["unbatched"], last["batched"])
-    generations = last["batched"]["generations"]
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}  # seconds per generation
     load = statistics.median(loads)
-    print(f"\ntoy one-adapter evaluation, {args.references} references ({generations} generations), "
-          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end")
-    print("| mode | seconds (median) | generations / s | extrapolated to 500 generations (s, + load) |")
-    print("|---|---|---|---|")
+    print(f"\ntoy one-adapter evaluation, threads {torch.get_num_threads()}, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("| mode | references | generations | s / generation (median) | extrapolated to 500 generations (s, + load) |")
+    print("|---|---|---|---|---|")
     for name in ("unbatched", "batched"):
-        per = median[name] / generations
-        print(f"| {name} | {median[name]:.1f} | {1 / per:.2f} | {per * FULL_GENERATIONS + load:.0f} |")
+        per = median[name]
+        print(f"| {name} | {last[name]['references']} | {last[name]['generations']} | {per:.3f} | "
+              f"{per * FULL_GENERATIONS + load:.0f} |")
     print(f"\nbatched / unbatched speed-up: {median['unbatched'] / median['batched']:.2f}x "
-          f"(model loading {load:.1f} s not included in the medians)")
-    print("results compared (last round):", json.dumps(same))
+          f"(model loading {load:.1f} s not included in the per-generation times)")
+    print("results compared on the common references (last round):", json.dumps(same))
 
 
 if __name__ == "__main__":

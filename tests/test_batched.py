@@ -223,3 +223,10 @@ def test_eval_scores_equal_batched_and_unbatched(world, tmp_path, rowwise_kernel
     for path in (tmp_path / "one" / "images").rglob("*.png"):
         other = tmp_path / "many" / path.relative_to(tmp_path / "one")
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(other))), path
+
+
+def test_batch_images_must_be_positive(world):
+    config = load_config(None, dict(model=str(world / "sd"), data=str(world / "refs"), clip_model=str(world / "clip"),
+                                    batch_images=0, methods=["text:text_only"]))
+    with pytest.raises(ValueError, match="batch_images must be at least 1, got 0"):
+        config.check()
