@@ -4,8 +4,8 @@ What is asserted, and why not more: oneDNN picks convolution (and small matrix-p
 batch size, so the same row computed in a batch of 4 and in a batch of 24 can differ in the last bits
 (measured on the toy UNet: ~1e-6). So:
 
-* with batch-invariant kernels (every convolution and linear layer run one row at a time, the
-  ``rowwise_kernels`` fixture), a batch equals the single calls bit for bit: everything else (text
+* with batch-invariant kernels (every convolution, linear layer and group norm run one row at a time,
+  the ``rowwise_kernels`` fixture), a batch equals the single calls bit for bit: everything else (text
   embeddings, image keys and values, each row's noise, scheduler, attention, norms) is exact;
 * with the ordinary kernels, a batch of one item equals the single call bit for bit, and a batch of
   several equals the single calls to 1e-5 in float, and in uint8 pixels up to a difference of 1 in
@@ -54,10 +54,15 @@ def models():
 
 @pytest.fixture
 def rowwise_kernels(monkeypatch):
-    """Every convolution and linear layer computed one batch row at a time: batch-size independent."""
-    conv, linear = nn.Conv2d._conv_forward, nn.Linear.forward
+    """Every convolution, linear layer and group norm computed one batch row at a time: batch-size
+    independent. Rows are made contiguous: after the toy VAE's attention block a batch's rows have
+    channels-last strides and a single row's do not, and the kernels differ by layout."""
+    conv, linear, group_norm = nn.Conv2d._conv_forward, nn.Linear.forward, nn.GroupNorm.forward
+    monkeypatch.setattr(nn.GroupNorm, "forward", lambda self, x: torch.cat(
+        [group_norm(self, x[i:i + 1].contiguous()) for i in range(x.shape[0])]))
     monkeypatch.setattr(nn.Conv2d, "_conv_forward",
-                        lambda self, x, w, b: torch.cat([conv(self, x[i:i + 1], w, b) for i in range(x.shape[0])]))
+                        lambda self, x, w, b: torch.cat([conv(self, x[i:i + 1].contiguous(), w, b)
+                                                         for i in range(x.shape[0])]))
     monkeypatch.setattr(nn.Linear, "forward", lambda self, x: torch.cat(
         [linear(self, x[i:i + 1]) for i in range(x.shape[0])]) if x.ndim > 1 else linear(self, x))
 
@@ -230,3 +235,37 @@ def test_batch_images_must_be_positive(world):
                                     batch_images=0, methods=["text:text_only"]))
     with pytest.raises(ValueError, match="batch_images must be at least 1, got 0"):
         config.check()
+
+
+def test_batch_workflow_jobs_per_call_makes_the_one_job_files(tmp_path, rowwise_kernels):
+    """imprompt batch with jobs_per_call 4: 8 jobs (2 references x 2 prompts x 2 seeds) in 2 calls, the same
+    files, pixels and PNG parameters as one job per call."""
+    from imprompt import toy
+    from imprompt.cli import main
+
+    refs = sorted(toy.toy_paths()["references"].glob("*.png"))[:2]
+    outputs = {}
+    for per_call in (1, 4):
+        out = tmp_path / f"out{per_call}"
+        workflow = tmp_path / f"wf{per_call}.yaml"
+        workflow.write_text(f"references: [{refs[0]}, {refs[1]}]\nprompts: ['a circle', 'a red square']\n"
+                            f"scales: [0.7]\nseeds: [3, 4]\nsteps: 2\noutput: {out}\nprogress: false\n"
+                            f"jobs_per_call: {per_call}\n")
+        assert main(["batch", str(workflow)]) == 0
+        outputs[per_call] = {p.name: Image.open(p) for p in out.glob("*.png")}
+    assert len(outputs[1]) == 8 and outputs[1].keys() == outputs[4].keys()
+    for name, image in outputs[1].items():
+        assert np.array_equal(np.asarray(image), np.asarray(outputs[4][name])), name
+        assert image.text["parameters"] == outputs[4][name].text["parameters"]
+    assert len({np.asarray(i).tobytes() for i in outputs[4].values()}) == 8  # each job its own image
+
+
+def test_call_groups_keep_scale_and_control_together():
+    from imprompt.generation.batch import BatchJob, call_groups
+
+    jobs = [BatchJob(None, 0, "", scale, None, seed, f"{scale}-{seed}") for scale in (0.5, 1.0) for seed in (1, 2, 3)]
+    groups = call_groups(jobs, 2)
+    assert [[j.file_name for j in g] for g in groups] == [["0.5-1", "0.5-2"], ["0.5-3"], ["1.0-1", "1.0-2"], ["1.0-3"]]
+    assert call_groups(jobs, 1) == [[j] for j in jobs]
+    with pytest.raises(ValueError, match="at least 1"):
+        call_groups(jobs, 0)

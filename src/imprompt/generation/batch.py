@@ -8,11 +8,18 @@ adapter, steps, ...) for what stays fixed, plus the lists the jobs are the produ
 that exists is finished: a killed run started again skips what is there and does the rest. Under
 ``accelerate launch`` the job list is split by ``PartialState.split_between_processes``; every job has
 its own seed and name, so the files are the same whatever the split.
+
+``jobs_per_call`` > 1 runs consecutive jobs that share their scale and control image (in the job order,
+the seeds of one reference and prompt, then the next) in one pipeline call
+(:mod:`imprompt.generation.batched`), for text-to-image without ControlNet, init image, Reference-only
+or LoRA tags (other jobs run alone). Their images equal one-job calls to float rounding, not bit for bit:
+the UNet's kernels pick algorithms by batch size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import re
@@ -23,12 +30,13 @@ from typing import Callable
 
 import torch
 
+from ..adapter.attach import attach
 from ..config import option
 from ..files import atomic_write
 from .cache import CachedLoader, EmbeddingCache, ModelCache
 from .controls import split_target
 from .pnginfo import save_png
-from .request import GenerateRequest, load_models, prepare, read_inputs, render
+from .request import GenerateRequest, infotext, load_models, prepare, read_inputs, render
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_NAME = "{reference}-p{prompt}-s{scale}-c{control}-{seed}"
@@ -47,6 +55,9 @@ class BatchConfig(GenerateRequest):
     name: str = field(default=DEFAULT_NAME, metadata=option(
         "file name pattern: {reference} {prompt} {scale} {control} {seed}"))
     progress: bool = field(default=True, metadata=option("show a progress bar"))
+    jobs_per_call: int = field(default=1, metadata=option(
+        "jobs per pipeline call: consecutive jobs with the same scale and control image share one UNet batch "
+        "(text-to-image only; images equal one-job runs to float rounding, not bit for bit)"))
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,56 @@ def job_request(base: GenerateRequest, job: BatchJob) -> GenerateRequest:
     return dataclasses.replace(base, **changes)
 
 
+def call_groups(jobs: list[BatchJob], size: int) -> list[list[BatchJob]]:
+    """Consecutive jobs with the same scale and control image, at most ``size`` per group."""
+    if size < 1:
+        raise ValueError(f"jobs_per_call must be at least 1, got {size}")
+    groups: list[list[BatchJob]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        if last and len(last) < size and (last[0].scale, last[0].control) == (job.scale, job.control):
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def run_jobs(base: GenerateRequest, group: list[BatchJob], out: Path, loader: CachedLoader) -> int:
+    """Generate and save a group of jobs, in one pipeline call where they can share one; returns the count."""
+    from .batched import BatchItem, generate_batch
+    from .networks import prompt_tags
+
+    prepared = []
+    for job in group:
+        request, options, catalog = prepare(job_request(base, job), lambda message: None)
+        prepared.append((job, request, options, catalog, read_inputs(request, options)))
+    _, request, options, catalog, _ = prepared[0]
+    models = load_models(request, options, catalog, loader)
+    pipe = models.pipe
+    together = len(group) > 1 and getattr(pipe, "controlnet", None) is None and (
+        "strength" not in inspect.signature(pipe.__call__).parameters) and all(
+        i.init is None and i.mask is None and not i.controls and i.reference is None
+        and not prompt_tags(r.prompt, r.negative_prompt) for _, r, _, _, i in prepared)
+    if not together:
+        for job, request, options, catalog, inputs in prepared:
+            models = load_models(request, options, catalog, loader)
+            (item,) = next(iter(render(request, options, models, inputs, job.seed)))
+            save_png(item.image, out / job.file_name, item.parameters)
+        return len(group)
+    items = [BatchItem([job.seed], r.prompt, r.negative_prompt, i.prompts) for job, r, _, _, i in prepared]
+    settings = request.settings(prompt="", negative_prompt="", seed=None, num_images=1)
+    attachment = attach(pipe.unet, models.adapters) if models.adapters else None
+    try:
+        images = generate_batch(pipe, attachment, settings, items, models.encoders,
+                                embeddings=models.networks.embeddings if models.networks is not None else None)
+    finally:
+        if attachment is not None:
+            attachment.detach()
+    for (job, r, o, _, i), (image,) in zip(prepared, images):
+        save_png(image, out / job.file_name, infotext(r, o, models, i)(job.seed, image))
+    return len(group)
+
+
 def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> dict:
     """Run this process's share of the jobs; returns (and writes) its summary."""
     from accelerate import PartialState
@@ -133,19 +194,19 @@ def run_batch(config: BatchConfig, log: Callable[[str], None] = print) -> dict:
     done = skipped = 0
     started = time.perf_counter()
     with state.split_between_processes(jobs) as mine:
-        bar = tqdm(mine, desc=f"batch [{state.process_index}]" if state.num_processes > 1 else "batch",
+        bar = tqdm(total=len(mine), desc=f"batch [{state.process_index}]" if state.num_processes > 1 else "batch",
                    disable=not config.progress)
-        for job in bar:
-            path = out / job.file_name
-            if path.exists():  # written atomically: it exists only when finished
+        todo = []
+        for job in mine:
+            if (out / job.file_name).exists():  # written atomically: it exists only when finished
                 skipped += 1
-                continue
-            request, options, catalog = prepare(job_request(base, job), lambda message: None)
-            inputs = read_inputs(request, options)
-            models = load_models(request, options, catalog, loader)
-            (item,) = next(iter(render(request, options, models, inputs, job.seed)))
-            save_png(item.image, path, item.parameters)
-            done += 1
+                bar.update(1)
+            else:
+                todo.append(job)
+        for group in call_groups(todo, config.jobs_per_call):
+            done += run_jobs(base, group, out, loader)
+            bar.update(len(group))
+        bar.close()
     summary = {"jobs": len(jobs), "process": state.process_index, "processes": state.num_processes,
                "generated": done, "skipped_existing": skipped, "seconds": round(time.perf_counter() - started, 2)}
     name = "summary.json" if state.num_processes == 1 else f"summary-{state.process_index}.json"

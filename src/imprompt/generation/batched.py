@@ -16,9 +16,9 @@ call computes it, from the same functions: the text embeddings (A1111 syntax,
 in the order above by :func:`stack_image_kv`), and each row's initial noise (its own
 ``torch.Generator("cpu")``, as diffusers draws a list of generators row by row). The scheduler step is
 elementwise. What differs is only the batch size the UNet and VAE run at, and on the CPU oneDNN picks
-convolution algorithms by batch size (measured with torch 2.13: the toy UNet's outputs for the same
-rows agree bit for bit among batches of 4 to 12 rows and among batches of 16 rows or more, but differ by
-about 1e-6 between the two groups). So a batched image equals its single-call twin to float rounding,
+convolution algorithms by batch size, as the small matrix products and some group norms do (measured
+with torch 2.13: the toy UNet's outputs for the same rows agree bit for bit among batches of 4 to 12
+rows and among batches of 16 rows or more, but differ by about 1e-6 between the two groups). So a batched image equals its single-call twin to float rounding,
 and its uint8 pixels agree except where a value sits at a rounding boundary; ``tests/test_batched.py``
 states what it asserts.
 
@@ -42,7 +42,7 @@ from .generate import call_pipeline, latent_size, uses_guidance
 from .networks import prompt_tags
 from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
 from .settings import MAX_SEED, GenerationSettings
-from .text_encoding import TextSchedule, towers
+from .text_encoding import EmbeddingLibrary, TextSchedule, towers
 
 
 @dataclass
@@ -109,14 +109,15 @@ def stack_image_kv(per_item: Sequence[Mapping[str, ImageKV]], rows: Sequence[int
     return out
 
 
-def _text_arguments(pipe, items: Sequence[BatchItem], steps: int) -> dict[str, torch.Tensor] | None:
+def _text_arguments(pipe, items: Sequence[BatchItem], steps: int,
+                    embeddings: EmbeddingLibrary | None = None) -> dict[str, torch.Tensor] | None:
     """prompt_embeds (and negative, pooled) for every row, each item's encoded on its own as a single call
     would, repeated once per seed; None where the pipeline has no text tower imprompt encodes for."""
     if not towers(pipe):
         return None
     per_item = []
     for i, item in enumerate(items):
-        text = TextSchedule.build(pipe, item.prompt, item.negative_prompt, steps)
+        text = TextSchedule.build(pipe, item.prompt, item.negative_prompt, steps, embeddings)
         if text.changes:
             raise ValueError(f"item {i}: prompt editing / alternation changes the text during the run, which a "
                              "batch cannot follow per row; generate this prompt alone (imprompt.generate)")
@@ -133,13 +134,15 @@ def _text_arguments(pipe, items: Sequence[BatchItem], steps: int) -> dict[str, t
 
 
 def generate_batch(pipe, attachment: Attachment | None, settings: GenerationSettings, items: Sequence[BatchItem],
-                   encoders: Sequence[ImageEncoder] = (), *, output_type: str = "pil") -> list[list[Image.Image]]:
+                   encoders: Sequence[ImageEncoder] = (), *, output_type: str = "pil",
+                   embeddings: EmbeddingLibrary | None = None) -> list[list[Image.Image]]:
     """Generate every item's images in one pipeline call; returns one list of images per item.
 
     ``settings`` gives what all items share (steps, guidance, size, scheduler); its prompt, seed and
     num_images are the items' own here and must be left at their defaults. Item ``i`` image ``j``
     comes from ``torch.Generator("cpu").manual_seed(items[i].seeds[j])``, as
     ``imprompt.generate(..., extra={"generator": [...]})`` with one generator per image gives it.
+    ``embeddings``: the textual-inversion embeddings the prompts may name (``Networks.embeddings``).
     """
     settings.check()
     if not items:
@@ -185,7 +188,7 @@ def generate_batch(pipe, attachment: Attachment | None, settings: GenerationSett
                   generator=[torch.Generator("cpu").manual_seed(int(s)) for item in items for s in item.seeds])
     if "height" in params:
         kwargs.update(height=settings.height, width=settings.width)
-    text = _text_arguments(pipe, items, settings.steps)
+    text = _text_arguments(pipe, items, settings.steps, embeddings)
     if text is None:
         kwargs.update(prompt=[item.prompt for item in items for _ in item.seeds],
                       negative_prompt=[item.negative_prompt for item in items for _ in item.seeds])
