@@ -237,12 +237,16 @@ def test_batch_images_must_be_positive(world):
         config.check()
 
 
-def test_batch_workflow_jobs_per_call_makes_the_one_job_files(tmp_path, rowwise_kernels):
+def test_batch_workflow_jobs_per_call_makes_the_one_job_files(tmp_path, rowwise_kernels, monkeypatch):
     """imprompt batch with jobs_per_call 4: 8 jobs (2 references x 2 prompts x 2 seeds) in 2 calls, the same
     files, pixels and PNG parameters as one job per call."""
+    import imprompt.generation.batched as batched_module
     from imprompt import toy
     from imprompt.cli import main
 
+    calls = []
+    original = batched_module.generate_batch
+    monkeypatch.setattr(batched_module, "generate_batch", lambda *a, **k: calls.append(len(a[3])) or original(*a, **k))
     refs = sorted(toy.toy_paths()["references"].glob("*.png"))[:2]
     outputs = {}
     for per_call in (1, 4):
@@ -253,6 +257,7 @@ def test_batch_workflow_jobs_per_call_makes_the_one_job_files(tmp_path, rowwise_
                             f"jobs_per_call: {per_call}\n")
         assert main(["batch", str(workflow)]) == 0
         outputs[per_call] = {p.name: Image.open(p) for p in out.glob("*.png")}
+    assert calls == [4, 4]  # one job per call never batches; four per call: two calls of four
     assert len(outputs[1]) == 8 and outputs[1].keys() == outputs[4].keys()
     for name, image in outputs[1].items():
         assert np.array_equal(np.asarray(image), np.asarray(outputs[4][name])), name
@@ -269,3 +274,16 @@ def test_call_groups_keep_scale_and_control_together():
     assert call_groups(jobs, 1) == [[j] for j in jobs]
     with pytest.raises(ValueError, match="at least 1"):
         call_groups(jobs, 0)
+
+
+def test_sdxl_batch_equals_single_calls_with_batch_invariant_kernels(rowwise_kernels):
+    """SDXL: pooled text embeddings and time ids are per row too."""
+    pipe = tm.sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    encoder_model = tm.image_encoder()
+    adapter = tm.random_adapter(pipe.unet, "linear", encoder=encoder_model)
+    models = (pipe, adapter, ImageEncoder(encoder_model, tm.feature_extractor()), tm.reference_images(len(SEEDS)))
+    single, batch = run_both(models, "ip_adapter")
+    for s, b in zip(single, batch):
+        assert np.array_equal(s, b)
+    assert not np.array_equal(batch[0][0], batch[1][0])

@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -37,6 +37,9 @@ from .cache import CachedLoader, EmbeddingCache, ModelCache
 from .controls import split_target
 from .pnginfo import save_png
 from .request import GenerateRequest, infotext, load_models, prepare, read_inputs, render
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_NAME = "{reference}-p{prompt}-s{scale}-c{control}-{seed}"
@@ -141,30 +144,43 @@ def call_groups(jobs: list[BatchJob], size: int) -> list[list[BatchJob]]:
     return groups
 
 
-def run_jobs(base: GenerateRequest, group: list[BatchJob], out: Path, loader: CachedLoader) -> int:
-    """Generate and save a group of jobs, in one pipeline call where they can share one; returns the count."""
-    from .batched import BatchItem, generate_batch
+@dataclass(frozen=True)
+class Prepared:
+    """One image's request, checked and with its inputs read, and its seed."""
+
+    request: GenerateRequest
+    options: list
+    catalog: object
+    inputs: object
+    seed: int
+
+
+PER_ROW_FIELDS = ("prompt", "negative_prompt", "seed", "image")  # what may differ between the rows of one call
+
+
+def can_share_call(group: Sequence[Prepared], pipe) -> bool:
+    """Whether these images can come from one pipeline call (:func:`render_together`): text-to-image
+    without ControlNet, no init / mask / control image, Reference-only or LoRA tags, and requests that
+    differ only in prompt, negative prompt, seed and reference images."""
     from .networks import prompt_tags
 
-    prepared = []
-    for job in group:
-        request, options, catalog = prepare(job_request(base, job), lambda message: None)
-        prepared.append((job, request, options, catalog, read_inputs(request, options)))
-    _, request, options, catalog, _ = prepared[0]
-    models = load_models(request, options, catalog, loader)
-    pipe = models.pipe
-    together = len(group) > 1 and getattr(pipe, "controlnet", None) is None and (
+    def rest(request: GenerateRequest) -> GenerateRequest:
+        return dataclasses.replace(request, **{name: getattr(GenerateRequest(), name) for name in PER_ROW_FIELDS})
+
+    first = rest(group[0].request)
+    return len(group) > 1 and getattr(pipe, "controlnet", None) is None and (
         "strength" not in inspect.signature(pipe.__call__).parameters) and all(
-        i.init is None and i.mask is None and not i.controls and i.reference is None
-        and not prompt_tags(r.prompt, r.negative_prompt) for _, r, _, _, i in prepared)
-    if not together:
-        for job, request, options, catalog, inputs in prepared:
-            models = load_models(request, options, catalog, loader)
-            (item,) = next(iter(render(request, options, models, inputs, job.seed)))
-            save_png(item.image, out / job.file_name, item.parameters)
-        return len(group)
-    items = [BatchItem([job.seed], r.prompt, r.negative_prompt, i.prompts) for job, r, _, _, i in prepared]
-    settings = request.settings(prompt="", negative_prompt="", seed=None, num_images=1)
+        p.inputs.init is None and p.inputs.mask is None and not p.inputs.controls and p.inputs.reference is None
+        and not prompt_tags(p.request.prompt, p.request.negative_prompt) and rest(p.request) == first for p in group)
+
+
+def render_together(group: Sequence[Prepared], models) -> list[tuple["Image.Image", str]]:
+    """One pipeline call for the group (see :func:`can_share_call`): each image with its PNG parameters."""
+    from .batched import BatchItem, generate_batch
+
+    items = [BatchItem([p.seed], p.request.prompt, p.request.negative_prompt, p.inputs.prompts) for p in group]
+    settings = group[0].request.settings(prompt="", negative_prompt="", seed=None, num_images=1)
+    pipe = models.pipe
     attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
         images = generate_batch(pipe, attachment, settings, items, models.encoders,
@@ -172,8 +188,31 @@ def run_jobs(base: GenerateRequest, group: list[BatchJob], out: Path, loader: Ca
     finally:
         if attachment is not None:
             attachment.detach()
-    for (job, r, o, _, i), (image,) in zip(prepared, images):
-        save_png(image, out / job.file_name, infotext(r, o, models, i)(job.seed, image))
+    return [(image, infotext(p.request, p.options, models, p.inputs)(p.seed, image)) for p, (image,) in zip(group, images)]
+
+
+def render_group(group: Sequence[Prepared], loader: CachedLoader) -> list[tuple["Image.Image", str]]:
+    """The group's images with their PNG parameters: in one call where they can share one, else one by one."""
+    first = group[0]
+    models = load_models(first.request, first.options, first.catalog, loader)
+    if can_share_call(group, models.pipe):
+        return render_together(group, models)
+    out = []
+    for p in group:
+        models = load_models(p.request, p.options, p.catalog, loader)
+        (item,) = next(iter(render(p.request, p.options, models, p.inputs, p.seed)))
+        out.append((item.image, item.parameters))
+    return out
+
+
+def run_jobs(base: GenerateRequest, group: list[BatchJob], out: Path, loader: CachedLoader) -> int:
+    """Generate and save a group of jobs, in one pipeline call where they can share one; returns the count."""
+    prepared = []
+    for job in group:
+        request, options, catalog = prepare(job_request(base, job), lambda message: None)
+        prepared.append(Prepared(request, options, catalog, read_inputs(request, options), job.seed))
+    for job, (image, parameters) in zip(group, render_group(prepared, loader)):
+        save_png(image, out / job.file_name, parameters)
     return len(group)
 
 
