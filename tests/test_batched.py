@@ -287,3 +287,27 @@ def test_sdxl_batch_equals_single_calls_with_batch_invariant_kernels(rowwise_ker
     for s, b in zip(single, batch):
         assert np.array_equal(s, b)
     assert not np.array_equal(batch[0][0], batch[1][0])
+
+
+def test_grid_cells_per_call_makes_the_one_cell_grid(tmp_path, rowwise_kernels, monkeypatch):
+    """imprompt grid, x = seed (3 values), y = prompt_sr (2 rows), cells_per_call 3: one call per row, the same
+    cells and grid as one cell per call."""
+    import imprompt.generation.batched as batched_module
+    from imprompt import toy
+    from imprompt.cli import main
+
+    calls = []
+    original = batched_module.generate_batch
+    monkeypatch.setattr(batched_module, "generate_batch", lambda *a, **k: calls.append(len(a[3])) or original(*a, **k))
+    ref = sorted(toy.toy_paths()["references"].glob("*.png"))[0]
+    outputs = {}
+    for per_call in (1, 3):
+        out = tmp_path / f"grid{per_call}"
+        assert main(["grid", "--image", str(ref), "--prompt", "a red circle", "--steps", "2", "--x", "seed=1,2,3",
+                     "--y", "prompt_sr=red,blue", "--cells-per-call", str(per_call), "--output", str(out)]) == 0
+        outputs[per_call] = sorted(out.glob("*.png"))
+    assert calls == [3, 3]
+    assert [p.name for p in outputs[1]] == [p.name for p in outputs[3]] and len(outputs[1]) == 7  # 6 cells + grid
+    for a, b in zip(outputs[1], outputs[3]):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+        assert Image.open(a).text["parameters"] == Image.open(b).text["parameters"]
