@@ -432,21 +432,8 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
     generation uses the same UNet meanwhile (attaching changes its attention processors).
     """
     pipe = models.pipe
-    sampling = {
-        "Steps": request.steps,
-        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(pipe.scheduler),
-        "CFG scale": f"{request.guidance:g}",
-    }  # then Seed and Size, per image, in A1111's order
-    rest = {
-        "Model": model_name(request.model),
-        "Denoising strength": f"{request.strength:g}" if inputs.init is not None else None,
-        **{f"ControlNet {c.index}": c.describe(model_name(c.file)) for c in control_options(request)},
-        **{f"IP-Adapter {o.index}": o.describe() for o in options},
-    }
     reference = reference_options(request, inputs)
-    if reference is not None:
-        rest["Reference"] = reference.describe()
-    networks = parameters_of(models.networks, pipe, request.prompt, request.negative_prompt, request.steps)
+    parameters = infotext(request, options, models, inputs)
     attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
         for first in range(0, request.num_images, request.batch_size):
@@ -458,12 +445,32 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
             images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
                               mask_image=inputs.mask, control_image=inputs.control, callback=callback,
                               networks=models.networks, reference=reference)
-            yield [Rendered(s, image, format_parameters(request.prompt, request.negative_prompt, {
-                **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest, **networks}))
-                for s, image in zip(seeds, images)]
+            yield [Rendered(s, image, parameters(s, image)) for s, image in zip(seeds, images)]
     finally:
         if attachment is not None:
             attachment.detach()
+
+
+def infotext(request: GenerateRequest, options: Sequence[AdapterOptions], models: LoadedModels,
+             inputs: Inputs) -> Callable[[int, "Image.Image"], str]:
+    """(seed, image) -> the PNG parameters text (A1111's infotext) of one of the request's images."""
+    sampling = {
+        "Steps": request.steps,
+        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(models.pipe.scheduler),
+        "CFG scale": f"{request.guidance:g}",
+    }  # then Seed and Size, per image, in A1111's order
+    rest = {
+        "Model": model_name(request.model),
+        "Denoising strength": f"{request.strength:g}" if inputs.init is not None else None,
+        **{f"ControlNet {c.index}": c.describe(model_name(c.file)) for c in control_options(request)},
+        **{f"IP-Adapter {o.index}": o.describe() for o in options},
+    }
+    reference = reference_options(request, inputs)
+    if reference is not None:
+        rest["Reference"] = reference.describe()
+    networks = parameters_of(models.networks, models.pipe, request.prompt, request.negative_prompt, request.steps)
+    return lambda seed, image: format_parameters(request.prompt, request.negative_prompt, {
+        **sampling, "Seed": seed, "Size": f"{image.width}x{image.height}", **rest, **networks})
 
 
 def pick_seed(request: GenerateRequest) -> int:
