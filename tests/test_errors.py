@@ -416,21 +416,22 @@ def test_empty_safetensors(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_faceid_lora_keys_are_refused(linear_state):
+def test_faceid_lora_keys_beside_a_plain_projection_are_refused(linear_state):
+    # FaceID files load (tests/test_faceid.py); its LoRA keys on a linear adapter mean a mixed-up file
     state = {**linear_state, "ip_adapter.1.to_q_lora.down.weight": torch.zeros(128, 32),
              "ip_adapter.1.to_q_lora.up.weight": torch.zeros(32, 128)}
     with pytest.raises(CheckpointError, match=(
-        r"IP-Adapter FaceID checkpoint \(found LoRA keys such as 'ip_adapter\.1\.to_q_lora\.down\.weight'\)"
-        r".*insightface"
+        r"'ip_adapter\.1\.to_q_lora\.down\.weight' is a FaceID LoRA weight, but the image projection is not "
+        r"FaceID's .*the file mixes two adapters; re-download it"
     )):
         IPAdapter.from_state_dict(state)
 
 
-def test_faceid_plus_perceiver_is_refused(linear_state, tmp_path):
+def test_faceid_plus_perceiver_without_its_projection_is_refused(linear_state, tmp_path):
     state = {**linear_state, "image_proj.perceiver_resampler.latents": torch.zeros(1, 4, 32),
              "image_proj.perceiver_resampler.proj_in.weight": torch.zeros(32, 32)}
     save_file(state, str(tmp_path / "faceid-plus.safetensors"))
-    with pytest.raises(CheckpointError, match=r"FaceID checkpoint \(found 'image_proj\.perceiver_resampler\.\*'\)"):
+    with pytest.raises(CheckpointError, match=r"image projection is incomplete: missing 'image_proj\.proj\.0\.weight'"):
         load_adapter(tmp_path / "faceid-plus.safetensors")
 
 
