@@ -242,3 +242,51 @@ def test_acceleration_refuses_what_it_cannot_combine_with(world):
         generate(pipe, None, _settings(prompt="a [red:blue:0.5] square"), output_type="np", acceleration="tgate:2")
     with pytest.raises(ValueError, match="below 6"):
         generate(pipe, None, _settings(), output_type="np", acceleration="tgate:6")
+
+
+# ------------------------------------------------------------- request, command line, PNG info, server
+
+def test_the_command_line_takes_accelerate_and_records_it_in_png_info(tmp_path, capsys):
+    from imprompt.adapter.checkpoint import save_adapter
+    from imprompt.cli import main
+    from imprompt.generation.pnginfo import parse_parameters, read_parameters
+
+    pipe = tm.sd15_pipeline()
+    pipe.save_pretrained(tmp_path / "sd")
+    encoder = tm.image_encoder()
+    encoder.save_pretrained(tmp_path / "models" / "image_encoder")
+    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), tmp_path / "models" / "ip.safetensors")
+    tm.reference_images(1)[0].save(tmp_path / "ref.png")
+    args = ["generate", "--model", str(tmp_path / "sd"), "--adapter", str(tmp_path / "models" / "ip.safetensors"),
+            "--image", str(tmp_path / "ref.png"), "--prompt", "a red star", "--steps", "4", "--seed", "7"]
+    assert main([*args, "--output", str(tmp_path / "out"), "--accelerate", "tgate:2"]) == 0
+    png = next((tmp_path / "out").glob("*.png"))
+    assert parse_parameters(read_parameters(png))["Acceleration"] == "tgate:2"
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    assert "Acceleration" not in parse_parameters(read_parameters(next((tmp_path / "plain").glob("*.png"))))
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "bad"), "--accelerate", "deepcache:fast"]) == 2
+    err = capsys.readouterr().err
+    assert "expected deepcache:N with a whole number N" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"accelerate": "tgate:30", "steps": 30}, "below 30"),
+    ({"accelerate": "deepcache:3", "cpu_offload": "model"}, "--cpu-offload"),
+    ({"accelerate": "turbo:2"}, "unknown method 'turbo'"),
+])
+def test_the_request_checks_accelerate_before_loading_anything(tmp_path, changes, message):
+    from imprompt.generation.request import GenerateRequest
+
+    request = GenerateRequest(model="unused", output=str(tmp_path), device="cpu", **changes)
+    with pytest.raises(ValueError, match=message):
+        request.check()
+
+
+def test_the_native_api_passes_accelerate_on():
+    from imprompt.server.native import NativeRequest, native_to_request
+
+    body = NativeRequest(prompt="a red star", accelerate="deepcache:3")
+    request = native_to_request(body, "model", lambda name, kind: name, lambda ref, where, mode: ref)
+    assert request.accelerate == "deepcache:3" and request.acceleration == Acceleration("deepcache", 3)
+    assert native_to_request(NativeRequest(), "model", lambda n, k: n, lambda r, w, m: r).acceleration is None
