@@ -13,9 +13,9 @@ cross-attention (text and image prompt parts, after ``to_out``), averaged over t
 classifier-free-guidance batch (:func:`cfg_average`), as T-GATE does. Since the text (and the image
 prompts) reach the SD UNet only through cross-attention, both halves of the batch are then the same
 input, guidance has nothing left to amplify, and the unconditional half is dropped (the batch halves:
-most of T-GATE's speed comes from here). That is exact for SD1.5-shaped UNets; for SDXL, whose pooled
-text embedding also enters the time embedding, it keeps the conditional half, as T-GATE's SDXL loader
-does. The batch is not halved (guidance stays, correct but slower) with a ControlNet (its control
+most of T-GATE's speed comes from here). That is exact for SD1.5-shaped UNets (up to float rounding); for SDXL, whose pooled text
+embedding and size conditioning also enter the time embedding, the two halves still differ a little
+there, and keeping the conditional half is an approximation. The batch is not halved (guidance stays, correct but slower) with a ControlNet (its control
 image is doubled outside the step callback's reach) or when a pipeline's tensors are not laid out
 as two halves.
 
@@ -26,7 +26,7 @@ steps only the shallow branch runs: ``conv_in``, the first down block (whose ski
 the last up block), the last up block on the kept deep features, and the output layers. The branch
 is cut at block level (the paper's default cuts inside the first block, which saves a little more);
 block level reuses diffusers' own blocks unchanged. ControlNet residuals of the shallow skips are
-still added. The paper reports 2.3x on SD1.5 (N=5, its layer-level branch) at a small quality cost.
+still added. The paper reports 2.3x on SD1.5 at a small quality cost.
 
 Why not the ``tgate`` / ``DeepCache`` packages: both replace the pipeline (their own loaders and
 ``__call__``) and ``tgate`` installs its own attention processors, which would remove ours, so the
@@ -112,7 +112,7 @@ class Acceleration:
 def cfg_average(output: torch.Tensor) -> torch.Tensor:
     """The mean of the unconditional and conditional halves of a guidance batch ``[uncond; cond]``.
 
-    T-GATE (arXiv 2404.02747, section 4): after the gate step the cross-attention output cached for
+    T-GATE (arXiv 2404.02747): after the gate step the cross-attention output cached for
     both branches is their average, which makes the branches equal and classifier-free guidance moot.
     """
     uncond, cond = output.chunk(2)
@@ -179,6 +179,8 @@ class DeepCacheUNet:
                              f"conv_in and the first down block give {shallow_skips}; this UNet layout is not supported")
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_unet":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self._unet, name)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, **kwargs):
