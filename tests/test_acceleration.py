@@ -209,13 +209,37 @@ def test_deepcache_runs_the_whole_unet_every_n_steps(world):
     assert not pipe.unet.up_blocks[-1]._forward_pre_hooks  # the feature hook is gone
 
 
-def test_deepcache_on_sdxl_and_with_a_controlnet():
+def test_deepcache_on_sdxl():
     pipe = tm.sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
     plain = generate(pipe, None, _settings(steps=4), output_type="np")
     cached = generate(pipe, None, _settings(steps=4), output_type="np", acceleration="deepcache:2")
     assert np.isfinite(cached).all() and not np.array_equal(cached, plain)
     assert np.abs(cached - plain).mean() < 0.1
+
+
+def test_with_a_controlnet_deepcache_adds_its_residuals_and_tgate_keeps_guidance(world):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    base, _, _ = world
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=tm.controlnet(base.unet, seed=1))
+    pipe.set_progress_bar_config(disable=True)
+    control = tm.reference_images(1, 16)[0].resize((16, 16))
+
+    def run(acceleration, scale=1.0):
+        # The ControlNet acts from step 2 of 4 on; deepcache:4 runs the whole UNet at step 0 only, so the
+        # ControlNet reaches the image only through the shallow steps' skip connections.
+        return generate(pipe, None, _settings(steps=4, controlnet_scale=scale, control_guidance_start=0.5),
+                        control_image=control, output_type="np", acceleration=acceleration)
+
+    assert not np.array_equal(run("deepcache:4"), run("deepcache:4", scale=0.0))
+    batches = []
+    handle = base.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        gated = run("tgate:2")
+    finally:
+        handle.remove()
+    assert batches == [2, 2, 2, 2] and np.isfinite(gated).all()  # the doubled control image: no halving
 
 
 def test_accelerated_generations_keep_their_state_per_call(world):
