@@ -85,16 +85,23 @@ def toy(args) -> None:
                         acceleration=runs[name])[0])
                     times[name].append(seconds)
                     reads[task][name].append(judge.read(image))
-            if (i + 1) % 25 == 0:
-                print(f"  toy: {i + 1}/{args.n} references ({time.perf_counter() - wall:.0f} s)", flush=True)
+            if (i + 1) % 25 == 0 and i + 1 < args.n:  # partial tables, in case the run must be cut short
+                report(args, pairs[:i + 1], names, times, reads, time.perf_counter() - wall)
 
+    report(args, pairs, names, times, reads, time.perf_counter() - wall)
+
+
+def report(args, pairs, names, times, reads, seconds: float) -> None:
+    from imprompt.toy import judge
+
+    n = len(pairs)
     truths = [s.attributes for s, _ in pairs]
     expected = [e.expected for _, e in pairs]
-    print(f"\ntoy world: {args.n} test references x (image only, image + text), {args.steps} steps, guidance "
-          f"{args.guidance:g}, {torch.get_num_threads()} thread(s), {time.perf_counter() - wall:.0f} s")
+    print(f"\ntoy world: {n} test references x (image only, image + text), {args.steps} steps, guidance "
+          f"{args.guidance:g}, {torch.get_num_threads()} thread(s), {seconds:.0f} s")
     header = ("contender", "s/gen", "speed-up", *[f"img {c}" for c in CONTENT], "img mean",
               *[f"edit {c}" for c in CONTENT], "edit mean", "edit both")
-    print(" | ".join(header))
+    print(" | ".join(header), flush=True)
     base = statistics.median(times["plain"])
     for name in names:
         image = {c: np.mean([getattr(r, c) == getattr(t, c) for r, t in zip(reads["image"][name], truths)])
@@ -107,7 +114,8 @@ def toy(args) -> None:
         print(" | ".join([name, f"{t:.3f}", f"{base / t:.2f}x", *[f"{image[c]:.1%}" for c in CONTENT],
                           f"{np.mean(list(image.values())):.1%}", *[f"{edit[c]:.1%}" for c in CONTENT],
                           f"{np.mean(list(edit.values())):.1%}", f"{both:.1%}"]))
-    print("s/gen: median seconds per generation over all 2n generations; speed-up: plain's median / this one's.")
+    print("s/gen: median seconds per generation over all 2n generations; speed-up: plain's median / this one's.",
+          flush=True)
 
 
 def mid(args) -> None:
