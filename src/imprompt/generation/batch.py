@@ -160,8 +160,8 @@ PER_ROW_FIELDS = ("prompt", "negative_prompt", "seed", "image")  # what may diff
 
 def can_share_call(group: Sequence[Prepared], pipe) -> bool:
     """Whether these images can come from one pipeline call (:func:`render_together`): text-to-image
-    without ControlNet, no init / mask / control image, Reference-only or LoRA tags, and requests that
-    differ only in prompt, negative prompt, seed and reference images."""
+    without ControlNet, no init / mask / control image, Reference-only, step skipping (--accelerate) or LoRA
+    tags, and requests that differ only in prompt, negative prompt, seed and reference images."""
     from .networks import prompt_tags
 
     def rest(request: GenerateRequest) -> GenerateRequest:
@@ -171,7 +171,8 @@ def can_share_call(group: Sequence[Prepared], pipe) -> bool:
     return len(group) > 1 and getattr(pipe, "controlnet", None) is None and (
         "strength" not in inspect.signature(pipe.__call__).parameters) and all(
         p.inputs.init is None and p.inputs.mask is None and not p.inputs.controls and p.inputs.reference is None
-        and not prompt_tags(p.request.prompt, p.request.negative_prompt) and rest(p.request) == first for p in group)
+        and p.request.accelerate is None and not prompt_tags(p.request.prompt, p.request.negative_prompt)
+        and rest(p.request) == first for p in group)
 
 
 def render_together(group: Sequence[Prepared], models) -> list[tuple["Image.Image", str]]:
