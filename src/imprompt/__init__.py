@@ -29,6 +29,7 @@ _EXPORTS = {
     "AdapterVariant": ".adapter.variants", "CheckpointError": ".adapter.variants", "detect_variant": ".adapter.variants",
     "ImageEncoder": ".encoding", "ImageInputError": ".encoding", "load_image": ".encoding",
     "generate": ".generation.generate",
+    "BatchItem": ".generation.batched", "generate_batch": ".generation.batched",
     "GenerationSettings": ".generation.settings",
     "load_pipeline": ".generation.pipelines",
     "ImagePrompt": ".generation.prompts",

@@ -13,7 +13,7 @@ denoising step as the official code and diffusers do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,15 @@ class SelfAttentionHook(Protocol):
                        *args, **kwargs) -> torch.Tensor: ...
 
 
+class CrossAttentionHook(Protocol):
+    """Per-call cross-attention behaviour (T-GATE, :mod:`imprompt.generation.acceleration`): called for
+    every cross-attention layer with a function that computes the layer's usual output, which it may
+    call or replace."""
+
+    def cross_attention(self, layer: str, hidden_states: torch.Tensor,
+                        compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+
 @dataclass
 class ImagePromptCall:
     """Everything one UNet call (a generation, a training step) needs from its image prompts.
@@ -78,6 +87,7 @@ class ImagePromptCall:
     # FaceID's LoRA per layer, self-attention layers included (imprompt.adapter.lora): it acts at
     # every step, whatever the image prompts' scales and windows, as the official processors do.
     loras: Mapping[str, Sequence[LayerLoRA]] = field(default_factory=dict)
+    gate: CrossAttentionHook | None = None  # this call's T-GATE, if any
 
     def active(self, layer: str) -> list[ImageKV]:
         return [p for p in self.layers.get(layer, ()) if p.scale != 0 and p.window.acts(self.step, self.num_steps)]
@@ -142,6 +152,14 @@ class DecoupledAttnProcessor:
         if image_prompts is not None and image_prompts.reference is not None and encoder_hidden_states is None:
             return image_prompts.reference.self_attention(self.layer_name, self.original, attn, hidden_states,
                                                           attention_mask, temb, *args, **kwargs)
+        if image_prompts is not None and image_prompts.gate is not None and encoder_hidden_states is not None:
+            return image_prompts.gate.cross_attention(self.layer_name, hidden_states, lambda: self._attend(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompts, *args, **kwargs))
+        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompts,
+                           *args, **kwargs)
+
+    def _attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompts,
+               *args, **kwargs):
         active = image_prompts.active(self.layer_name) if image_prompts is not None else []
         loras = image_prompts.loras.get(self.layer_name, ()) if image_prompts is not None else ()
         if encoder_hidden_states is None:

@@ -180,6 +180,11 @@ class EvalConfig:
     scale_sweep: bool = field(default=True, metadata=_m("run the scale sweep (image + text at each scale) and plot it"))
     multimodal: bool = field(default=True, metadata=_m("run the image + text evaluation (toy: a text changing one "
                                                        "attribute; folders: the caption)"))
+    # Default 4 = the default samples: one reference per call, so a real model's memory use is unchanged.
+    batch_images: int = field(default=4, metadata=_m(
+        "images per pipeline call: the samples of several references go through the UNet together (faster where a "
+        "call's overhead dominates: small models, CPUs; the toy config uses 64); at most --samples: one reference "
+        "per call. Results agree to float rounding, not bit for bit (imprompt.generation.batched)"))
     sheet_references: int = field(default=8, metadata=_m("references shown in the contact sheets"))
     save_images: bool = field(default=False, metadata=_m("also write every generation to OUTPUT_DIR/images/"))
     device: str = field(default="auto", metadata=_m("torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"))
@@ -221,7 +226,7 @@ class EvalConfig:
         if not self.clip_model:
             raise ValueError("evaluation needs a scoring CLIP: --clip-model FOLDER (a transformers CLIPModel with its "
                              "tokenizer and image processor)")
-        for name in ("references", "samples", "steps", "sheet_references"):
+        for name in ("references", "samples", "steps", "sheet_references", "batch_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.clip_t_weight <= 0:

@@ -31,7 +31,8 @@ from ..models.catalog import Catalog, resolve_name, roots_from
 from ..generation.schedulers import make_scheduler
 from . import metrics
 from .config import EvalConfig, MethodSpec, with_toy_defaults
-from .methods import MethodModels, Sampling, load_method, open_method
+from .batched import Job, open_batched
+from .methods import MethodModels, Sampling, load_method
 from .references import Reference, load_references
 from .scoring import ClipScorer, attribute_hits, edit_hits
 
@@ -192,7 +193,8 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
     keep = min(config.sheet_references, len(references))
     plans = {m.spec.name: plan(config, m.spec) for m in loaded}
     calls = sum(1 for p in plans.values() for step in p if step.same_as is None) * len(references)
-    bar = tqdm(total=calls, desc="eval", unit="call",
+    per_call = max(1, config.batch_images // config.samples)  # references per pipeline call
+    bar = tqdm(total=calls, desc="eval", unit="reference",
                disable=not config.progress)
     methods: dict[str, dict] = {}
     images: dict[str, dict[str, dict[int, list[Image.Image]]]] = {}
@@ -202,7 +204,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
                  "adapter_file": str(models.adapter_file) if models.adapter_file else None,
                  "image_encoder_dir": str(models.encoder_dir) if models.encoder_dir else None, "passes": {}}
         images[spec.name] = {}
-        with open_method(models, pipe, img2img_pipe, sampling) as sampler:
+        with open_batched(models, pipe, img2img_pipe, sampling, batched=per_call > 1) as sampler:
             for step in plans[spec.name]:
                 if step.same_as is not None:
                     entry["passes"][step.key] = {**entry["passes"][step.same_as], "same_as": step.same_as,
@@ -212,15 +214,18 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> EvalResu
                 bar.set_description(f"{spec.name}: {step.key}")
                 pass_started = time.perf_counter()
                 records, kept = [], {}
-                for i, ref in enumerate(references):
-                    seeds = sample_seeds(config, i)
-                    generated = sampler(ref.image, prompt_text(spec.kind, ref, step.multimodal), seeds, step.scale)
-                    records += scores.score(i, generated, seeds, step.multimodal)
-                    if i < keep:
-                        kept[i] = generated
-                    if config.save_images:
-                        save_images(out / "images" / spec.name / step.key.replace(" ", "-"), ref.name, generated)
-                    bar.update(1)
+                for first in range(0, len(references), per_call):
+                    chunk = range(first, min(first + per_call, len(references)))
+                    jobs = [Job(references[i].image, prompt_text(spec.kind, references[i], step.multimodal),
+                                sample_seeds(config, i)) for i in chunk]
+                    for i, job, generated in zip(chunk, jobs, sampler(jobs, step.scale)):
+                        records += scores.score(i, generated, list(job.seeds), step.multimodal)
+                        if i < keep:
+                            kept[i] = generated
+                        if config.save_images:
+                            save_images(out / "images" / spec.name / step.key.replace(" ", "-"), references[i].name,
+                                        generated)
+                        bar.update(1)
                 seconds = time.perf_counter() - pass_started
                 entry["passes"][step.key] = {"scale": step.scale if step.scale is not None else (
                     spec.ip_scale if spec.kind == "ip_adapter" else None), "multimodal": step.multimodal,

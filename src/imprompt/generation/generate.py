@@ -19,6 +19,8 @@ from PIL import Image
 from ..adapter.attach import Attachment
 from ..adapter.attention import ImagePromptCall
 from ..encoding import ImageEncoder, ImageInputError
+from .acceleration import Acceleration, gate_applied
+from .acceleration import start as start_acceleration
 from .loras import loras_applied
 from .networks import Networks, prompt_tags
 from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
@@ -136,7 +138,8 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
              image_prompts: Sequence[ImagePrompt] = (), encoders: Sequence[ImageEncoder] = (), *,
              init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
              control_image: Image.Image | Sequence[Image.Image] | None = None, output_type: str = "pil", callback=None,
-             networks: Networks | None = None, reference: ReferenceOptions | None = None):
+             networks: Networks | None = None, reference: ReferenceOptions | None = None,
+             acceleration: Acceleration | str | None = None):
     """Run ``pipe`` with image prompts; returns the pipeline's images (PIL by default).
 
     ``encoders[i]`` is the image encoder of ``attachment.adapters[i]``. ``callback`` is a diffusers
@@ -145,8 +148,11 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     and embeddings they name. The LoRAs are loaded into the pipeline for this call only and removed
     after it (so, like attaching adapters, no other generation may use the same models meanwhile).
     ``reference``: Reference-only (:mod:`imprompt.generation.reference`), alone or with image prompts.
+    ``acceleration``: opt-in step skipping, ``"tgate:STEP"`` or ``"deepcache:N"`` (or an
+    :class:`~imprompt.generation.acceleration.Acceleration`); see :mod:`imprompt.generation.acceleration`.
     """
     settings.check()
+    acceleration = Acceleration.parse(acceleration)
     if reference is not None:
         reference.check()
     tags = prompt_tags(settings.prompt, settings.negative_prompt)
@@ -156,11 +162,11 @@ def generate(pipe, attachment: Attachment | None, settings: GenerationSettings,
     with loras_applied(pipe, networks.uses(tags) if tags else [],
                        networks.lora_cache if networks is not None else None):
         return _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image,
-                         control_image, output_type, callback, networks, reference)
+                         control_image, output_type, callback, networks, reference, acceleration)
 
 
 def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, mask_image, control_image,
-              output_type, callback, networks, reference=None):
+              output_type, callback, networks, reference=None, acceleration=None):
     if image_prompts and attachment is None:
         raise ValueError("image prompts need adapters attached to the pipeline's UNet (imprompt.attach)")
     if attachment is not None:
@@ -191,18 +197,28 @@ def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, m
                              "image or use a FaceID adapter without LoRA (Portrait)")
         state.reference = ref
     edits = text is not None and text.changes  # prompt editing / alternation: new text embeddings per step
+    accel = None
+    if acceleration is not None:  # this call's caches live in ``accel`` and the view, never on ``pipe``
+        accel, extra = start_acceleration(acceleration, view, guidance=layout.guidance, steps=settings.steps,
+                                          edits=edits, reference=ref is not None)
+        kwargs.update(extra)
+        if accel.gate is not None:
+            state = state if state is not None else ImagePromptCall({}, num_steps=settings.steps)
+            state.gate = accel.gate
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
         if state is not None:
             state.step, state.num_steps = step + 1, pipeline.num_timesteps
         if edits:
             tensors.update(text.in_loop(step + 1, layout.images_per_prompt, layout.guidance))
+        if accel is not None:
+            tensors = accel.on_step_end(pipeline, step, tensors)
         return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
 
     if state is not None:
         kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
     if edits:
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents", *text.tensor_names()]
-    chained = on_step_end if state is not None or edits else callback
-    with reference_applied(pipe.unet, ref):
+    chained = on_step_end if state is not None or edits or accel is not None else callback
+    with reference_applied(pipe.unet, ref), gate_applied(pipe.unet, accel):
         return view(**kwargs, output_type=output_type, callback_on_step_end=chained).images

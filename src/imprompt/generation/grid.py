@@ -27,8 +27,8 @@ from .cache import CachedLoader, EmbeddingCache, ModelCache
 from .adapter_options import finite
 from .pnginfo import save_png
 from .prompt_syntax import LORA_KINDS, NETWORK_TAG
-from .request import (GenerateRequest, load_models, next_index, pick_seed, prepare, read_inputs, render,
-                      save_numbered_png)
+from .batch import Prepared, render_group
+from .request import GenerateRequest, next_index, pick_seed, prepare, read_inputs, save_numbered_png
 
 PROMPT_SR = "prompt_sr"
 LORA_AXIS = "lora:"  # lora:NAME=W1,W2,...
@@ -121,6 +121,9 @@ class GridConfig(GenerateRequest):
     y: str | None = field(default=None, metadata=option("Y axis: FIELD=V1,V2,... (rows)", metavar="AXIS"))
     z: str | None = field(default=None, metadata=option("Z axis: one grid per value", metavar="AXIS"))
     cell: int = field(default=128, metadata=option("grid cell size in pixels"))
+    cells_per_call: int = field(default=1, metadata=option(
+        "cells per pipeline call: consecutive cells that differ only in seed, prompt or reference share one UNet "
+        "batch (text-to-image only; images equal one-cell calls to float rounding, not bit for bit)"))
 
 
 def run_grid(config: GridConfig, log: Callable[[str], None] = print) -> list[Path]:
@@ -140,24 +143,29 @@ def run_grid(config: GridConfig, log: Callable[[str], None] = print) -> list[Pat
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     index, grids = next_index(out), []
+    if config.cells_per_call < 1:
+        raise ValueError(f"cells_per_call must be at least 1, got {config.cells_per_call}")
     for zv in z.values:
-        rows, first_text = [], None
+        cells = []  # (label, Prepared) in grid order
         for yv in y.values:
-            row = []
             for xv in x.values:
                 request = apply(apply(apply(base, x, xv), y, yv), z, zv)
                 if "seed" not in (x.name, y.name, z.name):
                     request = dataclasses.replace(request, seed=seed)
                 request, options, catalog = prepare(request, log)
-                inputs = read_inputs(request, options)
-                models = load_models(request, options, catalog, loader)
-                (item,) = next(iter(render(request, options, models, inputs, pick_seed(request))))
-                path, index = save_numbered_png(out, index, item.seed, item.image, item.parameters)
+                label = ", ".join(filter(None, (x.label(xv), y.label(yv), z.label(zv))))
+                cells.append((label, Prepared(request, options, catalog, read_inputs(request, options),
+                                              pick_seed(request))))
+        images, first_text = [], None
+        for first in range(0, len(cells), config.cells_per_call):
+            group = cells[first:first + config.cells_per_call]
+            for (label, cell), (image, parameters) in zip(group, render_group([c for _, c in group], loader)):
+                path, index = save_numbered_png(out, index, cell.seed, image, parameters)
                 index += 1
-                log(f"wrote {path} ({', '.join(filter(None, (x.label(xv), y.label(yv), z.label(zv))))})")
-                first_text = first_text or item.parameters
-                row.append(item.image)
-            rows.append(row)
+                log(f"wrote {path} ({label})")
+                first_text = first_text or parameters
+                images.append(image)
+        rows = [images[i:i + len(x.values)] for i in range(0, len(images), len(x.values))]
         sheet = contact_sheet(rows, [y.label(v) for v in y.values] if y.name else None,
                               [x.label(v) for v in x.values] if x.name else None, cell=config.cell)
         text = first_text + "\nGrid: " + "; ".join(f"{a.name}={','.join(a.values)}" for a in (x, y, z) if a.name)

@@ -42,6 +42,7 @@ from ..config import option
 from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
 from ..files import check_writable_folder, remove_debris
 from ..models.catalog import Catalog, resolve_name, roots_from
+from .acceleration import Acceleration
 from .adapter_options import (AdapterOptions, ImageReader, adapter_options, load_encoders, load_image_prompts,
                               split_target)
 from .controls import as_call_value, control_options
@@ -172,6 +173,10 @@ class GenerateRequest(GenerationSettings):
         "Reference-only weight 0..2: the share of layers that read the reference (A1111's unit weight)"))
     reference_start: float = field(default=0.0, metadata=option("fraction of the steps where Reference-only starts"))
     reference_end: float = field(default=1.0, metadata=option("fraction of the steps where Reference-only stops"))
+    accelerate: str | None = field(default=None, metadata=option(
+        "opt-in step skipping, faster at a small cost in fidelity: tgate:STEP (T-GATE: cross-attention computed "
+        "for the first STEP steps, then reused, and guidance dropped) or deepcache:N (DeepCache: the whole UNet "
+        "every N steps, only its shallow blocks in between); off by default", metavar="METHOD:N"))
     output: str = field(default="outputs", metadata=option("folder for the PNGs"))
     batch_size: int = field(default=4, metadata=option(
         f"images per pipeline call (1 to {MAX_BATCH}); lower it if memory runs out. Images do not depend on it"))
@@ -201,6 +206,11 @@ class GenerateRequest(GenerationSettings):
         """The Reference-only options of this request, for ``image``."""
         return ReferenceOptions(image, self.reference_mode, self.style_fidelity, self.reference_weight,
                                 start=self.reference_start, end=self.reference_end)
+
+    @property
+    def acceleration(self) -> Acceleration | None:
+        """``accelerate`` parsed (None: off); raises ValueError for a malformed value."""
+        return Acceleration.parse(self.accelerate)
 
     @property
     def memory(self) -> MemoryOptions:
@@ -247,6 +257,14 @@ class GenerateRequest(GenerationSettings):
         self.memory.check(device)
         if self.reference_image is not None:
             self.reference(None).check()
+        if (acceleration := self.acceleration) is not None:
+            acceleration.check(self.steps)
+            if self.reference_image is not None:
+                raise ValueError(f"--accelerate {acceleration.describe()} does not combine with --reference-image; "
+                                 "leave one of them out")
+            if acceleration.method == "deepcache" and self.cpu_offload:
+                raise ValueError(f"--accelerate {acceleration.describe()} does not work with --cpu-offload (the "
+                                 "shallow steps call the UNet's blocks directly); leave one of them out")
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         check_writable_folder(self.output, "--output")
@@ -432,9 +450,32 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
     generation uses the same UNet meanwhile (attaching changes its attention processors).
     """
     pipe = models.pipe
+    reference = reference_options(request, inputs)
+    acceleration = request.acceleration
+    parameters = infotext(request, options, models, inputs)
+    attachment = attach(pipe.unet, models.adapters) if models.adapters else None
+    try:
+        for first in range(0, request.num_images, request.batch_size):
+            seeds = [seed + i for i in range(first, min(first + request.batch_size, request.num_images))]
+            # One generator per image: image i is the same whatever the batching (see the module doc).
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            settings = request.settings(seed=None, num_images=len(seeds),
+                                        extra={**request.extra, "generator": generators})
+            images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
+                              mask_image=inputs.mask, control_image=inputs.control, callback=callback,
+                              networks=models.networks, reference=reference, acceleration=acceleration)
+            yield [Rendered(s, image, parameters(s, image)) for s, image in zip(seeds, images)]
+    finally:
+        if attachment is not None:
+            attachment.detach()
+
+
+def infotext(request: GenerateRequest, options: Sequence[AdapterOptions], models: LoadedModels,
+             inputs: Inputs) -> Callable[[int, "Image.Image"], str]:
+    """(seed, image) -> the PNG parameters text (A1111's infotext) of one of the request's images."""
     sampling = {
         "Steps": request.steps,
-        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(pipe.scheduler),
+        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(models.pipe.scheduler),
         "CFG scale": f"{request.guidance:g}",
     }  # then Seed and Size, per image, in A1111's order
     rest = {
@@ -446,24 +487,11 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
     reference = reference_options(request, inputs)
     if reference is not None:
         rest["Reference"] = reference.describe()
-    networks = parameters_of(models.networks, pipe, request.prompt, request.negative_prompt, request.steps)
-    attachment = attach(pipe.unet, models.adapters) if models.adapters else None
-    try:
-        for first in range(0, request.num_images, request.batch_size):
-            seeds = [seed + i for i in range(first, min(first + request.batch_size, request.num_images))]
-            # One generator per image: image i is the same whatever the batching (see the module doc).
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            settings = request.settings(seed=None, num_images=len(seeds),
-                                        extra={**request.extra, "generator": generators})
-            images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
-                              mask_image=inputs.mask, control_image=inputs.control, callback=callback,
-                              networks=models.networks, reference=reference)
-            yield [Rendered(s, image, format_parameters(request.prompt, request.negative_prompt, {
-                **sampling, "Seed": s, "Size": f"{image.width}x{image.height}", **rest, **networks}))
-                for s, image in zip(seeds, images)]
-    finally:
-        if attachment is not None:
-            attachment.detach()
+    if request.acceleration is not None:
+        rest["Acceleration"] = request.acceleration.describe()
+    networks = parameters_of(models.networks, models.pipe, request.prompt, request.negative_prompt, request.steps)
+    return lambda seed, image: format_parameters(request.prompt, request.negative_prompt, {
+        **sampling, "Seed": seed, "Size": f"{image.width}x{image.height}", **rest, **networks})
 
 
 def pick_seed(request: GenerateRequest) -> int:

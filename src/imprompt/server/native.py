@@ -90,6 +90,7 @@ class NativeRequest(BaseModel):
     controlnet_scale: float = 1.0
     controlnets: list[ControlNetSpec] = Field(default_factory=list, description="several ControlNets at once")
     save_control_map: bool = Field(False, description="also return the preprocessed control maps")
+    accelerate: str | None = Field(None, description="opt-in step skipping: tgate:STEP or deepcache:N (default off)")
 
 
 def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, str], str],
@@ -141,7 +142,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         batch_size=body.batch_size, scheduler=body.scheduler, strength=body.strength,
         init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
-        save_control_map=body.save_control_map, **control_values(body, lookup, image), **values,
+        save_control_map=body.save_control_map, accelerate=body.accelerate,
+        **control_values(body, lookup, image), **values,
         **_reference_fields(body.reference, image))
 
 
