@@ -124,6 +124,23 @@ class FeatureCache:
     def complete(self) -> bool:
         return self.index_file.is_file()
 
+    def remember(self, source: str | None) -> None:
+        """Note that this cache holds the features of ``source`` (:func:`imprompt.training.frozen.source_key`),
+        so that a later run finds it without loading the frozen models to hash their weights."""
+        if source is not None and not (self.folder / f"source-{source}.json").is_file():
+            write_text(self.folder / f"source-{source}.json", json.dumps({"source": source}))
+
+    @classmethod
+    def recall(cls, root: Path, source: str | None) -> "FeatureCache | None":
+        """The complete cache built from ``source``, if one was (None: the frozen models must be loaded)."""
+        if source is None or not Path(root).is_dir():
+            return None
+        for marker in sorted(Path(root).glob(f"*/source-{source}.json")):
+            cache = cls(root, marker.parent.name)
+            if cache.complete:
+                return cache
+        return None
+
     def build(self, models: FrozenModels, records: Iterable[Record], resolution: int, center_crop: bool,
               seed: int, counter: SkipCounter, batch_size: int = 16, progress: bool = True) -> None:
         """Encode every record once. Resumable: finished shards are kept, the index comes last."""
