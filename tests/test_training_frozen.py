@@ -56,21 +56,33 @@ def test_frozen_models_are_freed_after_caching_and_not_loaded_with_a_complete_ca
     assert run.frozen is None
 
 
-def test_same_seed_same_adapter_whether_the_models_were_freed_never_loaded_or_kept(world, tmp_path, monkeypatch):
+def adapters_equal(*results) -> None:
+    a, *others = (load_file(r.adapter_file) for r in results)
+    for other in others:
+        assert sorted(a) == sorted(other)
+        for k in a:
+            assert torch.equal(a[k], other[k]), k
+    assert all(r.losses == results[0].losses for r in results)
+
+
+def test_same_seed_same_adapter_whether_the_models_were_freed_or_never_loaded(world, tmp_path, monkeypatch):
     loads = spy_on_loads(monkeypatch)
     cache = str(tmp_path / "cache")
-    built = train(config(world, tmp_path / "built", cache_dir=cache, max_steps=3), log_fn=lambda m: None)
-    reused = train(config(world, tmp_path / "reused", cache_dir=cache, max_steps=3), log_fn=lambda m: None)
+    built = train(config(world, tmp_path / "built", cache_dir=cache, max_steps=2), log_fn=lambda m: None)
+    reused = train(config(world, tmp_path / "reused", cache_dir=cache, max_steps=2), log_fn=lambda m: None)
     assert len(loads) == 1  # the second run never loaded them
-    # Sample sheets keep the frozen models for the whole run: the adapter must not notice.
-    kept = train(config(world, tmp_path / "kept", cache_dir=str(tmp_path / "cache2"), max_steps=3, sample_every=3,
+    adapters_equal(built, reused)
+
+
+@pytest.mark.slow  # over 10 s: sample generations
+def test_sample_sheets_keep_the_frozen_models_and_train_the_same_adapter(world, tmp_path, monkeypatch):
+    loads = spy_on_loads(monkeypatch)
+    freed = train(config(world, tmp_path / "freed", cache_dir=str(tmp_path / "cache"), max_steps=2), log_fn=lambda m: None)
+    kept = train(config(world, tmp_path / "kept", cache_dir=str(tmp_path / "cache2"), max_steps=2, sample_every=2,
                         sample_steps=1, sample_images=[str(world / "data" / "img01.png")]), log_fn=lambda m: None)
+    assert (tmp_path / "kept" / "samples" / "step-00000002.png").is_file()
     assert len(loads) == 2 and loads[1]["vae"]() is None  # loaded for the sheets, gone after the run
-    a, b, c = (load_file(r.adapter_file) for r in (built, reused, kept))
-    assert sorted(a) == sorted(b) == sorted(c)
-    for k in a:
-        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
-    assert built.losses == reused.losses == kept.losses
+    adapters_equal(freed, kept)
 
 
 def test_source_key_follows_the_model_files_and_the_settings(world, tmp_path):
