@@ -124,8 +124,9 @@ def measure_cache(size: str, batch: int, steps: int, work: Path) -> list[float]:
     from imprompt.training.trainer import set_up, train_step
 
     resolution = int((work / size / "ready").read_text())
-    run = set_up(train_config(work, size, batch, resolution), log_fn=lambda m: None)
-    assert run.frozen is None
+    messages: list[str] = []
+    run = set_up(train_config(work, size, batch, resolution), log_fn=messages.append)
+    assert run.frozen is None and any("are not loaded" in m for m in messages), messages  # the UNet alone
     seconds = []
     for micro in range(steps + 1):
         start = time.perf_counter()
