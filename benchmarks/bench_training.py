@@ -110,16 +110,25 @@ def prepare(size: str, batch: int, work: Path) -> dict:
     return {"resolution": int((folder / "ready").read_text())}
 
 
-def measure(size: str, mode: str, batch: int, steps: int, work: Path) -> dict:
-    """Median seconds per step of one mode (the first step warms up and is not counted), and peak RSS."""
+def measure(size: str, modes: str, batch: int, steps: int, work: Path) -> dict:
+    """Median seconds per step of each mode, steps interleaved when several run here (so that background
+    load hits them alike; the first step warms up and is not counted), and this process's peak RSS."""
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
-    seconds = measure_cache(size, batch, steps, work) if mode == "cache" else measure_recompute(size, mode, batch, steps)
-    return {"seconds_per_step": sorted(seconds)[len(seconds) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    step_fns = {m: cache_steps(size, batch, work) if m == "cache" else recompute_steps(size, m, batch)
+                for m in modes.split(",")}
+    seconds: dict[str, list[float]] = {m: [] for m in step_fns}
+    for step in range(steps + 1):
+        for mode, fn in step_fns.items():
+            start = time.perf_counter()
+            fn(step)
+            if step:
+                seconds[mode].append(time.perf_counter() - start)
+    median = {m: sorted(t)[len(t) // 2] for m, t in seconds.items()}
+    return {"seconds_per_step": median, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure_cache(size: str, batch: int, steps: int, work: Path) -> list[float]:
+def cache_steps(size: str, batch: int, work: Path):
     """imprompt's trainer as it runs: the cache is complete, so only the UNet (and the adapter) load."""
     from imprompt.training.trainer import set_up, train_step
 
@@ -127,15 +136,10 @@ def measure_cache(size: str, batch: int, steps: int, work: Path) -> list[float]:
     messages: list[str] = []
     run = set_up(train_config(work, size, batch, resolution), log_fn=messages.append)
     assert run.frozen is None and any("are not loaded" in m for m in messages), messages  # the UNet alone
-    seconds = []
-    for micro in range(steps + 1):
-        start = time.perf_counter()
-        train_step(run, micro)
-        seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    return lambda step: train_step(run, step)
 
 
-def measure_recompute(size: str, mode: str, batch: int, steps: int) -> list[float]:
+def recompute_steps(size: str, mode: str, batch: int):
     """The official scripts' step: every frozen encoder on every batch; ``official``: in mixed precision."""
     from imprompt.adapter.attach import adapter_for_unet
     from imprompt.encoding import ImageEncoder
@@ -163,9 +167,8 @@ def measure_recompute(size: str, mode: str, batch: int, steps: int) -> list[floa
     records = [Record(f"{i}", lambda i=i: png(i, resolution), f"a picture number {i}") for i in range(batch)]
     with autocast:
         uncond = models.unconditional()
-    seconds = []
-    for step in range(steps + 1):
-        start = time.perf_counter()
+
+    def step_fn(step: int) -> None:
         with autocast:
             features = models.encode(records, resolution, True, 0, SkipCounter())
             inputs = step_inputs({k: v for k, v in features.items() if k != "_keys"}, uncond,
@@ -174,8 +177,7 @@ def measure_recompute(size: str, mode: str, batch: int, steps: int) -> list[floa
         torch.nn.functional.mse_loss(prediction.float(), inputs.target.float()).backward()
         optimizer.step()
         optimizer.zero_grad()
-        seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    return step_fn
 
 
 def child(*args) -> dict:
@@ -191,6 +193,8 @@ def main() -> None:
     parser.add_argument("--sd15-only", action="store_true", help="SD1.5 architecture only")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per mode (SD1.5: half, at least 1)")
     parser.add_argument("--modes", default="recompute,official,cache")
+    parser.add_argument("--interleave", action="store_true", help="also time recompute and cache steps interleaved "
+                        "in one process (fairer under changing load; its memory holds both, so no RSS from it)")
     parser.add_argument("--work", default=None, help="folder for the saved models and caches (default: a temporary one)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,7 +204,7 @@ def main() -> None:
         if kind == "prepare":
             print(json.dumps(prepare(size, int(batch), work)))
         else:
-            print(json.dumps(measure(size, kind, int(batch), int(rest[0]), work)))
+            print(json.dumps(measure(size, kind, int(batch), int(rest[0]), work)))  # kind: comma-separated modes
         return
     cases = [("small", 32, args.steps), ("sd15", 2, max(1, args.steps // 2))]
     cases = cases[:1] if args.quick else cases[1:] if args.sd15_only else cases
@@ -212,7 +216,8 @@ def main() -> None:
             child("prepare", size, batch, work)
             results = {}
             for mode in modes:
-                results[mode] = child(mode, size, batch, steps, work)
+                r = child(mode, size, batch, steps, work)
+                results[mode] = {"seconds_per_step": r["seconds_per_step"][mode], "peak_rss_mb": r["peak_rss_mb"]}
                 r = results[mode]
                 print(f"{size:6} {batch:>5} {mode:>9} {batch / r['seconds_per_step']:8.3f} {r['seconds_per_step']:8.3f} "
                       f"{r['peak_rss_mb']:12.0f}  {os.getloadavg()[0]:.1f}", flush=True)
@@ -221,6 +226,11 @@ def main() -> None:
                     speed = results[mode]["seconds_per_step"] / results["cache"]["seconds_per_step"]
                     memory = results["cache"]["peak_rss_mb"] / results[mode]["peak_rss_mb"]
                     print(f"{size:6} cache vs {mode}: {speed:.2f}x throughput, {memory:.0%} of its peak RSS")
+            if args.interleave:
+                timing = child("recompute,cache", size, batch, steps, work)["seconds_per_step"]
+                print(f"{size:6} interleaved in one process: recompute {timing['recompute']:.3f} s/step, cache "
+                      f"{timing['cache']:.3f} s/step: {timing['recompute'] / timing['cache']:.2f}x  "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
