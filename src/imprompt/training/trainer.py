@@ -13,9 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,6 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from ..adapter.attach import Attachment, adapter_for_unet, attach
@@ -32,12 +29,13 @@ from ..adapter.layers import LayerScales
 from ..adapter.model import IPAdapter
 from ..adapter.variants import AdapterVariant
 from ..encoding import ImageEncoder, load_image
-from ..files import atomic_dir, atomic_write, check_writable_folder, load_torch_weights, remove_debris, write_text
-from ..generation.pipelines import load_pipeline, resolve_model
+from ..files import check_writable_folder, remove_debris, write_text
 from ..models.catalog import Catalog, resolve_name, roots_from
+from .checkpoint import adapter_settings, check_resume, checkpoints, find_resume, load_checkpoint, save_checkpoint  # noqa: F401 (checkpoints: public here too)
 from .config import TrainConfig
 from .data import SkipCounter, data_fingerprint, open_source
 from .features import CachedFeatures, FeatureCache, FrozenModels
+from .frozen import denoiser_of, encoder_output_of, load_denoiser, load_frozen, release, source_key
 from .recipe import apply_dropout, batch_indices, diffusion_target, dropout_masks, step_generator
 
 log = logging.getLogger(__name__)
@@ -45,18 +43,18 @@ ALL_LAYERS = LayerScales()
 EXPORT_NAME = "ip_adapter.safetensors"
 
 
-def build_variant(config: TrainConfig, unet, encoder: ImageEncoder) -> AdapterVariant:
-    cross = unet.config.cross_attention_dim
-    embeds = encoder.model.config.projection_dim
-    hidden = encoder.model.config.hidden_size
+def build_variant(config: TrainConfig, cross: int, width: int) -> AdapterVariant:
+    """The adapter for a UNet of cross-attention width ``cross`` reading image features of width ``width``
+    (the encoder's projection_dim for the linear kinds, its hidden_size for plus and full: the last
+    dimension of the cached features, so a run with a complete cache needs no image encoder)."""
     if config.variant in ("linear", "shared"):
-        return AdapterVariant("linear", embeds, cross, config.tokens)
+        return AdapterVariant("linear", width, cross, config.tokens)
     if config.variant == "full":
-        return AdapterVariant("full", hidden, cross, None)
-    width = config.resampler_width or max(64, min(cross, 1280) // 64 * 64)
-    if width % 64:
-        raise ValueError(f"resampler_width must be a multiple of 64 (64-wide heads), got {width}")
-    return AdapterVariant("plus", hidden, cross, config.tokens, resampler_width=width,
+        return AdapterVariant("full", width, cross, None)
+    resampler = config.resampler_width or max(64, min(cross, 1280) // 64 * 64)
+    if resampler % 64:
+        raise ValueError(f"resampler_width must be a multiple of 64 (64-wide heads), got {resampler}")
+    return AdapterVariant("plus", width, cross, config.tokens, resampler_width=resampler,
                           resampler_depth=config.resampler_depth, resampler_ff_mult=4)
 
 
@@ -122,86 +120,6 @@ def launch_warning(world: int, env: Mapping[str, str]) -> str | None:
     return None
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
-
-def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and (p / "state.json").is_file())
-
-
-def find_resume(config: TrainConfig) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        found = checkpoints(Path(config.output_dir) / "checkpoints")
-        return found[-1] if found else None
-    path = Path(config.resume)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"--resume {config.resume!r}: not a checkpoint folder (no state.json)")
-    return path
-
-
-def adapter_settings(config: TrainConfig, variant: AdapterVariant) -> dict:
-    """What decides the adapter's shape (saved in each checkpoint, compared on resume)."""
-    return {"variant": config.variant, **dataclasses.asdict(variant)}
-
-
-# The config field to change for each setting that can differ.
-_SETTING_FIELDS = {"variant": "variant", "projection": "variant", "num_tokens": "num_tokens",
-                   "resampler_width": "resampler_width", "resampler_depth": "resampler_depth",
-                   "image_embed_dim": "image_encoder", "cross_attention_dim": "model"}
-
-
-def check_resume(checkpoint: Path, state: dict, config: TrainConfig, variant: AdapterVariant) -> None:
-    """Refuse a checkpoint this run cannot continue, saying why and what to do, before anything is built."""
-    step = int(state["step"])
-    if step > config.max_steps:
-        raise ValueError(f"checkpoint {checkpoint} is at step {step}, beyond max_steps {config.max_steps}; raise "
-                         f"--max-steps above {step} to continue it, or use its adapter.safetensors as it is")
-    saved = state.get("settings")
-    if saved is None:
-        return  # written before settings were saved: the state dict load says whether it fits
-    current = adapter_settings(config, variant)
-    differ = [k for k in current if k in saved and saved[k] != current[k]]
-    if differ:
-        fields = sorted({_SETTING_FIELDS.get(k, k) for k in differ})
-        then = ", ".join(f"{k}={saved[k]}" for k in differ)
-        now = ", ".join(f"{k}={current[k]}" for k in differ)
-        raise ValueError(f"checkpoint {checkpoint} was trained with {then}; this run has {now} (set by "
-                         f"{', '.join(fields)}): resume with the checkpoint's settings, or train afresh in a new "
-                         "--output-dir (or without --resume)")
-
-
-def save_checkpoint(folder: Path, step: int, adapter: IPAdapter, optimizer, scheduler, keep: int, state: dict) -> Path:
-    """Write ``step-N/`` (adapter, optimizer, LR scheduler, ``state``) atomically: a kill at any moment
-    leaves the previous checkpoints and at most a ``.step-N.*.tmp`` folder, never half a checkpoint."""
-    final = folder / f"step-{step:08d}"
-    with atomic_dir(final) as staging:
-        save_adapter(adapter, staging / "adapter.safetensors")
-        with atomic_write(staging / "optimizer.pt") as f:
-            torch.save(optimizer.state_dict(), f)
-        with atomic_write(staging / "lr_scheduler.pt") as f:
-            torch.save(scheduler.state_dict(), f)
-        write_text(staging / "state.json", json.dumps({"step": step, **state}))
-    for old in checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(checkpoint: Path, adapter: IPAdapter, optimizer, scheduler) -> None:
-    """The adapter, optimizer and LR scheduler state of ``checkpoint`` (weights-only loads)."""
-    try:
-        adapter.load_state_dict(load_file(checkpoint / "adapter.safetensors"))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ValueError(f"checkpoint {checkpoint} does not fit this run's adapter ({' '.join(first[1:3]).strip()[:300]}); "
-                         "resume with the settings it was trained with, or train afresh in a new --output-dir") from None
-    optimizer.load_state_dict(load_torch_weights(checkpoint / "optimizer.pt", "optimizer state"))
-    scheduler.load_state_dict(load_torch_weights(checkpoint / "lr_scheduler.pt", "LR scheduler state"))
-
-
 # --- one step --------------------------------------------------------------------------------------
 
 @dataclass
@@ -244,19 +162,23 @@ def step_inputs(batch: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
 
 @dataclass
 class Run:
-    """What a training run holds from set-up to export."""
+    """What a training run holds from set-up to export.
+
+    No VAE, text encoder or image encoder: a cached step needs only the UNet (inside ``model``), and
+    ``frozen`` holds the frozen models only when sample sheets are asked for.
+    """
 
     config: TrainConfig
     accelerator: object
-    pipe: object
-    encoder: ImageEncoder
     variant: AdapterVariant
     model: TrainingModel  # wrapped by accelerate (DDP) when several processes run
     optimizer: object
     lr_scheduler: object
     noise_scheduler: object
+    scaling_factor: float  # the VAE's latent scale
     features: CachedFeatures
     uncond: dict[str, torch.Tensor]
+    frozen: FrozenModels | None = None  # pipeline + image encoder, for the sample sheets only
     start_micro: int = 0
     before: dict = field(default_factory=lambda: {"seconds": 0.0, "images_seen": 0})  # earlier runs' totals
     log_with: str | None = None
@@ -270,20 +192,12 @@ class Run:
         return self.accelerator.unwrap_model(self.model)
 
 
-def prepare_features(config: TrainConfig, models: FrozenModels, accelerator, log_fn: Callable[[str], None]) -> CachedFeatures:
-    """The feature cache of this data and these frozen models, built by the main process if missing."""
-    counter = SkipCounter()
-    source = open_source(config.data, config.data_root, counter)
-    data_key = data_fingerprint(config.data, config.data_root, source)
-    key = models.fingerprint(config.resolution, config.center_crop, data=data_key, crop_seed=config.seed)
-    cache = FeatureCache(Path(config.cache_dir or Path(config.output_dir) / "cache"), key)
-    if accelerator.is_main_process:
-        if cache.complete:
-            log_fn(f"reusing the feature cache {cache.folder} (same models, resolution, crop and data)")
-        else:
-            cache.build(models, source, config.resolution, config.center_crop, config.seed, counter,
-                        progress=config.progress)
-    accelerator.wait_for_everyone()
+def wants_samples(config: TrainConfig) -> bool:
+    """Sample sheets need the whole pipeline and the image encoder (the shared variant draws none)."""
+    return bool(config.sample_every and config.sample_images) and config.variant != "shared"
+
+
+def open_features(cache: FeatureCache, config: TrainConfig) -> CachedFeatures:
     features = cache.open()
     if len(features) == 0:
         raise ValueError(f"no usable training images in {config.data} ({len(features.skipped)} skipped; the log "
@@ -291,10 +205,53 @@ def prepare_features(config: TrainConfig, models: FrozenModels, accelerator, log
     return features
 
 
+def prepare_features(config: TrainConfig, models: FrozenModels, accelerator, log_fn: Callable[[str], None],
+                     data: tuple | None = None, source: str | None = None) -> CachedFeatures:
+    """The feature cache of this data and these frozen models, built by the main process if missing.
+
+    ``data``: (records, skip counter, data fingerprint) if already opened; ``source``: this run's
+    :func:`~imprompt.training.frozen.source_key`, remembered by the cache so later runs skip the models."""
+    records, counter, data_key = data or _open_data(config)
+    key = models.fingerprint(config.resolution, config.center_crop, data=data_key, crop_seed=config.seed)
+    cache = FeatureCache(cache_root(config), key)
+    if accelerator.is_main_process:
+        if cache.complete:
+            log_fn(f"reusing the feature cache {cache.folder} (same models, resolution, crop and data)")
+        else:
+            cache.build(models, records, config.resolution, config.center_crop, config.seed, counter,
+                        progress=config.progress)
+        cache.remember(source)
+    accelerator.wait_for_everyone()
+    return open_features(cache, config)
+
+
+def cache_root(config: TrainConfig) -> Path:
+    return Path(config.cache_dir or Path(config.output_dir) / "cache")
+
+
+def _open_data(config: TrainConfig) -> tuple:
+    counter = SkipCounter()
+    records = open_source(config.data, config.data_root, counter)
+    return records, counter, data_fingerprint(config.data, config.data_root, records)
+
+
+def _scheduler(config: dict):
+    """The DDPM noise schedule of a pipeline's scheduler config, read as the pipeline reads it (through the
+    config's own scheduler class, whose defaults fill what the file leaves out)."""
+    import diffusers
+
+    own = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if own is not None and hasattr(own, "from_config"):
+        config = own.from_config(config).config
+    return diffusers.DDPMScheduler.from_config(config)
+
+
 def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
-    """Load the frozen models and the adapter, check a checkpoint to resume, build or reuse the cache."""
+    """Check a checkpoint to resume, build or reuse the cache, keep the UNet and the adapter.
+
+    The VAE, text and image encoders are loaded only to build the cache (or for sample sheets), and
+    dropped once it is built; with a complete cache they are not loaded at all (:mod:`.frozen`)."""
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
 
     log_with = None
     if config.tensorboard:
@@ -303,6 +260,8 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         log_with = "tensorboard"
+    if not config.cache:
+        raise ValueError("training without the feature cache is not supported yet; set cache: true")
     out = Path(config.output_dir)
     check_writable_folder(out, "--output-dir")  # before the models load and the cache is built
     # On a machine without an accelerator, say so to accelerate: that is what turns several
@@ -315,34 +274,48 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         log.warning(warning)
         log_fn(f"warning: {warning}")
 
-    pipe = load_pipeline(config.model, "text2img", device=accelerator.device, model_config=config.model_config)
-    encoder_path = config.image_encoder if Path(config.image_encoder).is_file() else resolve_model(
-        config.image_encoder, "image encoder")
-    encoder = ImageEncoder.load(encoder_path)
-    encoder.model.to(accelerator.device)
-    unet = pipe.unet
-    variant = build_variant(config, unet, encoder)
     resume = find_resume(config)
     state = json.loads((resume / "state.json").read_text()) if resume is not None else None
-    if resume is not None:
-        check_resume(resume, state, config, variant)  # before hours of caching, not after
+    data = _open_data(config)
+    source = source_key(config, data[2])
+    known = FeatureCache.recall(cache_root(config), source)
+    frozen: FrozenModels | None = None
+    if known is not None and not wants_samples(config):
+        if accelerator.is_main_process:
+            log_fn(f"reusing the feature cache {known.folder} (same models, resolution, crop and data; "
+                   "the VAE, text and image encoders are not loaded)")
+        features = open_features(known, config)
+        denoiser = load_denoiser(config, accelerator.device)
+        width = features.unconditional["uncond_image"].shape[-1]
+        variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
+        if resume is not None:
+            check_resume(resume, state, config, variant)
+    else:
+        frozen = load_frozen(config, accelerator.device)
+        denoiser = denoiser_of(frozen)
+        encoder_config = frozen.encoder.model.config
+        width = encoder_config.projection_dim if frozen.encoder_output == "image_embeds" else encoder_config.hidden_size
+        variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
+        if resume is not None:
+            check_resume(resume, state, config, variant)  # before hours of caching, not after
+        features = prepare_features(config, frozen, accelerator, log_fn, data, source)
+        if not wants_samples(config):
+            denoiser, frozen = release(frozen), None  # only the UNet trains on from here
+    assert variant.encoder_output == encoder_output_of(config.variant)
+    unet = denoiser.unet
     with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         adapter = IPAdapter(variant, {}) if config.variant == "shared" else adapter_for_unet(unet, variant)
-    models = FrozenModels(pipe, encoder, variant.encoder_output)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if not config.cache:
-        raise ValueError("training without the feature cache is not supported yet; set cache: true")
     if accelerator.is_main_process:
         remove_debris(out / "checkpoints")  # what a kill during a checkpoint write left
-    features = prepare_features(config, models, accelerator, log_fn)
     uncond = {k: v.to(accelerator.device) for k, v in features.unconditional.items()}
 
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.lr_warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    run = Run(config, accelerator, pipe, encoder, variant, None, optimizer, lr_scheduler, noise_scheduler, features,
-              uncond, log_with=log_with)
+    run = Run(config, accelerator, variant, None, optimizer, lr_scheduler, _scheduler(denoiser.scheduler_config),
+              denoiser.scaling_factor, features, uncond, frozen=frozen, log_with=log_with)
+    del denoiser
     if resume is not None:
         load_checkpoint(resume, adapter, optimizer, lr_scheduler)
         # From the step, not the saved micro-step, so a changed gradient_accumulation counts steps right.
@@ -365,7 +338,7 @@ def train_step(run: Run, micro: int) -> tuple[float, list[int]]:
     indices = batch_indices(len(run.features), config.seed, micro, accelerator.process_index,
                             accelerator.num_processes, config.batch_size)
     batch = {k: v.to(accelerator.device) for k, v in run.features.batch(indices).items()}
-    inputs = step_inputs(batch, run.uncond, generator, config, run.noise_scheduler, run.pipe.vae.config.scaling_factor)
+    inputs = step_inputs(batch, run.uncond, generator, config, run.noise_scheduler, run.scaling_factor)
     with accelerator.accumulate(run.model):
         with accelerator.autocast():
             prediction = run.model(inputs.noisy, inputs.timesteps, inputs.text, inputs.image, inputs.added)
@@ -456,8 +429,8 @@ def train(config: TrainConfig, log_fn: Callable[[str], None] = print) -> TrainRe
             accelerator.log({"loss": loss, "images_per_second": rate, "lr": run.lr_scheduler.get_last_lr()[0]}, step=step)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             checkpoint(run, step, micro + 1, images, time.perf_counter() - started)
-        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-            write_samples(config, run.pipe, run.trained, run.encoder, run.out / "samples" / f"step-{step:08d}.png")
+        if wants_samples(config) and step % config.sample_every == 0 and accelerator.is_main_process:
+            write_samples(config, run.frozen.pipe, run.trained, run.frozen.encoder, run.out / "samples" / f"step-{step:08d}.png")
     bar.close()
     return export(run, images, time.perf_counter() - started, losses, seen_keys, log_fn)
 

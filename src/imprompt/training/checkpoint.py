@@ -1,0 +1,96 @@
+"""Training checkpoints: written atomically, found for --resume, checked against the run before it starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..adapter.checkpoint import save_adapter
+from ..adapter.model import IPAdapter
+from ..adapter.variants import AdapterVariant
+from ..files import atomic_dir, atomic_write, load_torch_weights, write_text
+from .config import TrainConfig
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and (p / "state.json").is_file())
+
+
+def find_resume(config: TrainConfig) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = checkpoints(Path(config.output_dir) / "checkpoints")
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / "state.json").is_file():
+        raise ValueError(f"--resume {config.resume!r}: not a checkpoint folder (no state.json)")
+    return path
+
+
+def adapter_settings(config: TrainConfig, variant: AdapterVariant) -> dict:
+    """What decides the adapter's shape (saved in each checkpoint, compared on resume)."""
+    return {"variant": config.variant, **dataclasses.asdict(variant)}
+
+
+# The config field to change for each setting that can differ.
+_SETTING_FIELDS = {"variant": "variant", "projection": "variant", "num_tokens": "num_tokens",
+                   "resampler_width": "resampler_width", "resampler_depth": "resampler_depth",
+                   "image_embed_dim": "image_encoder", "cross_attention_dim": "model"}
+
+
+def check_resume(checkpoint: Path, state: dict, config: TrainConfig, variant: AdapterVariant) -> None:
+    """Refuse a checkpoint this run cannot continue, saying why and what to do, before anything is built."""
+    step = int(state["step"])
+    if step > config.max_steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {step}, beyond max_steps {config.max_steps}; raise "
+                         f"--max-steps above {step} to continue it, or use its adapter.safetensors as it is")
+    saved = state.get("settings")
+    if saved is None:
+        return  # written before settings were saved: the state dict load says whether it fits
+    current = adapter_settings(config, variant)
+    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    if differ:
+        fields = sorted({_SETTING_FIELDS.get(k, k) for k in differ})
+        then = ", ".join(f"{k}={saved[k]}" for k in differ)
+        now = ", ".join(f"{k}={current[k]}" for k in differ)
+        raise ValueError(f"checkpoint {checkpoint} was trained with {then}; this run has {now} (set by "
+                         f"{', '.join(fields)}): resume with the checkpoint's settings, or train afresh in a new "
+                         "--output-dir (or without --resume)")
+
+
+def save_checkpoint(folder: Path, step: int, adapter: IPAdapter, optimizer, scheduler, keep: int, state: dict) -> Path:
+    """Write ``step-N/`` (adapter, optimizer, LR scheduler, ``state``) atomically: a kill at any moment
+    leaves the previous checkpoints and at most a ``.step-N.*.tmp`` folder, never half a checkpoint."""
+    final = folder / f"step-{step:08d}"
+    with atomic_dir(final) as staging:
+        save_adapter(adapter, staging / "adapter.safetensors")
+        with atomic_write(staging / "optimizer.pt") as f:
+            torch.save(optimizer.state_dict(), f)
+        with atomic_write(staging / "lr_scheduler.pt") as f:
+            torch.save(scheduler.state_dict(), f)
+        write_text(staging / "state.json", json.dumps({"step": step, **state}))
+    for old in checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(checkpoint: Path, adapter: IPAdapter, optimizer, scheduler) -> None:
+    """The adapter, optimizer and LR scheduler state of ``checkpoint`` (weights-only loads)."""
+    try:
+        adapter.load_state_dict(load_file(checkpoint / "adapter.safetensors"))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(f"checkpoint {checkpoint} does not fit this run's adapter ({' '.join(first[1:3]).strip()[:300]}); "
+                         "resume with the settings it was trained with, or train afresh in a new --output-dir") from None
+    optimizer.load_state_dict(load_torch_weights(checkpoint / "optimizer.pt", "optimizer state"))
+    scheduler.load_state_dict(load_torch_weights(checkpoint / "lr_scheduler.pt", "LR scheduler state"))
