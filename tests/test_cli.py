@@ -13,24 +13,14 @@ import torch
 from PIL import Image
 
 import tiny_models as tm
-from imprompt.adapter.checkpoint import save_adapter
 from imprompt.cli import main
 from imprompt.generation.pnginfo import parse_parameters, read_parameters
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(root / "sd")
-    encoder = tm.image_encoder()
     # The official layout: models/ip-adapter_*.safetensors beside models/image_encoder/.
-    encoder.save_pretrained(root / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
-    save_adapter(tm.random_adapter(pipe.unet, "plus", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
-    for i, image in enumerate(tm.reference_images(2)):
-        image.save(root / f"ref{i}.png")
-    return root
+    return tm.official_tree(tmp_path_factory.mktemp("world"))
 
 
 def _args(files, out, *extra):

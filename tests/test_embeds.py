@@ -200,18 +200,8 @@ def test_malformed_files_give_one_clear_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from imprompt.adapter.checkpoint import save_adapter
-
-    root = tmp_path_factory.mktemp("world")
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(root / "sd")
-    encoder = tm.image_encoder()
-    encoder.save_pretrained(root / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
-    save_adapter(tm.random_adapter(pipe.unet, "plus", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
-    for i, image in enumerate(tm.reference_images(2)):
-        image.save(root / f"ref{i}.png")
-    return root
+    # The official layout: models/ip-adapter_*.safetensors beside models/image_encoder/.
+    return tm.official_tree(tmp_path_factory.mktemp("world"))
 
 
 @pytest.mark.slow

@@ -151,3 +151,19 @@ def reference_images(n: int = 2, size: int = 48) -> list[Image.Image]:
         pixels = (torch.rand(size, size + 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
         out.append(Image.fromarray(pixels))
     return out
+
+
+def official_tree(root):
+    """A tiny SD1.5 folder (``sd``), the official adapter layout (``models/ip-base.safetensors``,
+    ``models/ip-plus.bin`` beside ``models/image_encoder/``) and two references ``ref0.png``, ``ref1.png``."""
+    from imprompt.adapter.checkpoint import save_adapter
+
+    pipe = sd15_pipeline()
+    pipe.save_pretrained(root / "sd")
+    encoder = image_encoder()
+    encoder.save_pretrained(root / "models" / "image_encoder")
+    save_adapter(random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
+    save_adapter(random_adapter(pipe.unet, "plus", seed=3, encoder=encoder), root / "models" / "ip-plus.bin")
+    for i, image in enumerate(reference_images(2)):
+        image.save(root / f"ref{i}.png")
+    return root

@@ -194,7 +194,7 @@ def _tiles(text: str) -> tuple[str, ...] | None:
     return words
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     value = finite(text)
     if not 0.0 <= value <= 1.0:
         raise ValueError("expected a fraction of the steps, 0 to 1")
@@ -227,8 +227,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     combines = per_adapter(request.combine, count, _combine_mode, None, "combine")
     weights = per_adapter(request.weights, count, _weights, None, "weights")
     layers = per_adapter(request.layers, count, _layers, None, "layers")
-    starts = per_adapter(request.start, count, _fraction, 0.0, "start")
-    ends = per_adapter(request.end, count, _fraction, 1.0, "end")
+    starts = per_adapter(request.start, count, fraction, 0.0, "start")
+    ends = per_adapter(request.end, count, fraction, 1.0, "end")
     encoders = per_adapter(request.image_encoder, count, str, None, "image_encoder")
     weight_types = per_adapter(request.weight_type, count, check_weight_type, "linear", "weight_type")
     composition_scales = per_adapter(request.composition_scale, count, _scale, None, "composition_scale")

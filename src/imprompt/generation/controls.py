@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
-from .adapter_options import finite
+from .adapter_options import finite, fraction
 from .preprocess import PREPROCESSORS, check_available, module_key, preprocess
 
 if TYPE_CHECKING:
@@ -138,13 +138,6 @@ def _scale(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = finite(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("expected a fraction of the steps, 0 to 1")
-    return value
-
-
 def _module(text: str) -> str:
     key = module_key(text)
     try:  # a model-based one without controlnet_aux fails now, not after the model loads
@@ -179,8 +172,8 @@ def control_options(request: "GenerateRequest") -> list[ControlOptions]:
         raise ValueError("--controlnet needs a --control-image")
     images = control_images(request.control_image, count)
     scales = per_controlnet(request.controlnet_scale, count, _scale, 1.0, "controlnet_scale")
-    starts = per_controlnet(request.control_start, count, _fraction, 0.0, "control_start")
-    ends = per_controlnet(request.control_end, count, _fraction, 1.0, "control_end")
+    starts = per_controlnet(request.control_start, count, fraction, 0.0, "control_start")
+    ends = per_controlnet(request.control_end, count, fraction, 1.0, "control_end")
     modules = per_controlnet(request.control_preprocess, count, _module, "none", "control_preprocess")
     resolutions = per_controlnet(request.control_res, count, _resolution, None, "control_res")
     thresholds_a = per_controlnet(request.control_threshold_a, count, _threshold, None, "control_threshold_a")
