@@ -13,12 +13,11 @@ s taken by the ControlNets in order (one ``--control-image`` for one ``--control
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
-from .adapter_options import finite, fraction
+from .adapter_options import finite, fraction, split_target
 from .preprocess import PREPROCESSORS, check_available, module_key, preprocess
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 MAX_CONTROL_SCALE = 100.0  # ControlNet scales are 0 to 2 in practice; beyond this only overflows
 MAX_RESOLUTION = 8192
-_TARGETED = re.compile(r"^(\d+)=(.*)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,6 @@ class ControlOptions:
     def control_map(self, image: "Image.Image", seed: int = 0) -> "Image.Image":
         """This ControlNet's conditioning image: ``image`` through its preprocessor."""
         return preprocess(image, self.preprocess, self.resolution, self.threshold_a, self.threshold_b, seed)
-
-
-def split_target(value: str) -> tuple[int | None, str]:
-    match = _TARGETED.match(value)
-    return (int(match.group(1)), match.group(2)) if match else (None, value)
 
 
 def _flag(name: str) -> str:
