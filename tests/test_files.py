@@ -216,7 +216,7 @@ def test_exclusive_writes_never_replace_a_file(tmp_path):
 
 
 def test_numbered_pngs_skip_names_another_run_took(tmp_path):
-    from imprompt.generation.request import save_numbered_png
+    from imprompt.generation.outputs import save_numbered_png
 
     (tmp_path / "00003-9.png").write_bytes(b"taken")
     path, index = save_numbered_png(tmp_path, 3, 9, Image.new("RGB", (4, 4)), "a prompt")

@@ -19,7 +19,8 @@ from imprompt.encoding import CheckpointError, ImageEncoder, load_image
 from imprompt.generation.generate import generate
 from imprompt.generation.pipelines import ModelNotFoundError, check_device, resolve_model
 from imprompt.generation.pnginfo import parse_parameters, read_parameters
-from imprompt.generation.request import GenerateRequest, adapter_options, model_name
+from imprompt.generation.outputs import model_name
+from imprompt.generation.request import GenerateRequest, adapter_options
 from imprompt.generation.schedulers import SCHEDULERS, sampler_name
 from imprompt.generation.settings import GenerationSettings
 

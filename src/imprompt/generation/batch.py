@@ -36,7 +36,8 @@ from ..files import atomic_write
 from .cache import CachedLoader, EmbeddingCache, ModelCache
 from .controls import split_target
 from .pnginfo import save_png
-from .request import GenerateRequest, infotext, load_models, prepare, read_inputs, render
+from .outputs import infotext
+from .request import GenerateRequest, load_models, prepare, read_inputs, render
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -28,7 +28,8 @@ from .adapter_options import finite
 from .pnginfo import save_png
 from .prompt_syntax import LORA_KINDS, NETWORK_TAG
 from .batch import Prepared, render_group
-from .request import GenerateRequest, next_index, pick_seed, prepare, read_inputs, save_numbered_png
+from .outputs import next_index, save_numbered_png
+from .request import GenerateRequest, pick_seed, prepare, read_inputs
 
 PROMPT_SR = "prompt_sr"
 LORA_AXIS = "lora:"  # lora:NAME=W1,W2,...

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -48,14 +47,14 @@ from .adapter_options import (AdapterOptions, ImageReader, adapter_options, load
 from .controls import as_call_value, control_options
 from .generate import generate
 from .matrix import matrix_grid, matrix_prompts
-from .networks import Networks, parameters_of, prompt_tags
+from .networks import Networks, prompt_tags
+from .outputs import infotext, next_index, save_control_maps, save_numbered_png
 from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
                         resolve_file)
-from .pnginfo import format_parameters, save_png
+from .pnginfo import save_png
 from .preprocess import PREPROCESSORS
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
 from .reference import REFERENCE_MODES, ReferenceOptions
-from .schedulers import SCHEDULERS, sampler_name
 from .settings import MAX_SEED, GenerationSettings
 
 DTYPES = DTYPE_NAMES
@@ -292,41 +291,6 @@ def resolve_names(request: GenerateRequest, catalog: Catalog | None) -> Generate
     )
 
 
-def save_numbered_png(out_dir: Path, index: int, seed: int, image, text: str) -> tuple[Path, int]:
-    """Write ``INDEX-SEED.png`` at the first free index from ``index`` on; returns (path, index used).
-
-    Another run writing into the same folder (a second command, the server) may take a number
-    between our listing and our write: the exclusive write refuses to overwrite its image, and we
-    move on to the next free number.
-    """
-    while True:
-        try:
-            return save_png(image, out_dir / f"{index:05d}-{seed}.png", text, exclusive=True), index
-        except FileExistsError:
-            index = max(index + 1, next_index(out_dir))
-
-
-def next_index(folder: Path) -> int:
-    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d+)-", p.name))]
-    return max(numbers, default=-1) + 1
-
-
-# Folder names that say nothing about the model (the toy package's "pipeline").
-_GENERIC_NAMES = {"pipeline", "model", "diffusers"}
-
-
-def model_name(model: str) -> str:
-    """The model's name for PNG info: its folder's (or hub id's) name, the parent's if that is generic."""
-    from .. import toy
-
-    path = Path(model)
-    if path == toy.toy_paths()["model"]:
-        return "imprompt-toy"
-    if path.name.lower() in _GENERIC_NAMES and path.parent.name:
-        return path.parent.name
-    return path.name or model
-
-
 def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> GenerateRequest:
     """No --model: the bundled toy world (tiny SD, its CLIP image encoder and IP-Adapter)."""
     if request.model:
@@ -470,30 +434,6 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
             attachment.detach()
 
 
-def infotext(request: GenerateRequest, options: Sequence[AdapterOptions], models: LoadedModels,
-             inputs: Inputs) -> Callable[[int, "Image.Image"], str]:
-    """(seed, image) -> the PNG parameters text (A1111's infotext) of one of the request's images."""
-    sampling = {
-        "Steps": request.steps,
-        "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(models.pipe.scheduler),
-        "CFG scale": f"{request.guidance:g}",
-    }  # then Seed and Size, per image, in A1111's order
-    rest = {
-        "Model": model_name(request.model),
-        "Denoising strength": f"{request.strength:g}" if inputs.init is not None else None,
-        **{f"ControlNet {c.index}": c.describe(model_name(c.file)) for c in control_options(request)},
-        **{f"IP-Adapter {o.index}": o.describe() for o in options},
-    }
-    reference = reference_options(request, inputs)
-    if reference is not None:
-        rest["Reference"] = reference.describe()
-    if request.acceleration is not None:
-        rest["Acceleration"] = request.acceleration.describe()
-    networks = parameters_of(models.networks, models.pipe, request.prompt, request.negative_prompt, request.steps)
-    return lambda seed, image: format_parameters(request.prompt, request.negative_prompt, {
-        **sampling, "Seed": seed, "Size": f"{image.width}x{image.height}", **rest, **networks})
-
-
 def pick_seed(request: GenerateRequest) -> int:
     return request.seed if request.seed is not None else random.SystemRandom().randrange(2**32)
 
@@ -523,20 +463,6 @@ def check_networks(request: GenerateRequest, catalog: Catalog | None) -> None:
                          "they are in with --models-dir")
     if tags:
         Networks.from_catalog(catalog).uses(tags)
-
-
-def save_control_maps(out_dir: Path, index: int, inputs: Inputs, log: Callable[[str], None] = print) -> list[Path]:
-    """Write the preprocessed control maps as ``control-INDEX-N.png`` (N: the ControlNet), atomically;
-    INDEX is the number of the run's first image, so the maps sort beside it."""
-    written = []
-    for n in inputs.preprocessed:
-        path = out_dir / f"control-{index:05d}-{n}.png"
-        try:
-            written.append(save_png(inputs.controls[n], path, "", exclusive=True))
-        except FileExistsError:  # another run took this number meanwhile: keep its map, not ours
-            continue
-        log(f"wrote {path}")
-    return written
 
 
 def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Path]:

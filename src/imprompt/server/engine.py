@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..generation.cache import CachedLoader, EmbeddingCache, ModelCache
-from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, next_index,
-                                  pick_seed, prepare, read_inputs, render, save_control_maps, save_numbered_png)
+from ..generation.outputs import next_index, save_control_maps, save_numbered_png
+from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, pick_seed, prepare,
+                                  read_inputs, render)
 from ..models.catalog import Catalog
 from .config import ServerConfig
 
