@@ -128,3 +128,46 @@ def test_cli_has_toy_subcommand(argv, capsys):
         main(argv)
     assert exit_info.value.code == 0
     assert "--until" in capsys.readouterr().out
+
+
+def _simulate(jobs: int, durations: dict[str, int], done=()) -> tuple[list[tuple[int, str, int]], int]:
+    """Run build.schedule against a clock: each stage takes durations[stage] ticks (default 1)."""
+    waiting = [s for s in STAGES if s not in done]
+    running: dict[str, int] = {}
+    finished, starts, clock = set(done), [], 0
+    while waiting or running:
+        for stage, threads in build.schedule(waiting, set(running), finished, jobs, 1):
+            starts.append((clock, stage, threads))
+            running[stage] = clock + durations.get(stage, 1)
+            waiting.remove(stage)
+        assert running, f"nothing can start: waiting {waiting}"
+        clock = min(running.values())
+        for stage in [s for s, end in running.items() if end == clock]:
+            del running[stage]
+            finished.add(stage)
+    return starts, clock
+
+
+def test_build_schedule_runs_independent_stages_side_by_side():
+    durations = {"clip": 10, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5}
+    starts, total = _simulate(2, durations)
+    started = {stage: (t, threads) for t, stage, threads in starts}
+    assert [s for _, s, _ in starts] != list(STAGES)  # not the one-after-the-other order
+    assert set(started) == set(STAGES)
+    for stage, deps in build.DEPENDS.items():  # nothing starts before what it reads has finished
+        assert all(started[d][0] + durations.get(d, 1) <= started[stage][0] for d in deps)
+    assert started["vae"][0] == started["tokenizer"][0] and started["clip"][0] < started["vae"][0] + 28
+    assert started["adapter"][0] == started["simple_adapter"][0]
+    assert started["quality"][0] == started["adapter"][0] + 29  # beside the simple adapter, still running
+    # Alone, a stage gets both threads; side by side, one each.
+    assert started["unet"][1] == started["latents"][1] == 2 and started["vae"][1] == started["adapter"][1] == 1
+    sequential = sum(durations.get(s, 1) for s in STAGES)
+    assert total == sequential - 10 - 28 - 1  # clip and the tokenizer hide behind the VAE; one adapter behind the other
+    one_job, one_job_total = _simulate(1, durations)
+    assert [s for _, s, _ in one_job] == list(STAGES) and one_job_total == sequential
+    assert all(threads == 1 for _, _, threads in one_job)
+
+
+def test_build_schedule_treats_stages_outside_the_build_as_done():
+    starts, _ = _simulate(2, {}, done=STAGES[:STAGES.index("pipeline") + 1])
+    assert [(t, s) for t, s, _ in starts] == [(0, "adapter"), (0, "simple_adapter"), (1, "quality"), (2, "package")]

@@ -39,6 +39,9 @@ class BuildConfig:
     seed: int = _int(0, "seed of the data, the initial weights and every training stream")
     threads: int = _int(1, "torch threads; on a shared 2-core machine two processes with two threads each slow "
                            "each other down ~10x (measured: 0.65 s vs 17 s per UNet step)")
+    jobs: int = _int(2, "stages run side by side where they do not depend on each other (clip and vae; the two "
+                        "adapters, then quality), each in its own process with --threads threads; a stage running "
+                        "alone gets jobs x threads")
     train_size: int = _int(20000, "train split images")
     eval_size: int = _int(1000, "val and test split images (each)")
     heldout_size: int = _int(500, "held-out split images (shape/colour pairs never trained on)")
@@ -76,7 +79,7 @@ class BuildConfig:
 
     def __post_init__(self):
         self.work = Path(self.work)
-        for name in ("threads", "train_size", "eval_size", "heldout_size", "clip_batch", "vae_batch", "unet_batch",
+        for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "vae_batch", "unet_batch",
                      "quality_samples", "quality_steps", "quality_multimodal_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
