@@ -75,15 +75,22 @@ def text_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, g
 
 @torch.no_grad()
 def image_prompted(pipe, attachment, encoder, references: Sequence[Image.Image], texts: Sequence[str],
-                   seeds: Sequence[int], steps: int, guidance: float, scale: float) -> list[np.ndarray]:
-    from ..generation.generate import generate
+                   seeds: Sequence[int], steps: int, guidance: float, scale: float,
+                   batch: int = 32) -> list[np.ndarray]:
+    """One image per (reference, text, seed), ``batch`` references per pipeline call
+    (:mod:`imprompt.generation.batched`: the toy UNet runs ~2.5x faster per row in large batches; the
+    images equal single calls' to float rounding)."""
+    from ..generation.batched import BatchItem, generate_batch
     from ..generation.prompts import ImagePrompt
     from ..generation.settings import GenerationSettings
 
+    settings = GenerationSettings(steps=steps, guidance=guidance)
+    items = [BatchItem(seeds=[seed], prompt=text, image_prompts=[ImagePrompt([reference], scale=scale)])
+             for reference, text, seed in zip(references, texts, seeds)]
     out = []
-    for reference, text, seed in zip(references, texts, seeds):
-        settings = GenerationSettings(prompt=text, steps=steps, guidance=guidance, seed=seed)
-        out += _as_arrays(generate(pipe, attachment, settings, [ImagePrompt([reference], scale=scale)], [encoder]))
+    for i in range(0, len(items), batch):
+        for images in generate_batch(pipe, attachment, settings, items[i:i + batch], [encoder]):
+            out += _as_arrays(images)
     return out
 
 
