@@ -115,7 +115,9 @@ def test_loop_resumes_from_checkpoint(tmp_path):
     info = loop(3).run(lambda i: calls.append(i) or 0.0)
     assert info["steps"] == 3 and calls == [0, 1, 2]
     resumed = loop(5)
-    assert resumed.step == 3 and len(logs) == 1 and logs[0].startswith("toy: resumed at step 3 ")
+    # Without a progress bar every checkpoint logs a line (here: every step).
+    assert [line.split(",")[0] for line in logs[:3]] == ["toy: step 1/3", "toy: step 2/3", "toy: step 3/3"]
+    assert resumed.step == 3 and len(logs) == 4 and logs[3].startswith("toy: resumed at step 3 ")
     resumed.run(lambda i: calls.append(i) or 0.0)
     assert calls == [0, 1, 2, 3, 4]
 

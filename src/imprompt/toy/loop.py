@@ -140,6 +140,9 @@ class TrainingLoop:
             if time.perf_counter() - last_save > self.checkpoint_seconds:
                 self.save()
                 last_save = time.perf_counter()
+                if not self.progress:  # no bar (e.g. stages side by side): one line per checkpoint instead
+                    self.log(f"{self.name}: step {self.step}/{self.total}, {self.seconds / self.step:.2f} s/step, "
+                             f"loss {np.mean(losses[-50:]):.4f}")
         bar.close()
         self.save()
         return {"steps": self.step, "planned_steps": self.total,
