@@ -269,12 +269,19 @@ def report_table(info: dict, args, peaks: dict[str, list[float]]) -> None:
     for name, count in params.items():
         print(f"  {name:14} {count / 1e6:8.1f}M  {count * 4 / 2**20:8.1f} MB")
     print(f"\npeak RSS per process, MB ({args.repeats} runs each)")
-    print(f"{'contender':14} {'min':>9} {'median':>9} {'min / plain':>12} {'min / diffusers-ip':>19}")
-    best = {name: min(v) for name, v in peaks.items()}
-    for name, values in peaks.items():
-        plain = f"{best[name] / best['plain']:12.3f}" if "plain" in best else f"{'-':>12}"
-        ip = f"{best[name] / best['diffusers-ip']:19.3f}" if "diffusers-ip" in best else f"{'-':>19}"
-        print(f"{name:14} {min(values):9.1f} {statistics.median(values):9.1f} {plain} {ip}")
+    print(f"{'contender':14} {'min':>9} {'median':>9} {'/ plain (min, median)':>22} {'/ diffusers-ip (min, median)':>29}")
+    stats = {name: (min(v), statistics.median(v)) for name, v in peaks.items()}
+
+    def ratio(name: str, base: str, width: int) -> str:
+        if base not in stats:
+            return f"{'-':>{width}}"
+        return f"{stats[name][0] / stats[base][0]:.3f}, {stats[name][1] / stats[base][1]:.3f}".rjust(width)
+
+    for name, (low, mid) in stats.items():
+        print(f"{name:14} {low:9.1f} {mid:9.1f} {ratio(name, 'plain', 22)} {ratio(name, 'diffusers-ip', 29)}")
+    spread = max((max(v) - min(v)) / statistics.median(v) for v in peaks.values())
+    print(f"spread: the largest (max - min) / median of one contender's runs is {spread:.0%}; peaks of the same\n"
+          "program vary from run to run here (see docs/benchmarks.md), so compare medians over several rounds")
 
 
 if __name__ == "__main__":
