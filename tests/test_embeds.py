@@ -18,7 +18,8 @@ from imprompt.adapter.checkpoint import nest
 from imprompt.cli import main
 from imprompt.generation.embeds import (EmbedsError, ImageFeatures, check_features, encode_references,
                                         from_diffusers, load_embeds, save_embeds)
-from imprompt.generation.prompts import BatchLayout, prepare_image_prompt
+from imprompt.generation.negative_noise import NegativeNoise
+from imprompt.generation.prompts import BatchLayout, encode_image_prompts, prepare_image_prompt
 from imprompt.generation.tiles import TileOptions
 
 
@@ -62,6 +63,34 @@ def test_encode_save_load_generate_gives_the_same_pixels_as_the_images(world, tm
     loaded = load_embeds(save_embeds(tmp_path / "refs.safetensors", features))
     assert torch.equal(loaded.conditional, features.conditional)
     assert torch.equal(loaded.unconditional, features.unconditional)
+
+
+@pytest.mark.parametrize("kind", ["linear", "plus"])
+def test_prompts_encoded_up_front_give_the_same_pixels_without_the_encoder(world, kind):
+    # What `imprompt generate` does to release the image encoder before the denoising loop: the
+    # prompts' features (negative image, noise negative, tiles folded in) computed first; the
+    # encoder then comes back as None and the generation reads the features alone.
+    pipe, adapters, encoder = world
+    refs = tm.reference_images(3)
+    prompts = [ImagePrompt(refs[:2], scale=0.8, negative_images=refs[2:], negative_noise=NegativeNoise("dissolve", 0.5),
+                           tiles=TileOptions(enhance=True), combine="weighted", weights=[2, 1]),
+               ImagePrompt(embeds=ImageFeatures(encode_references(refs[2:], encoder, "image_embeds").conditional,
+                                                None, "image_embeds"))]
+    if kind == "plus":
+        prompts = prompts[:1]
+    encoded, encoders = encode_image_prompts(prompts, [adapters[kind]], [encoder])
+    assert encoders == [None]
+    assert all(p.embeds is not None and p.embeds.unconditional is not None and not p.images and p.tiles is None
+               and p.negative_images is None and p.negative_noise is None for p in encoded)
+    settings = GenerationSettings(prompt="a star", steps=2, seed=0)
+    with attach(pipe.unet, adapters[kind]) as attachment:
+        for prompt, up_front in zip(prompts, encoded):
+            expected = generate(pipe, attachment, settings, [prompt], [encoder], output_type="np")
+            got = generate(pipe, attachment, settings, [up_front], encoders, output_type="np")
+            assert np.array_equal(got, expected)
+        # Bare positive embeds need the encoder for their unconditional half: refused by name without it.
+        with pytest.raises(ValueError, match="adapter 0 has no image encoder"):
+            generate(pipe, attachment, settings, [ImagePrompt(refs[:1])], encoders, output_type="np")
 
 
 @pytest.mark.parametrize("kind", ["linear", "plus"])

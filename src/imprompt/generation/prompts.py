@@ -8,7 +8,7 @@ reference images -> pixels -> encoder features (+ unconditional features) -> com
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -274,16 +274,18 @@ def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[
     """(unconditional, conditional) image tokens, and the features they were projected from: the reference
     images' CLIP features (tiled or not, with negative images and a noise negative), or saved embeds."""
     variant = adapter.variant
-    check_encoder(variant, encoder)
+    if encoder is not None:  # None: features encoded before (encode_image_prompts), the encoder let go
+        check_encoder(variant, encoder)
+    elif prompt.embeds is None or prompt.embeds.unconditional is None:
+        raise ValueError(f"adapter {prompt.adapter} has no image encoder: give its references as embeds with their "
+                         "unconditional half (imprompt encode), or an image encoder")
     output = variant.encoder_output
     param = next(adapter.parameters())
-    # a noise negative is one more negative image (averaged with the others)
-    negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
     if prompt.embeds is not None:
         features = fill_unconditional(prompt.embeds.for_output(output).to(param), encoder)
         check_features(features, variant, encoder)
     else:
-        features = encode_references(prompt.images, encoder, output, prompt.crop, negatives, prompt.tiles)
+        features = encode_references(prompt.images, encoder, output, prompt.crop, _negatives(prompt), prompt.tiles)
     if features.regions is not None and prompt.combine != "concat":
         raise ValueError("these features hold masked tiles, which act each on its part of the output; "
                          f"use combine='concat' with them (got {prompt.combine!r})")
@@ -296,6 +298,42 @@ def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[
     with torch.no_grad():  # one projection call for both halves: (2 * units, tokens, dim)
         tokens_uncond, tokens_cond = adapter.project(torch.cat([uncond, cond])).chunk(2)
     return tokens_uncond, tokens_cond, features
+
+
+def _negatives(prompt: ImagePrompt) -> list[Image.Image]:
+    # a noise negative is one more negative image (averaged with the others)
+    return list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
+
+
+def encode_image_prompts(prompts: Sequence[ImagePrompt], adapters: Sequence, encoders: Sequence[ImageEncoder | None]
+                         ) -> tuple[list[ImagePrompt], list[ImageEncoder | None]]:
+    """The prompts with their encoder features computed now, and the encoders that are still needed.
+
+    Each CLIP image prompt becomes the same prompt with ``embeds``: the features
+    :func:`prepare_image_prompt` would compute from its images, negative images, noise negative and
+    tiles (with their unconditional half), so later generations read them instead of encoding again.
+    An adapter's encoder comes back as None once none of its prompts needs it (FaceID prompts still
+    do), so that a caller that loaded it for this job alone can release it before the denoising loop:
+    a one-shot ``imprompt generate`` then never holds the image encoder and the UNet's working
+    memory at once (for an SD1.5 model with ViT-H, 2.5 GB of encoder weights in fp32).
+    """
+    encoded, needed = [], set()
+    for prompt in prompts:
+        prompt.check(len(adapters))
+        variant, encoder = adapters[prompt.adapter].variant, encoders[prompt.adapter]
+        if variant.is_faceid or encoder is None:
+            encoded.append(prompt)
+            needed.add(prompt.adapter)
+            continue
+        check_encoder(variant, encoder)
+        output = variant.encoder_output
+        if prompt.embeds is not None:
+            features = fill_unconditional(prompt.embeds.for_output(output), encoder)
+            check_features(features, variant, encoder)
+        else:
+            features = encode_references(prompt.images, encoder, output, prompt.crop, _negatives(prompt), prompt.tiles)
+        encoded.append(replace(prompt, images=(), negative_images=None, negative_noise=None, tiles=None, embeds=features))
+    return encoded, [e if i in needed else None for i, e in enumerate(encoders)]
 
 
 def _faceid_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder | None) -> tuple[torch.Tensor, torch.Tensor]:

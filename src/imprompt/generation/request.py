@@ -53,7 +53,7 @@ from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline
                         resolve_file)
 from .pnginfo import save_png
 from .preprocess import PREPROCESSORS
-from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt, encode_image_prompts
 from .reference import REFERENCE_MODES, ReferenceOptions
 from .settings import MAX_SEED, GenerationSettings
 
@@ -471,6 +471,10 @@ def run(request: GenerateRequest, log: Callable[[str], None] = print) -> list[Pa
     # The small inputs are read and checked before anything large is loaded.
     inputs = read_inputs(request, options)
     models = load_models(request, options, catalog)
+    # The references are encoded once, now; the encoders this run loaded for itself are let go before the
+    # denoising loop, so that they and the UNet's working memory are never resident together.
+    prompts, models.encoders = encode_image_prompts(inputs.prompts, models.adapters, models.encoders)
+    inputs = dataclasses.replace(inputs, prompts=prompts)
     seed = pick_seed(request)
     out_dir = Path(request.output)
     out_dir.mkdir(parents=True, exist_ok=True)
