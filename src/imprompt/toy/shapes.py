@@ -159,16 +159,13 @@ def _signed_distance(shape: str, size: str, position: str, x: np.ndarray, y: np.
 
 
 @lru_cache(maxsize=None)
-def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, int] = (0, 0),
-          period: int = PERIOD, outline: float = OUTLINE) -> np.ndarray:
+def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Coverage of each pixel by the shape's colour, in [0, 1] (a read-only 32x32 float64 array).
 
     Every toy image is ``background + alpha * (colour - background)``; there are only 80 distinct
     alpha maps, so they are cached, and the reader matches images against these same maps.
     ``phase`` (rows, columns) shifts the stripes and dots; the dataset always uses (0, 0), the reader
-    also tries the other phases so a pattern drawn off the grid still reads as a pattern. ``period``
-    (pixels between stripes or dots) and ``outline`` (the outline style's width) likewise stay at the
-    world's values in the dataset; the reader also tries others, for references drawn by other means.
+    also tries the other phases so a pattern drawn off the grid still reads as a pattern.
     """
     Attributes(shape, "red", "white", style, size, position)  # validates the names
     s, n = SUPERSAMPLE, IMAGE_SIZE
@@ -177,16 +174,16 @@ def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, in
     distance = _signed_distance(shape, size, position, x, y)
     inside = distance < 0
     # Pattern membership is decided per pixel (floor), so stripes and dots are whole pixels.
-    row = (np.floor(y).astype(int) - phase[0]) % period
-    col = (np.floor(x).astype(int) - phase[1]) % period
+    row = (np.floor(y).astype(int) - phase[0]) % PERIOD
+    col = (np.floor(x).astype(int) - phase[1]) % PERIOD
     if style == "solid":
         covered = inside
     elif style == "outline":
-        covered = inside & (distance > -outline)
+        covered = inside & (distance > -OUTLINE)
     elif style == "striped":
-        covered = inside & ((distance > -CONTOUR) | (row < period // 2))
+        covered = inside & ((distance > -CONTOUR) | (row < PERIOD // 2))
     else:  # dotted: 2x2 dots on a 4-pixel grid
-        covered = inside & ((distance > -CONTOUR) | ((row < period // 2) & (col < period // 2)))
+        covered = inside & ((distance > -CONTOUR) | ((row < PERIOD // 2) & (col < PERIOD // 2)))
     coverage = covered.reshape(n, s, n, s).mean(axis=(1, 3))
     coverage.setflags(write=False)
     return coverage
