@@ -3,6 +3,8 @@
 * A folder of ``name.png`` (or .jpg / .jpeg / .webp) + ``name.txt`` (the caption), read in name order.
 * ``toy:SPLIT``: :func:`imprompt.toy.judge.reference_set`, seed 0, the first N images of the toy build's
   own split folder, with their ground-truth attributes (so generations can be read and scored).
+* ``toy:drawn-SPLIT``: the same attributes drawn by :mod:`imprompt.toy.drawn` at strength 1 (references
+  drawn by other means), with the same edits.
 
 In the toy world each reference also gets an *edit*: a short text that changes one attribute
 (``"<colour> background"`` or ``"a <colour> <shape>"``), the plan of :func:`imprompt.toy.judge.edit_plan`,
@@ -59,6 +61,16 @@ def load_references(data: str, n: int) -> list[Reference]:
 
 
 def toy_references(split: str, n: int) -> list[Reference]:
+    if split.startswith("drawn-"):  # the same attributes, drawn by another rasteriser (imprompt.toy.drawn)
+        from ..toy.drawn import drawn_samples
+        from ..toy.judge import edit_plan
+
+        base = split[len("drawn-"):]
+        if base not in SPLITS:
+            raise ValueError(f"toy evaluation set 'toy:{split}': the split must be drawn-<one of {', '.join(SPLITS)}>")
+        samples = drawn_samples(base, n)
+        return [Reference(f"{split}-{i:04d}", s.image, s.caption, s.attributes, edit)
+                for i, (s, edit) in enumerate(zip(samples, edit_plan([s.attributes for s in samples])))]
     if split not in SPLITS:
         raise ValueError(f"toy evaluation set 'toy:{split}': the split must be one of {', '.join(SPLITS)}")
     # Seed 0: the same images as the toy build's split folder.
