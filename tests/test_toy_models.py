@@ -67,7 +67,8 @@ def test_edits_are_valid_attribute_changes():
 def test_build_stages_smoke(tmp_path):
     cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
                       clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
-                      quality_samples=2, quality_steps=2, progress=False)
+                      quality_samples=2, quality_steps=2, controlnet_steps=2, controlnet_batch=8,
+                      controlnet_quality_samples=2, progress=False)
     results = build.run(cfg, StageSelection(until="quality"))
     assert set(results) == set(STAGES[:STAGES.index("quality") + 1])
     assert results["tokenizer"]["longest_caption_tokens"] <= toy_tokenizer.MAX_LENGTH
@@ -77,6 +78,9 @@ def test_build_stages_smoke(tmp_path):
         assert part in results["quality"]
     # A second run skips every finished stage.
     assert build.run(cfg, StageSelection(until="quality")) == results
+    control = build.run(cfg, StageSelection(stage="controlnet"))["controlnet"]
+    assert control["steps"] == 2 and set(control["quality"]["alone"]) >= {"shape", "size", "position"}
+    assert (cfg.work / "controlnet" / "model" / "config.json").is_file()
 
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -151,7 +155,7 @@ def _simulate(jobs: int, durations: dict[str, int], done=()) -> tuple[list[tuple
 
 
 def test_build_schedule_runs_independent_stages_side_by_side():
-    durations = {"clip": 10, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5}
+    durations = {"clip": 10, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5, "controlnet": 30}
     starts, total = _simulate(2, durations)
     started = {stage: (t, threads) for t, stage, threads in starts}
     assert [s for _, s, _ in starts] != list(STAGES)  # not the one-after-the-other order
@@ -160,11 +164,14 @@ def test_build_schedule_runs_independent_stages_side_by_side():
         assert all(started[d][0] + durations.get(d, 1) <= started[stage][0] for d in deps)
     assert started["vae"][0] == started["tokenizer"][0] and started["clip"][0] < started["vae"][0] + 28
     assert started["adapter"][0] == started["simple_adapter"][0]
-    assert started["quality"][0] == started["adapter"][0] + 29  # beside the simple adapter, still running
+    assert started["quality"][0] == started["adapter"][0] + 29  # beside the ControlNet, still running
+    assert started["controlnet"][0] == started["simple_adapter"][0] + 28  # in the simple adapter's slot
     # Alone, a stage gets both threads; side by side, one each.
     assert started["unet"][1] == started["latents"][1] == 2 and started["vae"][1] == started["adapter"][1] == 1
     sequential = sum(durations.get(s, 1) for s in STAGES)
-    assert total == sequential - 10 - 28 - 1  # clip and the tokenizer hide behind the VAE; one adapter behind the other
+    # clip and the tokenizer hide behind the VAE, one adapter behind the other, and the quality stage and the
+    # adapter's last tick behind the ControlNet
+    assert total == sequential - 10 - 1 - 28 - 5 - 1
     one_job, one_job_total = _simulate(1, durations)
     assert [s for _, s, _ in one_job] == list(STAGES) and one_job_total == sequential
     assert all(threads == 1 for _, _, threads in one_job)
@@ -172,4 +179,5 @@ def test_build_schedule_runs_independent_stages_side_by_side():
 
 def test_build_schedule_treats_stages_outside_the_build_as_done():
     starts, _ = _simulate(2, {}, done=STAGES[:STAGES.index("pipeline") + 1])
-    assert [(t, s) for t, s, _ in starts] == [(0, "adapter"), (0, "simple_adapter"), (1, "quality"), (2, "package")]
+    assert [(t, s) for t, s, _ in starts] == [(0, "adapter"), (0, "simple_adapter"), (1, "quality"), (1, "controlnet"),
+                                              (2, "package")]

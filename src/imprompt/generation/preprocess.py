@@ -24,6 +24,8 @@ Computed here without model weights (OpenCV and numpy):
   ControlNet's blurred input. ``blur_gaussian``: a Gaussian blur of sigma a (default 9).
 * ``invert``: 255 - pixels (a black-on-white drawing as the white-on-black lines line ControlNets read).
 * ``none``: the image as it is.
+* ``toy_silhouette`` (imprompt's own): the shape the toy world's reader sees in a 32x32 toy image, as
+  a white silhouette on black, the toy ControlNet's control map.
 
 Depth, pose, segmentation, HED and the other model-based preprocessors run through the ``controlnet_aux``
 package and its annotator weights (``lllyasviel/Annotators``) when both are installed; otherwise they are
@@ -154,6 +156,14 @@ def identity(pixels: Pixels, params: Params) -> Pixels:
     return pixels
 
 
+def toy_silhouette(pixels: Pixels, params: Params) -> Pixels:
+    """The toy world's attribute reader's shape, redrawn as a white silhouette on black: the bundled toy
+    ControlNet's control map (:func:`imprompt.toy.reader.silhouette_of`; 32x32 toy images only)."""
+    from ..toy.reader import silhouette_of  # numpy only, but not needed by anything else here
+
+    return np.asarray(silhouette_of(pixels))
+
+
 _MODEL = "controlnet_aux"
 PREPROCESSORS: dict[str, Preprocessor] = {
     "none": Preprocessor(identity),
@@ -165,6 +175,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "tile_resample": Preprocessor(tile_resample, ("down sampling rate", 1.0)),
     "blur_gaussian": Preprocessor(blur_gaussian, ("sigma", 9.0)),
     "invert": Preprocessor(invert),
+    "toy_silhouette": Preprocessor(toy_silhouette),
     # Model-based: controlnet_aux's detectors and the lllyasviel/Annotators weights.
     "lineart": Preprocessor(None, aux="LineartDetector"),
     "lineart_anime": Preprocessor(None, aux="LineartAnimeDetector"),

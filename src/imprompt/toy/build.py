@@ -16,17 +16,19 @@ killed build resumes where it stopped::
                (shapes.partial_caption; resumable, checkpoints every 200 steps)
     simple_adapter  the simple adapter (paper 4.4.1, shared attention) on the same data and budget
     quality    the quality targets on the test split (imprompt.toy.quality)
+    controlnet a ControlNet on the shapes' silhouettes, UNet frozen (imprompt.toy.controlnet); how well
+               generations follow the control (imprompt.toy.control_quality)
     package    fp16 safetensors + tokenizer + configs + example references + MODEL_CARD.md -> toy/data/
 
 With ``jobs`` > 1 (the default is 2, one per core of the development machine), stages that do not
 depend on each other run side by side, each in its own process with ``threads`` torch threads: CLIP
-beside the VAE, the simple adapter beside the adapter and then the quality stage. A stage that runs
-alone gets ``jobs * threads`` threads. Small models use one core far better than two (a two-thread
-toy UNet step is not twice as fast), so two stages on one core each beat the same stages one after
-the other with two threads each.
+beside the VAE, the simple adapter beside the adapter, then the ControlNet beside the rest of the adapter
+and the quality stage. A stage that runs alone gets ``jobs * threads`` threads. Small models use one
+core far better than two (a two-thread toy UNet step is not twice as fast), so two stages on one core
+each beat the same stages one after the other with two threads each.
 
-The stages live in :mod:`~imprompt.toy.stages` (base models), :mod:`~imprompt.toy.adapter_stages` and
-:mod:`~imprompt.toy.package`; their settings are :class:`~imprompt.toy.config.BuildConfig`.
+The stages live in :mod:`~imprompt.toy.stages` (base models), :mod:`~imprompt.toy.adapter_stages`,
+:mod:`~imprompt.toy.controlnet` and :mod:`~imprompt.toy.package`; their settings are :class:`~imprompt.toy.config.BuildConfig`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from . import adapter_stages, package, stages, workdir
+from . import adapter_stages, controlnet, package, stages, workdir
 from .config import STAGES, BuildConfig, StageSelection
 
 RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
@@ -48,7 +50,7 @@ RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
     "vae": stages.stage_vae, "latents": stages.stage_latents, "unet": stages.stage_unet,
     "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
     "simple_adapter": adapter_stages.stage_simple_adapter, "quality": adapter_stages.stage_quality,
-    "package": package.stage_package,
+    "controlnet": controlnet.stage_controlnet, "package": package.stage_package,
 }
 assert tuple(RUNNERS) == STAGES
 
@@ -56,7 +58,7 @@ assert tuple(RUNNERS) == STAGES
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "vae": ("data",), "latents": ("clip", "vae"),
     "unet": ("latents",), "pipeline": ("unet",), "adapter": ("pipeline",), "simple_adapter": ("pipeline",),
-    "quality": ("adapter",), "package": ("quality", "simple_adapter"),
+    "quality": ("adapter",), "controlnet": ("pipeline",), "package": ("quality", "simple_adapter", "controlnet"),
 }
 assert tuple(DEPENDS) == STAGES and all(STAGES.index(d) < STAGES.index(s) for s in STAGES for d in DEPENDS[s])
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..config import ConfigError, option
 
 STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "vae", "latents", "unet", "pipeline", "adapter",
-                           "simple_adapter", "quality", "package")
+                           "simple_adapter", "quality", "controlnet", "package")
+CONTROLNET_VARIANTS: tuple[str, ...] = ("light", "full")  # the keys of imprompt.toy.controlnet.VARIANTS
 
 
 def _as_path(value, name: str) -> Path:
@@ -71,31 +72,43 @@ class BuildConfig:
     quality_samples: int = _int(200, "test references of the quality stage")
     quality_steps: int = _int(20, "sampling steps of the quality stage")
     quality_multimodal_samples: int = _int(100, "test references of the quality stage's image + text part")
+    controlnet_variant: str = field(default="light", metadata=option(
+        "the toy ControlNet's layout (imprompt.toy.controlnet.VARIANTS): light = no attention (half the "
+        "weights), full = the UNet's encoder copied whole", choices=CONTROLNET_VARIANTS))
+    controlnet_steps: int = _int(2000, "ControlNet training steps (UNet frozen, silhouette control)")
+    controlnet_batch: int = _int(64, "ControlNet batch size")
+    controlnet_lr: float = field(default=2e-4, metadata=option("ControlNet learning rate (constant after a warm-up)"))
+    controlnet_quality_samples: int = _int(100, "test references of the ControlNet stage's measurement")
     checkpoint_seconds: float = field(default=120.0, metadata=option("seconds between a training stage's checkpoints"))
     clip_max_minutes: float = field(default=10.0, metadata=option("cap on the CLIP stage's training time"))
     vae_max_minutes: float = field(default=28.0, metadata=option("cap on the VAE stage's training time"))
     unet_max_minutes: float = field(default=40.0, metadata=option("cap on the UNet stage's training time"))
+    controlnet_max_minutes: float = field(default=20.0, metadata=option("cap on the ControlNet stage's training time"))
     progress: bool = field(default=True, metadata=option("progress bars"))
 
     def __post_init__(self):
         self.work = Path(self.work)
         for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "vae_batch", "unet_batch",
-                     "quality_samples", "quality_steps", "quality_multimodal_samples"):
+                     "quality_samples", "quality_steps", "quality_multimodal_samples", "controlnet_batch",
+                     "controlnet_quality_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps", "checkpoint_seconds"):
+        for name in ("clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps", "controlnet_steps",
+                     "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("clip_lr", "vae_lr", "unet_lr", "adapter_lr", "clip_max_minutes", "vae_max_minutes",
-                     "unet_max_minutes"):
+        for name in ("clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr", "clip_max_minutes",
+                     "vae_max_minutes", "unet_max_minutes", "controlnet_max_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.controlnet_variant not in CONTROLNET_VARIANTS:
+            raise ConfigError(f"controlnet_variant must be one of {CONTROLNET_VARIANTS}, got {self.controlnet_variant!r}")
         for name in ("vae_kl", "ema_decay", "caption_dropout", "adapter_caption_p", "adapter_edit_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     def max_seconds(self, stage: str) -> float:
-        """The training-time cap of a stage (only CLIP, the VAE and the UNet have one)."""
+        """The training-time cap of a stage (only CLIP, the VAE, the UNet and the ControlNet have one)."""
         minutes = getattr(self, f"{stage}_max_minutes", None)
         return float("inf") if minutes is None else 60.0 * minutes
 

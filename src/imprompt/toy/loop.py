@@ -62,11 +62,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def denoising_step(unet, optimizer: torch.optim.Optimizer, noise_scheduler, latents: torch.Tensor, text: torch.Tensor,
-                   empty: torch.Tensor, caption_dropout: float, seed: int, step: int) -> float:
+                   empty: torch.Tensor, caption_dropout: float, seed: int, step: int, controlnet=None,
+                   control: torch.Tensor | None = None) -> float:
     """One step of text-conditioned diffusion training (paper section 3.3's objective for the UNet itself).
 
     From the step's random stream: which captions are replaced by the empty one, the noise and uniform
-    timesteps; the scheduler noises the latents. The gradient norm is clipped at 1.
+    timesteps; the scheduler noises the latents. The gradient norm of what ``optimizer`` trains is
+    clipped at 1.
+
+    With a ``controlnet`` and its ``control`` images (N, 3, H, W in [0, 1], as diffusers' ControlNet
+    pipelines feed them), the ControlNet's residuals are added to the UNet's blocks (Zhang et al. 2023,
+    "Adding Conditional Control to Text-to-Image Diffusion Models", section 3.3: the same epsilon loss,
+    the ControlNet seeing the same text and timestep); ``optimizer`` then holds the ControlNet's
+    parameters and the UNet stays frozen. The random stream is the same either way.
     """
     generator = step_generator(seed, step, 0)
     drop = torch.rand(len(latents), generator=generator) < caption_dropout
@@ -74,10 +82,18 @@ def denoising_step(unet, optimizer: torch.optim.Optimizer, noise_scheduler, late
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    loss = F.mse_loss(unet(noisy, timesteps, text).sample, diffusion_target(noise_scheduler, latents, noise, timesteps))
+    residuals = {}
+    if controlnet is not None:
+        if control is None or len(control) != len(latents):
+            found = "none" if control is None else len(control)
+            raise ValueError(f"a ControlNet step needs one control image per latent ({len(latents)}), found {found}")
+        down, mid = controlnet(noisy, timesteps, text, controlnet_cond=control, return_dict=False)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    prediction = unet(noisy, timesteps, text, **residuals).sample
+    loss = F.mse_loss(prediction, diffusion_target(noise_scheduler, latents, noise, timesteps))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
     optimizer.step()
     return loss.item()
 

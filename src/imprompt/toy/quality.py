@@ -40,15 +40,17 @@ TARGETS = {
 }
 
 
-def load(pipeline: str | Path, adapter_file: str | Path | None, image_encoder: str | Path | None = None):
-    """The toy pipeline and, given an adapter file, the adapter and its image encoder (by default the
-    ``image_encoder/`` folder beside the adapter file, the official layout)."""
+def load(pipeline: str | Path, adapter_file: str | Path | None, image_encoder: str | Path | None = None,
+         controlnet: str | Path | None = None):
+    """The toy pipeline (with ``controlnet``: diffusers' ControlNet pipeline) and, given an adapter file, the
+    adapter and its image encoder (by default the ``image_encoder/`` folder beside the adapter file, the
+    official layout)."""
     from ..adapter.checkpoint import load_adapter
     from ..encoding import ImageEncoder
     from ..generation.pipelines import load_pipeline
     from ..models.pairing import official_candidates
 
-    pipe = load_pipeline(pipeline)
+    pipe = load_pipeline(pipeline, controlnet=controlnet)
     if adapter_file is None:
         return pipe, None, None
     encoder = ImageEncoder.from_pretrained(image_encoder or official_candidates(Path(adapter_file))[0])

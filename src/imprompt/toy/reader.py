@@ -167,6 +167,13 @@ def read(image: Image.Image | np.ndarray) -> Attributes:
     return read_many([image])[0]
 
 
+def silhouette_of(image: Image.Image | np.ndarray) -> Image.Image:
+    """The silhouette (:func:`imprompt.toy.shapes.silhouette`) of the shape this reader sees in a toy
+    image: how a user turns any reference into the toy ControlNet's control image. It is redrawn from
+    the reading, so it is as right as the reading (shape, size, position) and exactly on the grid."""
+    return shapes.silhouette(read(image))
+
+
 def perturb(image: Image.Image, seed: int, blur: float = 0.7, noise: float = 8 / 255,
             jpeg_quality: int | None = 85) -> Image.Image:
     """Blur, add gaussian noise and JPEG-compress an image: a stand-in for a diffusion model's output.

@@ -198,6 +198,18 @@ def render(attrs: Attributes) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
+def silhouette(attrs: Attributes) -> Image.Image:
+    """The shape's silhouette: white where the shape is, black elsewhere (a 32x32 RGB control image).
+
+    The coverage of the *solid* shape, whatever the image's style, so it carries shape, size and
+    position and nothing of colour, background or style: the toy ControlNet's control signal
+    (:mod:`imprompt.toy.controlnet`). Edges keep their anti-aliased grey, as the images' edges do.
+    """
+    coverage = alpha(attrs.shape, attrs.size, attrs.position, "solid")
+    mask = np.rint(coverage * 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(mask[..., None], 3, axis=2), mode="RGB")
+
+
 # ------------------------------------------------------------------------------------------ captions
 
 STYLE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outline": "outlined"}

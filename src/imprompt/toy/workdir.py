@@ -8,6 +8,7 @@ Layout (``work`` is ``BuildConfig.work``)::
     latents/cache.pt                 VAE latents and text states of the train split
     pipeline/                        the diffusers pipeline, and pipeline/image_encoder (the CLIP vision tower)
     adapter/run, simple_adapter/run  imprompt.training output folders (ip_adapter.safetensors)
+    controlnet/model                 the toy ControlNet (diffusers folder; controlnet/ also holds checkpoint.pt)
     <stage>/done.json                written when a stage finishes: what it did and scored
 """
 

@@ -1,0 +1,150 @@
+"""How well toy generations follow the toy ControlNet (:mod:`imprompt.toy.controlnet`), read back with the
+attribute reader: the paper's RQ3 ("compatible with structural control") measured on the toy world.
+
+Every generation goes through :func:`imprompt.generate` on the pipeline that
+:func:`imprompt.load_pipeline` builds with ``controlnet=`` (diffusers' ``StableDiffusionControlNetPipeline``),
+the way a user runs it. Control images are silhouettes (:func:`imprompt.toy.shapes.silhouette`) of the
+first ``n`` test references' true attributes.
+
+* **alone**: control = reference A's silhouette, empty text. Shape, size and position should follow the
+  control (:data:`CONTROLLED`); colour, background and style are free.
+* **with_caption**: the same control with A's caption as the text: every attribute should be A's (the
+  text and the control agree; shows the ControlNet does not fight the text).
+* **with_adapter**: control = A's silhouette, image prompt = reference B (a later test reference with
+  another shape and another placement, :func:`partners`), empty text, adapter scale 1 (the quality stage's
+  image-only setting). Shape, size and position should follow A; colour, background and style B
+  (:data:`FROM_REFERENCE`). Scored per attribute against that mixed target, and as ``control`` (all three
+  of A's), ``reference`` (all three of B's) and ``all``.
+
+The issue's target is >= 80% for each of these attributes. Generations use the model's own scheduler,
+``steps`` steps, guidance 3 (as :mod:`imprompt.toy.quality`) and seed i for reference i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import shapes
+from .judge import attribute_hits, read_many
+from .shapes import Attributes
+
+PARTS: tuple[str, ...] = ("alone", "with_caption", "with_adapter")
+CONTROLLED: tuple[str, ...] = ("shape", "size", "position")  # what a silhouette fixes
+FROM_REFERENCE: tuple[str, ...] = ("color", "background", "style")  # what it leaves to the text or image prompt
+TARGET = 0.8
+
+
+def partners(truth: Sequence[Attributes]) -> list[int]:
+    """For each reference A, the index of its image-prompt reference B: the first later one (cyclically) with
+    another shape and another (size, position), so a generation that copies B instead of following A's
+    control is caught on all three controlled attributes."""
+    out = []
+    for i, a in enumerate(truth):
+        for k in range(1, len(truth)):
+            b = truth[(i + k) % len(truth)]
+            if b.shape != a.shape and (b.size, b.position) != (a.size, a.position):
+                out.append((i + k) % len(truth))
+                break
+        else:
+            raise ValueError(f"no reference among the {len(truth)} differs from reference {i} ({a}) in shape and "
+                             "placement; measure with more references")
+    return out
+
+
+def mixed(control: Attributes, reference: Attributes) -> Attributes:
+    """What a generation with ``control``'s silhouette and ``reference`` as the image prompt should show."""
+    return dataclasses.replace(reference, **{name: getattr(control, name) for name in CONTROLLED})
+
+
+def score(read: Sequence[Attributes], expected: Sequence[Attributes], groups: dict[str, Sequence[str]]) -> dict[str, float]:
+    """Fraction right per attribute named in ``groups``, and per group the fraction with all of its attributes right."""
+    hits = [attribute_hits(r, e) for r, e in zip(read, expected)]
+    names = [n for g in groups.values() for n in g]
+    out = {name: float(np.mean([h[name] for h in hits])) for name in dict.fromkeys(names)}
+    out.update({group: float(np.mean([all(h[n] for n in members) for h in hits])) for group, members in groups.items()})
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+@torch.no_grad()
+def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seeds: Sequence[int], steps: int,
+               guidance: float, control_scale: float = 1.0, attachment=None, encoder=None,
+               references: Sequence[Image.Image] | None = None, adapter_scale: float = 1.0) -> list[np.ndarray]:
+    """One image per (control, text, seed) through :func:`imprompt.generate`; with ``references``, each
+    also the image prompt of its row (the adapter attached as ``attachment``, its ``encoder``)."""
+    from ..generation.generate import generate
+    from ..generation.prompts import ImagePrompt
+    from ..generation.settings import GenerationSettings
+
+    out = []
+    for i, (control, text, seed) in enumerate(zip(controls, texts, seeds)):
+        settings = GenerationSettings(prompt=text, steps=steps, guidance=guidance, seed=seed,
+                                      controlnet_scale=control_scale)
+        prompts = [ImagePrompt([references[i]], scale=adapter_scale)] if references is not None else []
+        images = generate(pipe, attachment, settings, prompts, [encoder] if references is not None else [],
+                          control_image=control, output_type="np")
+        out.append((np.asarray(images[0]) * 255).round().clip(0, 255).astype(np.uint8))
+    return out
+
+
+def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path, adapter_file: str | Path | None = None,
+            image_encoder: str | Path | None = None, n: int = 100, steps: int = 20, guidance: float = 3.0,
+            control_scale: float = 1.0, parts: Sequence[str] = PARTS, progress: bool = True) -> dict:
+    """The parts of the module docstring on the first ``n`` test references; a JSON-ready dict. The
+    ``with_adapter`` part needs ``adapter_file`` (and its image encoder, by default the folder beside it)."""
+    from .quality import load
+
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    if "with_adapter" in parts and adapter_file is None:
+        raise ValueError("the with_adapter part needs adapter_file (the toy ip_adapter.safetensors)")
+    folder = Path(test_folder)
+    if not (folder / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl; give a split folder written by `imprompt toy build` "
+                                "(e.g. build/toy/data/test)")
+    rows = shapes.read_metadata(folder)[:n]
+    truth = [a for _, _, a in rows]
+    controls = [shapes.silhouette(a) for a in truth]
+    seeds = list(range(len(rows)))
+    report: dict = {"n": len(rows), "steps": steps, "guidance": guidance, "control_scale": control_scale,
+                    "target": TARGET}
+    pipe, adapter, encoder = load(pipeline, adapter_file if "with_adapter" in parts else None, image_encoder,
+                                  controlnet=controlnet)
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        value = fn()
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+        if progress:
+            print(f"[toy control quality] {name}: {json.dumps(value)}", flush=True)
+        return value
+
+    groups = {"control": CONTROLLED}
+    if "alone" in parts:
+        report["alone"] = timed("alone", lambda: score(read_many(controlled(
+            pipe, controls, [""] * len(rows), seeds, steps, guidance, control_scale)), truth, groups))
+    if "with_caption" in parts:
+        report["with_caption"] = timed("with_caption", lambda: score(read_many(controlled(
+            pipe, controls, [c for _, c, _ in rows], seeds, steps, guidance, control_scale)), truth,
+            {"control": CONTROLLED, "text": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
+    if "with_adapter" in parts:
+        from ..adapter.attach import attach
+
+        partner = partners(truth)
+        references = [Image.open(folder / rows[j][0]).convert("RGB") for j in partner]
+        expected = [mixed(a, truth[j]) for a, j in zip(truth, partner)]
+        with attach(pipe.unet, adapter) as attachment:
+            report["with_adapter"] = timed("with_adapter", lambda: score(read_many(controlled(
+                pipe, controls, [""] * len(rows), seeds, steps, guidance, control_scale, attachment, encoder,
+                references)), expected,
+                {"control": CONTROLLED, "reference": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
+    return report
+
