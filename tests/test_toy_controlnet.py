@@ -102,16 +102,31 @@ def test_controlnet_sizes_and_a_wrong_embedding_are_refused():
         controlnet.make_controlnet(unet, "huge")
 
 
+def _tiny_pipeline(folder) -> StableDiffusionPipeline:
+    """A random tiny pipeline shaped like the toy world's: 32 px images, a 4x VAE, 8x8 latents."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=4, sample_size=32).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tm.text_encoder(0), tokenizer=tm.tokenizer(),
+                                   unet=tm.sd15_unet(), scheduler=models.scheduler(), safety_checker=None,
+                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def _tiny_work(tmp_path, n: int = 16):
-    """A work folder with what the controlnet stage reads: data/train, latents/cache.pt and pipeline/unet."""
+    """A work folder with what the controlnet stage reads: data/train and data/test, latents/cache.pt (random
+    latents and text states) and the pipeline."""
     work = tmp_path / "work"
     shapes.write_folder(shapes.sample("train", n, 0), work / "data" / "train")
+    shapes.write_folder(shapes.sample("test", 3, 0), work / "data" / "test")
     generator = torch.Generator().manual_seed(0)
     cache = {"latents": torch.randn(n, 4, 8, 8, generator=generator),
              "text": torch.randn(n, 6, 32, generator=generator).half(), "empty": torch.randn(1, 6, 32, generator=generator)}
     (work / "latents").mkdir(parents=True)
     torch.save(cache, work / "latents" / "cache.pt")
-    tm.sd15_unet().save_pretrained(work / "pipeline" / "unet")
+    _tiny_pipeline(work / "pipeline")
     return work
 
 
@@ -156,34 +171,41 @@ def test_partners_differ_in_shape_and_placement():
         control_quality.partners(truth[:2])
 
 
-def test_measurement_runs_on_a_tiny_toy_pipeline(tmp_path):
-    """Every part through imprompt.generate with a ControlNet (and the adapter), on a random tiny pipeline
-    with the toy world's shapes: 32 px images, a 4x VAE, 8x8 latents. The numbers mean nothing here."""
+def test_the_build_runs_the_stage_and_the_measurement(tmp_path):
+    """The stage through the build (RUNNERS), on the tiny pipeline: training, then the measurement of the
+    ControlNet alone through imprompt.generate, in done.json. The numbers mean nothing here."""
+    from imprompt.toy import build, workdir
+    from imprompt.toy.config import StageSelection
+
+    work = _tiny_work(tmp_path)
+    cfg = BuildConfig(work=work, train_size=16, controlnet_steps=2, controlnet_batch=4, controlnet_quality_samples=3,
+                      quality_steps=2, jobs=1, progress=False)
+    info = build.run(cfg, StageSelection(stage="controlnet"))["controlnet"]
+    assert info == workdir.done_info(work, "controlnet") and info["steps"] == 2
+    assert info["quality"]["n"] == 3 and set(info["quality"]) >= {"alone", "with_caption"}
+    assert set(info["quality"]["alone"]) == {"shape", "size", "position", "control"}
+    assert set(info["quality"]["with_caption"]) == {"shape", "size", "position", "color", "background", "style",
+                                                    "control", "text", "all"}
+
+
+def test_measurement_with_the_adapter(tmp_path):
+    """Control from reference A, image prompt B, through imprompt.generate with the ControlNet and the adapter."""
     from imprompt.adapter.checkpoint import save_adapter
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        norm_num_groups=4, sample_size=32).eval()
-    unet = tm.sd15_unet()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tm.text_encoder(0), tokenizer=tm.tokenizer(), unet=unet,
-                                   scheduler=models.scheduler(), safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "pipeline")
-    controlnet.make_controlnet(unet).save_pretrained(tmp_path / "controlnet")
+    pipe = _tiny_pipeline(tmp_path / "pipeline")
+    controlnet.make_controlnet(pipe.unet).save_pretrained(tmp_path / "controlnet")
     encoder = tm.image_encoder()
     encoder.save_pretrained(tmp_path / "image_encoder")
     tm.feature_extractor().save_pretrained(tmp_path / "image_encoder")
-    save_adapter(tm.random_adapter(unet, "linear", encoder=encoder), tmp_path / "ip_adapter.safetensors")
+    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), tmp_path / "ip_adapter.safetensors")
     shapes.write_folder(shapes.sample("test", 3, 0), tmp_path / "test")
 
     report = control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test",
-                                     adapter_file=tmp_path / "ip_adapter.safetensors", n=3, steps=2, progress=False)
-    assert report["n"] == 3 and set(control_quality.PARTS) <= set(report)
-    assert set(report["alone"]) == {"shape", "size", "position", "control"}
+                                     adapter_file=tmp_path / "ip_adapter.safetensors", n=3, steps=2,
+                                     parts=("with_adapter",), progress=False)
+    assert report["n"] == 3 and "alone" not in report
     assert set(report["with_adapter"]) == {"shape", "size", "position", "color", "background", "style", "control",
                                            "reference", "all"}
-    for part in control_quality.PARTS:
-        assert all(0.0 <= v <= 1.0 for v in report[part].values())
+    assert all(0.0 <= v <= 1.0 for v in report["with_adapter"].values())
     with pytest.raises(ValueError, match="the with_adapter part needs adapter_file"):
         control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test", n=3, steps=2)

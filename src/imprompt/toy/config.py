@@ -73,7 +73,7 @@ class BuildConfig:
     quality_steps: int = _int(20, "sampling steps of the quality stage")
     quality_multimodal_samples: int = _int(100, "test references of the quality stage's image + text part")
     controlnet_variant: str = field(default="light", metadata=option(
-        "the toy ControlNet's layout (imprompt.toy.controlnet.VARIANTS): light = no attention (half the "
+        "the toy ControlNet's layout (imprompt.toy.controlnet.VARIANTS): light = no attention (56% of the "
         "weights), full = the UNet's encoder copied whole", choices=CONTROLNET_VARIANTS))
     controlnet_steps: int = _int(2000, "ControlNet training steps (UNet frozen, silhouette control)")
     controlnet_batch: int = _int(64, "ControlNet batch size")
