@@ -123,7 +123,8 @@ def _tiny_work(tmp_path, n: int = 16):
     shapes.write_folder(shapes.sample("test", 3, 0), work / "data" / "test")
     generator = torch.Generator().manual_seed(0)
     cache = {"latents": torch.randn(n, 4, 8, 8, generator=generator),
-             "text": torch.randn(n, 6, 32, generator=generator).half(), "empty": torch.randn(1, 6, 32, generator=generator)}
+             "text": torch.randn(n, 6, 32, generator=generator).half(),
+             "empty": torch.randn(1, 6, 32, generator=generator)}
     (work / "latents").mkdir(parents=True)
     torch.save(cache, work / "latents" / "cache.pt")
     _tiny_pipeline(work / "pipeline")

@@ -28,7 +28,8 @@ core far better than two (a two-thread toy UNet step is not twice as fast), so t
 each beat the same stages one after the other with two threads each.
 
 The stages live in :mod:`~imprompt.toy.stages` (base models), :mod:`~imprompt.toy.adapter_stages`,
-:mod:`~imprompt.toy.controlnet` and :mod:`~imprompt.toy.package`; their settings are :class:`~imprompt.toy.config.BuildConfig`.
+:mod:`~imprompt.toy.controlnet` and :mod:`~imprompt.toy.package`; their settings are
+:class:`~imprompt.toy.config.BuildConfig`.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ class BuildConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.controlnet_variant not in CONTROLNET_VARIANTS:
-            raise ConfigError(f"controlnet_variant must be one of {CONTROLNET_VARIANTS}, got {self.controlnet_variant!r}")
+            raise ConfigError(f"controlnet_variant must be one of {CONTROLNET_VARIANTS}, "
+                              f"got {self.controlnet_variant!r}")
         for name in ("vae_kl", "ema_decay", "caption_dropout", "adapter_caption_p", "adapter_edit_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")

@@ -64,7 +64,8 @@ def mixed(control: Attributes, reference: Attributes) -> Attributes:
     return dataclasses.replace(reference, **{name: getattr(control, name) for name in CONTROLLED})
 
 
-def score(read: Sequence[Attributes], expected: Sequence[Attributes], groups: dict[str, Sequence[str]]) -> dict[str, float]:
+def score(read: Sequence[Attributes], expected: Sequence[Attributes],
+          groups: dict[str, Sequence[str]]) -> dict[str, float]:
     """Fraction right per attribute named in ``groups``, and per group the fraction with all of its attributes right."""
     hits = [attribute_hits(r, e) for r, e in zip(read, expected)]
     names = [n for g in groups.values() for n in g]
@@ -94,9 +95,10 @@ def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seed
     return out
 
 
-def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path, adapter_file: str | Path | None = None,
-            image_encoder: str | Path | None = None, n: int = 100, steps: int = 20, guidance: float = 3.0,
-            control_scale: float = 1.0, parts: Sequence[str] = PARTS, progress: bool = True) -> dict:
+def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path,
+            adapter_file: str | Path | None = None, image_encoder: str | Path | None = None, n: int = 100,
+            steps: int = 20, guidance: float = 3.0, control_scale: float = 1.0, parts: Sequence[str] = PARTS,
+            progress: bool = True) -> dict:
     """The parts of the module docstring on the first ``n`` test references; a JSON-ready dict. The
     ``with_adapter`` part needs ``adapter_file`` (and its image encoder, by default the folder beside it)."""
     from .quality import load
