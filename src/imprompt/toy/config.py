@@ -73,8 +73,8 @@ class BuildConfig:
     quality_steps: int = _int(20, "sampling steps of the quality stage")
     quality_multimodal_samples: int = _int(100, "test references of the quality stage's image + text part")
     controlnet_variant: str = field(default="light", metadata=option(
-        "the toy ControlNet's layout (imprompt.toy.controlnet.VARIANTS): light = no attention (56% of the "
-        "weights), full = the UNet's encoder copied whole", choices=CONTROLNET_VARIANTS))
+        "the toy ControlNet's layout (imprompt.toy.controlnet.VARIANTS): light = no attention (1.9M weights, "
+        "fp16 3.7 MiB), full = the UNet's encoder copied whole (3.5M, 6.6 MiB)", choices=CONTROLNET_VARIANTS))
     controlnet_steps: int = _int(2000, "ControlNet training steps (UNet frozen, silhouette control)")
     controlnet_batch: int = _int(64, "ControlNet batch size")
     controlnet_lr: float = field(default=2e-4, metadata=option("ControlNet learning rate (constant after a warm-up)"))
