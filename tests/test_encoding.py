@@ -27,7 +27,7 @@ def test_penultimate_hidden_states_equal_transformers_bit_for_bit(layers):
     assert not torch.equal(ours, model(pixels).last_hidden_state)
 
 
-def test_unconditional_hidden_states_are_the_zero_image_encoded_once():
+def test_unconditional_hidden_states_are_the_zero_images_encoded_once():
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -35,15 +35,16 @@ def test_unconditional_hidden_states_are_the_zero_image_encoded_once():
     encoder = ImageEncoder(model)
     pixels = torch.randn(3, 3, 32, 32)
     calls = []
-    encoder.model.vision_model.embeddings.register_forward_hook(lambda *_: calls.append("embeddings"))  # one per encoder pass
+    encoder.model.vision_model.embeddings.register_forward_hook(lambda *_: calls.append(1))  # one per encoder pass
     first = encoder.unconditional(pixels, "hidden_states")
-    again = encoder.unconditional(pixels[:2], "hidden_states")
+    again = encoder.unconditional(pixels * 2, "hidden_states")  # same batch shape: reused
+    other = encoder.unconditional(pixels[:2], "hidden_states")  # another batch size: encoded
     with torch.no_grad():
-        expected = model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
-    assert first.shape == (3, 17, 32) and again.shape == (2, 17, 32)
-    assert all(torch.equal(row, expected[0]) for row in (*first, *again))
-    assert calls.count("embeddings") == 2  # the zero image once, then the check above; the second call reused it
+        expected = model(torch.zeros(3, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
+    assert first.shape == again.shape == (3, 17, 32) and other.shape == (2, 17, 32)
+    assert torch.equal(first, expected) and torch.equal(again, expected)  # bit for bit: the whole batch encoded
+    assert len(calls) == 3  # first, other, expected: `again` reused the first
     first.add_(1.0)  # a caller that changes its copy does not change the next one
-    assert torch.equal(encoder.unconditional(pixels[:1], "hidden_states")[0], expected[0])
+    assert torch.equal(encoder.unconditional(pixels, "hidden_states"), expected)
     # Image embeds have no encoder pass at all: the zero vector.
     assert torch.equal(encoder.unconditional(pixels, "image_embeds"), torch.zeros(3, 16))

@@ -126,17 +126,20 @@ class ImageEncoder:
         """The 'no image' features for a batch shaped like ``pixels`` (official definition)."""
         if output == "image_embeds":
             return torch.zeros(pixels.shape[0], self.output_width(output), device=pixels.device, dtype=pixels.dtype)
-        # The zero image's hidden states are the same for every generation, so they are encoded once per
-        # (output, size, dtype, device) and reused: a plus adapter otherwise runs the encoder twice per
-        # generation, as diffusers and the official code do (measured on the mid-size benchmark model:
-        # the second pass was about half of imprompt's time above plain generation). Reuse assumes the
-        # encoder's weights are not changed in place afterwards, as nothing in imprompt does (encoders
-        # are frozen); a new ImageEncoder starts empty.
-        key = (output, tuple(pixels.shape[1:]), pixels.dtype, pixels.device)
+        # The zero images' hidden states are the same for every generation, so they are encoded once per
+        # (output, batch shape, dtype, device) and reused: a plus adapter otherwise runs the encoder twice
+        # per generation, as diffusers and the official code do (on the mid-size benchmark model the
+        # second pass was about half of imprompt's time above plain generation). The batch is encoded
+        # whole, as before, because the CPU kernels' rounding depends on the batch size: the result stays
+        # bit-identical to encoding zeros_like(pixels) (and to diffusers'). Reuse assumes the encoder's
+        # weights are not changed in place afterwards, as nothing in imprompt does (encoders are frozen).
+        key = (output, tuple(pixels.shape), pixels.dtype, pixels.device)
         zero = self._zero_features.get(key)
         if zero is None:
-            zero = self._zero_features[key] = self.features(torch.zeros_like(pixels[:1]), output)
-        return zero.repeat(pixels.shape[0], *(1,) * (zero.ndim - 1))
+            if len(self._zero_features) >= 8:  # a few batch shapes in use at a time; drop the oldest
+                self._zero_features.pop(next(iter(self._zero_features)))
+            zero = self._zero_features[key] = self.features(torch.zeros_like(pixels), output)
+        return zero.clone()
 
 
 def penultimate_hidden_states(model: CLIPVisionModelWithProjection, pixels: torch.Tensor) -> torch.Tensor:
