@@ -46,5 +46,11 @@ def test_unconditional_hidden_states_are_the_zero_images_encoded_once():
     assert len(calls) == 3  # first, other, expected: `again` reused the first
     first.add_(1.0)  # a caller that changes its copy does not change the next one
     assert torch.equal(encoder.unconditional(pixels, "hidden_states"), expected)
+    # A bounded cache: batch sizes 1-9 keep at most 8 entries, each still the right features (to float
+    # rounding: the CPU kernels round differently at different batch sizes).
+    for n in range(1, 10):
+        zeros = encoder.unconditional(pixels[:1].expand(n, -1, -1, -1), "hidden_states")
+        assert zeros.shape[0] == n and torch.allclose(zeros, expected[:1].expand(n, -1, -1), atol=1e-5)
+    assert len(encoder._zero_features) == 8
     # Image embeds have no encoder pass at all: the zero vector.
     assert torch.equal(encoder.unconditional(pixels, "image_embeds"), torch.zeros(3, 16))

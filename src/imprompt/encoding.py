@@ -42,8 +42,8 @@ class ImageEncoder:
         size = model.config.image_size
         # Same as diffusers builds it for IP-Adapter: shortest side to image_size, centre crop.
         self.processor = processor or CLIPImageProcessor(size=size, crop_size=size)
-        # The features of the all-zero image (the hidden-state adapters' "no image"), per output, input
-        # size, dtype and device: they depend on the weights alone (see ``unconditional``).
+        # The features of all-zero images (the hidden-state adapters' "no image"), per output, batch shape,
+        # dtype and device: they depend on the weights alone (see ``unconditional``).
         self._zero_features: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -137,7 +137,8 @@ class ImageEncoder:
         zero = self._zero_features.get(key)
         if zero is None:
             if len(self._zero_features) >= 8:  # a few batch shapes in use at a time; drop the oldest
-                self._zero_features.pop(next(iter(self._zero_features)))
+                # (a snapshot of the keys, and no error if a request beside this one dropped it first)
+                self._zero_features.pop(next(iter(list(self._zero_features)), None), None)
             zero = self._zero_features[key] = self.features(torch.zeros_like(pixels), output)
         return zero.clone()
 
