@@ -310,15 +310,6 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     return dataclasses.replace(request, **changes)
 
 
-def is_toy_model(model: str | None) -> bool:
-    from .. import toy
-
-    try:
-        return model is not None and Path(model).resolve() == toy.toy_paths()["model"].resolve()
-    except OSError:
-        return False
-
-
 @dataclass
 class Inputs:
     """The small inputs of a request, read before any model loads."""
@@ -446,9 +437,9 @@ def prepare(request: GenerateRequest, log: Callable[[str], None] = print, catalo
         roots = roots_from(request.models_dir)
         catalog = Catalog.scan(roots) if roots else None
     request = with_toy_defaults(resolve_names(request, catalog), log)
-    if catalog is None and is_toy_model(request.model):  # the toy world's own LoRA and embedding, by name
-        from .. import toy
+    from .. import toy
 
+    if catalog is None and toy.is_toy_model(request.model):  # the toy world's own LoRA and embedding, by name
         catalog = Catalog.scan([toy.PACKAGE_DIR])
     request.check()
     check_networks(request, catalog)

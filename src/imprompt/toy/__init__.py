@@ -29,3 +29,11 @@ def toy_paths(package: Path | None = None) -> dict[str, Path]:
 def toy_available(package: Path | None = None) -> bool:
     return toy_paths(package)["adapter"].is_file()
 
+
+
+def is_toy_model(model: str | None) -> bool:
+    """Whether ``model`` names the shipped toy pipeline folder."""
+    try:
+        return model is not None and Path(model).resolve() == toy_paths()["model"].resolve()
+    except OSError:
+        return False
