@@ -279,13 +279,7 @@ def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[
     elif prompt.embeds is None or prompt.embeds.unconditional is None:
         raise ValueError(f"adapter {prompt.adapter} has no image encoder: give its references as embeds with their "
                          "unconditional half (imprompt encode), or an image encoder")
-    output = variant.encoder_output
-    param = next(adapter.parameters())
-    if prompt.embeds is not None:
-        features = fill_unconditional(prompt.embeds.for_output(output).to(param), encoder)
-        check_features(features, variant, encoder)
-    else:
-        features = encode_references(prompt.images, encoder, output, prompt.crop, _negatives(prompt), prompt.tiles)
+    features = _prompt_features(prompt, variant, encoder, next(adapter.parameters()))
     if features.regions is not None and prompt.combine != "concat":
         raise ValueError("these features hold masked tiles, which act each on its part of the output; "
                          f"use combine='concat' with them (got {prompt.combine!r})")
@@ -300,9 +294,19 @@ def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[
     return tokens_uncond, tokens_cond, features
 
 
-def _negatives(prompt: ImagePrompt) -> list[Image.Image]:
+def _prompt_features(prompt: ImagePrompt, variant, encoder: ImageEncoder | None,
+                     like: torch.Tensor | None = None) -> ImageFeatures:
+    """A CLIP image prompt's encoder features: its saved embeds (cast like ``like``, their unconditional
+    half filled in), or its references encoded with negative images, a noise negative and tiles."""
+    output = variant.encoder_output
+    if prompt.embeds is not None:
+        embeds = prompt.embeds.for_output(output)
+        features = fill_unconditional(embeds if like is None else embeds.to(like), encoder)
+        check_features(features, variant, encoder)
+        return features
     # a noise negative is one more negative image (averaged with the others)
-    return list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
+    negatives = list(prompt.negative_images or ()) + ([prompt.negative_noise.image()] if prompt.negative_noise else [])
+    return encode_references(prompt.images, encoder, output, prompt.crop, negatives, prompt.tiles)
 
 
 def encode_image_prompts(prompts: Sequence[ImagePrompt], adapters: Sequence, encoders: Sequence[ImageEncoder | None]
@@ -326,12 +330,7 @@ def encode_image_prompts(prompts: Sequence[ImagePrompt], adapters: Sequence, enc
             needed.add(prompt.adapter)
             continue
         check_encoder(variant, encoder)
-        output = variant.encoder_output
-        if prompt.embeds is not None:
-            features = fill_unconditional(prompt.embeds.for_output(output), encoder)
-            check_features(features, variant, encoder)
-        else:
-            features = encode_references(prompt.images, encoder, output, prompt.crop, _negatives(prompt), prompt.tiles)
+        features = _prompt_features(prompt, variant, encoder)
         encoded.append(replace(prompt, images=(), negative_images=None, negative_noise=None, tiles=None, embeds=features))
     return encoded, [e if i in needed else None for i, e in enumerate(encoders)]
 
