@@ -66,13 +66,27 @@ def test_edits_are_valid_attribute_changes():
 @pytest.mark.slow  # over 10 s
 def test_build_stages_smoke(tmp_path):
     cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
-                      clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, adapter_steps=1,
+                      clip_batch=16, robust_clip_steps=2, robust_clip_batch=8, vae_steps=2, vae_batch=8, unet_steps=2,
+                      unet_batch=8, adapter_steps=1,
                       quality_samples=2, quality_steps=2, controlnet_steps=2, controlnet_batch=8,
                       controlnet_quality_samples=2, progress=False)
     results = build.run(cfg, StageSelection(until="quality"))
     assert set(results) == set(STAGES[:STAGES.index("quality") + 1])
     assert results["tokenizer"]["longest_caption_tokens"] <= toy_tokenizer.MAX_LENGTH
     assert set(results["clip"]["zero_shot"]) == {"shape", "color", "background", "style"}
+    assert set(results["robust_clip"]["robustness"]) == {"drawn_0.5", "drawn_1.0"}
+    # robust_clip trains the vision tower only: the text tower the UNet learned from stays bit for bit.
+    from transformers import CLIPModel
+
+    before, after = (CLIPModel.from_pretrained(cfg.work / s / "model") for s in ("clip", "robust_clip"))
+    assert all(torch.equal(p, q) for p, q in zip(before.text_model.parameters(), after.text_model.parameters()))
+    assert not torch.equal(before.vision_model.encoder.layers[0].mlp.fc1.weight,
+                           after.vision_model.encoder.layers[0].mlp.fc1.weight)
+    # The adapters' list: about half the samples take a loosened picture of their target as the image prompt.
+    items = [json.loads(line) for line in (cfg.work / "adapter" / "data" / "train.jsonl").read_text().splitlines()]
+    loosened = [i for i in items if i.get("reference_file", "").startswith("loosened/")]
+    assert 0.25 < len(loosened) / len(items) < 0.75
+    assert all((cfg.work / "adapter" / "data" / i["reference_file"]).is_file() for i in loosened)
     assert results["unet"]["steps"] == 2
     for part in ("text_to_image", "unconditional", "image_only", "multimodal"):
         assert part in results["quality"]
@@ -155,7 +169,8 @@ def _simulate(jobs: int, durations: dict[str, int], done=()) -> tuple[list[tuple
 
 
 def test_build_schedule_runs_independent_stages_side_by_side():
-    durations = {"clip": 10, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5, "controlnet": 30}
+    durations = {"clip": 10, "robust_clip": 5, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5,
+                 "controlnet": 30}
     starts, total = _simulate(2, durations)
     started = {stage: (t, threads) for t, stage, threads in starts}
     assert [s for _, s, _ in starts] != list(STAGES)  # not the one-after-the-other order
@@ -169,9 +184,10 @@ def test_build_schedule_runs_independent_stages_side_by_side():
     # Alone, a stage gets both threads; side by side, one each.
     assert started["unet"][1] == started["latents"][1] == 2 and started["vae"][1] == started["adapter"][1] == 1
     sequential = sum(durations.get(s, 1) for s in STAGES)
-    # clip and the tokenizer hide behind the VAE, one adapter behind the other, and the quality stage and the
-    # adapter's last tick behind the ControlNet
-    assert total == sequential - 10 - 1 - 28 - 5 - 1
+    # clip, robust_clip and the tokenizer hide behind the VAE, one adapter behind the other, and the quality
+    # stage and the adapter's last tick behind the ControlNet
+    assert started["robust_clip"][0] == started["clip"][0] + 10 < started["vae"][0] + 28
+    assert total == sequential - 10 - 5 - 1 - 28 - 5 - 1
     one_job, one_job_total = _simulate(1, durations)
     assert [s for _, s, _ in one_job] == list(STAGES) and one_job_total == sequential
     assert all(threads == 1 for _, _, threads in one_job)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..files import atomic_dir
-from . import shapes, workdir
+from . import augment, shapes, workdir
 from .config import BuildConfig
 from .stages import log
 
@@ -23,6 +23,10 @@ def adapter_data(cfg: BuildConfig) -> Path:
     """The adapters' training list: ``train.jsonl`` in a folder of the train images (hard-linked) and edits.
 
     * every train image with a partial caption (``shapes.partial_caption``);
+    * for a share ``adapter_loosened_p`` of them, the image prompt is a loosened picture of the same
+      attributes (:mod:`.augment`: off the grid, rescaled, other patterns, colours a little off, blur,
+      JPEG) in ``loosened/``, while the target stays the image itself: so the adapter learns to draw the
+      world's picture from a reference drawn elsewhere (issue 16), on the robust_clip stage's encoder;
     * for a share ``adapter_edit_p`` of them, an *edit* sample: the image with one content attribute
       changed (``shapes.edited``) as the target, the original as the image prompt (``reference_file``),
       and a partial caption of the target that always names the changed attribute. In plain training
@@ -37,9 +41,11 @@ def adapter_data(cfg: BuildConfig) -> Path:
         return folder / "train.jsonl"
     captions = random.Random(f"imprompt-toy/adapter-captions/{cfg.seed}")
     edits = random.Random(f"imprompt-toy/adapter-edits/{cfg.seed}")
+    loosen = random.Random(f"imprompt-toy/adapter-loosened/{cfg.seed}")
     source = cfg.work / "data" / "train"
     with atomic_dir(folder) as staging:  # replaces a folder an interrupted run left without its list
         (staging / "edits").mkdir()
+        (staging / "loosened").mkdir()
         items = []
         for file_name, _, attrs in shapes.read_metadata(source):
             try:
@@ -48,7 +54,11 @@ def adapter_data(cfg: BuildConfig) -> Path:
                 shutil.copyfile(source / file_name, staging / file_name)
             text = shapes.partial_caption(attrs, captions, cfg.adapter_caption_p)
             (staging / file_name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
-            items.append({"image_file": file_name, "text": text})
+            item = {"image_file": file_name, "text": text}
+            if loosen.random() < cfg.adapter_loosened_p:
+                augment.augmented(attrs, random.Random(f"imprompt-toy/adapter-loosened/{cfg.seed}/{file_name}")).save(staging / "loosened" / file_name)
+                item["reference_file"] = f"loosened/{file_name}"
+            items.append(item)
             if edits.random() < cfg.adapter_edit_p:
                 changed, target = shapes.edited(attrs, edits)
                 shapes.render(target).save(staging / "edits" / file_name)

@@ -8,10 +8,12 @@ killed build resumes where it stopped::
     data       train / val / test / heldout folders (name.png + name.txt + metadata.jsonl) and .npy arrays
     tokenizer  CLIP BPE tokenizer of the caption words (imprompt.toy.tokenizer)
     clip       tiny CLIP, contrastive on (image, caption); zero-shot attribute accuracy on test
+    robust_clip  its vision tower distilled onto loosened pictures (imprompt.toy.augment), text tower kept;
+               zero-shot accuracy on pictures drawn by another rasteriser (imprompt.toy.drawn)
     vae        tiny AutoencoderKL; the attribute reader's accuracy on test reconstructions
     latents    VAE latents of the train images and text-encoder states of their captions, cached once
     unet       UNet, epsilon prediction, 10% caption dropout (classifier-free guidance), EMA weights
-    pipeline   diffusers StableDiffusionPipeline folder + image_encoder/ (the CLIP vision tower)
+    pipeline   diffusers StableDiffusionPipeline folder + image_encoder/ (robust_clip's vision tower)
     adapter    linear IP-Adapter trained with imprompt.training on the train split with partial captions
                (shapes.partial_caption; resumable, checkpoints every 200 steps)
     simple_adapter  the simple adapter (paper 4.4.1, shared attention) on the same data and budget
@@ -43,12 +45,12 @@ from typing import Callable
 
 import torch
 
-from . import adapter_stages, controlnet, package, stages, workdir
+from . import adapter_stages, controlnet, package, robust_clip, stages, workdir
 from .config import STAGES, BuildConfig, StageSelection
 
 RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
     "data": stages.stage_data, "tokenizer": stages.stage_tokenizer, "clip": stages.stage_clip,
-    "vae": stages.stage_vae, "latents": stages.stage_latents, "unet": stages.stage_unet,
+    "robust_clip": robust_clip.stage_robust_clip,    "vae": stages.stage_vae, "latents": stages.stage_latents, "unet": stages.stage_unet,
     "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
     "simple_adapter": adapter_stages.stage_simple_adapter, "quality": adapter_stages.stage_quality,
     "controlnet": controlnet.stage_controlnet, "package": package.stage_package,
@@ -57,8 +59,9 @@ assert tuple(RUNNERS) == STAGES
 
 # What each stage reads from earlier ones (the work folder's layout, imprompt.toy.workdir).
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "vae": ("data",), "latents": ("clip", "vae"),
-    "unet": ("latents",), "pipeline": ("unet",), "adapter": ("pipeline",), "simple_adapter": ("pipeline",),
+    "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "robust_clip": ("clip",),
+    "vae": ("data",), "latents": ("clip", "vae"),
+    "unet": ("latents",), "pipeline": ("unet", "robust_clip"), "adapter": ("pipeline",), "simple_adapter": ("pipeline",),
     "quality": ("adapter",), "controlnet": ("pipeline",), "package": ("quality", "simple_adapter", "controlnet"),
 }
 assert tuple(DEPENDS) == STAGES and all(STAGES.index(d) < STAGES.index(s) for s in STAGES for d in DEPENDS[s])

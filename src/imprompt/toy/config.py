@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import ConfigError, option
 
-STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "vae", "latents", "unet", "pipeline", "adapter",
+STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "robust_clip", "vae", "latents", "unet", "pipeline", "adapter",
                            "simple_adapter", "quality", "controlnet", "package")
 CONTROLNET_VARIANTS: tuple[str, ...] = ("light", "full")  # the keys of imprompt.toy.controlnet.VARIANTS
 
@@ -49,6 +49,9 @@ class BuildConfig:
     clip_steps: int = _int(1500, "CLIP training steps")
     clip_batch: int = _int(128, "CLIP batch size")
     clip_lr: float = field(default=5e-4, metadata=option("CLIP learning rate (warm-up, then cosine)"))
+    robust_clip_steps: int = _int(1500, "steps of the vision tower's distillation onto loosened pictures (robust_clip)")
+    robust_clip_batch: int = _int(128, "robust_clip batch size (each item clean and loosened: twice the rows)")
+    robust_clip_lr: float = field(default=3e-4, metadata=option("robust_clip learning rate (warm-up, then cosine)"))
     vae_steps: int = _int(3000, "VAE training steps")
     vae_batch: int = _int(32, "VAE batch size")
     vae_lr: float = field(default=1e-3, metadata=option("VAE learning rate (warm-up, then cosine)"))
@@ -64,6 +67,8 @@ class BuildConfig:
     adapter_lr: float = field(default=5e-4, metadata=option("adapter learning rate"))
     adapter_caption_p: float = field(default=0.5, metadata=option(
         "chance each content attribute is named in the adapters' captions"))
+    adapter_loosened_p: float = field(default=0.5, metadata=option(
+        "share of the adapters' samples whose image prompt is a loosened picture of the target (imprompt.toy.augment)"))
     # Off: at 0.5 and 3,000 steps the text won more often where it contradicts the reference, but the
     # reference's own attributes were kept less often and image-only colour fell from 90.5% to 76%
     # (build notes in the model card).
@@ -88,23 +93,25 @@ class BuildConfig:
 
     def __post_init__(self):
         self.work = Path(self.work)
-        for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "vae_batch", "unet_batch",
+        for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "robust_clip_batch", "vae_batch",
+                     "unet_batch",
                      "quality_samples", "quality_steps", "quality_multimodal_samples", "controlnet_batch",
                      "controlnet_quality_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps", "controlnet_steps",
+        for name in ("clip_steps", "robust_clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps", "controlnet_steps",
                      "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr", "clip_max_minutes",
+        for name in ("clip_lr", "robust_clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr", "clip_max_minutes",
                      "vae_max_minutes", "unet_max_minutes", "controlnet_max_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.controlnet_variant not in CONTROLNET_VARIANTS:
             raise ConfigError(f"controlnet_variant must be one of {CONTROLNET_VARIANTS}, "
                               f"got {self.controlnet_variant!r}")
-        for name in ("vae_kl", "ema_decay", "caption_dropout", "adapter_caption_p", "adapter_edit_p"):
+        for name in ("vae_kl", "ema_decay", "caption_dropout", "adapter_caption_p", "adapter_loosened_p",
+                     "adapter_edit_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 

@@ -148,7 +148,7 @@ def _polygon_distance(x: np.ndarray, y: np.ndarray, vertices: Sequence[tuple[flo
     return np.where(inside, -distance, distance)
 
 
-def _signed_distance(shape: str, size: str, position: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def signed_distance(shape: str, size: str, position: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Signed distance in pixels from sample points to the shape's edge (negative inside)."""
     half = SIZE_PIXELS[size] / 2
     cx = CENTER_X[position]
@@ -171,7 +171,7 @@ def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, in
     s, n = SUPERSAMPLE, IMAGE_SIZE
     coords = (np.arange(n * s) + 0.5) / s
     x, y = np.meshgrid(coords, coords)
-    distance = _signed_distance(shape, size, position, x, y)
+    distance = signed_distance(shape, size, position, x, y)
     inside = distance < 0
     # Pattern membership is decided per pixel (floor), so stripes and dots are whole pixels.
     row = (np.floor(y).astype(int) - phase[0]) % PERIOD

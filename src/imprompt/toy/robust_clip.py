@@ -1,0 +1,113 @@
+"""The toy build's ``robust_clip`` stage: the CLIP vision tower taught to read pictures drawn elsewhere.
+
+The ``clip`` stage learns from the renderer's exact pixels, and its vision tower places a reference
+drawn by other means (:mod:`.drawn`) far from where it places the same attributes rendered: zero-shot
+shape 25% at strength 1. The image encoder is what every adapter sees, so that is where robustness
+has to come from (issue 16).
+
+This stage fine-tunes the vision tower by distillation from itself: the frozen tower's embedding of
+each clean train image is the target both for the student's embedding of that image and for its
+embedding of a loosened picture of the same attributes (:mod:`.augment`). So a picture drawn
+elsewhere lands where its clean twin lands, and a clean one stays where it was: the text tower is
+untouched (the UNet was trained on it, and it needs no retraining), and an adapter trained on the old
+tower's features sees nearly the same features for the renderer's pictures. The target is the projected
+embedding (``image_embeds``) the linear adapter reads; for clean pictures also the last hidden states,
+which the hidden-state variants read.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..files import atomic_path
+from . import augment, drawn, models, workdir
+from .config import BuildConfig
+from .loop import learning_rate, set_learning_rate, step_batch
+from .stages import clip_zero_shot, log, training_loop
+
+
+def _embed(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_embeds, last hidden states) of a CLIPModel's vision tower."""
+    out = tower.vision_model(pixel_values=pixels)
+    return tower.visual_projection(out.pooler_output), out.last_hidden_state
+
+
+@torch.no_grad()
+def _targets(teacher, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    embeds, hidden = zip(*(_embed(teacher, c) for c in pixels.split(500)))
+    return torch.cat(embeds), torch.cat(hidden)
+
+
+def _augmented_pixels(cfg: BuildConfig) -> np.ndarray:
+    """One loosened picture per train image, drawn once (~7 ms each) and kept for a resumed run."""
+    path = cfg.work / "robust_clip" / "augmented.npy"
+    if path.is_file():
+        return np.load(path)
+    started = time.perf_counter()
+    images = augment.augmented_array([a for _, _, a in workdir.load_metadata(cfg.work, "train")], cfg.seed)
+    with atomic_path(path) as staging:
+        with open(staging, "wb") as f:
+            np.save(f, images)
+    log(f"robust_clip: {len(images)} augmented pictures in {time.perf_counter() - started:.0f} s")
+    return images
+
+
+@torch.no_grad()
+def robustness(model, tok, n: int = 400, seed: int = 0) -> dict:
+    """Zero-shot accuracy on the renderer's test images and on :mod:`.drawn`'s at strengths 0.5 and 1."""
+    scores = {}
+    for strength in (0.5, 1.0):
+        samples = drawn.drawn_samples("test", n, seed=seed, strength=strength)
+        scores[f"drawn_{strength}"] = clip_zero_shot(model, tok, np.stack([np.asarray(s.image) for s in samples]),
+                                                     [s.attributes for s in samples])
+    return scores
+
+
+def stage_robust_clip(cfg: BuildConfig) -> dict:
+    """Distil the clip stage's vision tower into one that also reads loosened pictures; text tower kept."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(cfg.work / "clip" / "model")
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    model.text_model.requires_grad_(False)
+    model.text_projection.requires_grad_(False)
+    model.logit_scale.requires_grad_(False)
+    clean = models.clip_pixels(workdir.load_images(cfg.work, "train"))
+    loosened = models.clip_pixels(_augmented_pixels(cfg))
+    target_embeds, target_hidden = _targets(teacher, clean)
+    embed_scale, hidden_scale = target_embeds.square().mean(), target_hidden.square().mean()
+    params = list(model.vision_model.parameters()) + list(model.visual_projection.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.robust_clip_lr, weight_decay=0.0)
+    loop = training_loop(cfg, "robust_clip", cfg.robust_clip_steps, {"model": model, "opt": opt})
+    model.vision_model.train()
+
+    def step(i: int) -> float:
+        set_learning_rate(opt, learning_rate(i, cfg.robust_clip_steps, 50, cfg.robust_clip_lr, cosine=True))
+        idx = step_batch(len(clean), cfg.robust_clip_batch, cfg.seed, i)
+        embeds, hidden = _embed(model, torch.cat([clean[idx], loosened[idx]]))
+        # The hidden states are kept for clean pictures only: token by token, a shifted picture's states
+        # cannot be its clean twin's (the shape sits in other patches), and asking for them costs capacity.
+        loss = (F.mse_loss(embeds, target_embeds[idx].repeat(2, 1)) / embed_scale
+                + F.mse_loss(hidden[:len(idx)], target_hidden[idx]) / hidden_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    info = loop.run(step)
+    model.eval()
+    model.save_pretrained(cfg.work / "robust_clip" / "model")
+    tok = workdir.load_tokenizer(cfg.work)
+    test = workdir.load_images(cfg.work, "test")
+    truth = [a for _, _, a in workdir.load_metadata(cfg.work, "test")]
+    info["zero_shot"] = clip_zero_shot(model, tok, test, truth)
+    info["zero_shot_before"] = clip_zero_shot(teacher, tok, test, truth)
+    n = min(400, cfg.eval_size)
+    info["robustness"] = robustness(model, tok, n)
+    info["robustness_before"] = robustness(teacher, tok, n)
+    return info
