@@ -26,7 +26,7 @@ def adapter_data(cfg: BuildConfig) -> Path:
     * for a share ``adapter_loosened_p`` of them, the image prompt is a loosened picture of the same
       attributes (:mod:`.augment`: off the grid, rescaled, other patterns, colours a little off, blur,
       JPEG) in ``loosened/``, while the target stays the image itself: so the adapter learns to draw the
-      world's picture from a reference drawn elsewhere (issue 16), on the robust_clip stage's encoder;
+      world's picture from a reference drawn elsewhere (issue 16; off by default, see the config);
     * for a share ``adapter_edit_p`` of them, an *edit* sample: the image with one content attribute
       changed (``shapes.edited``) as the target, the original as the image prompt (``reference_file``),
       and a partial caption of the target that always names the changed attribute. In plain training

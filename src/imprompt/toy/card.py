@@ -35,6 +35,9 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"Seed {cfg.seed}; train split {cfg.train_size} images. Model sizes: `{spec}`.", "",
         "| stage | steps | batch | train time (s) | notes |", "|---|---|---|---|---|",
         f"| CLIP (contrastive) | {get('clip', 'steps')} | {cfg.clip_batch} | {get('clip', 'train_seconds')} | lr {cfg.clip_lr}, cosine |",
+        f"| robust_clip (vision tower distilled onto loosened pictures, text tower kept) | {get('robust_clip', 'steps')} | "
+        f"{cfg.robust_clip_batch} clean + {cfg.robust_clip_batch} loosened | {get('robust_clip', 'train_seconds')} | "
+        f"lr {cfg.robust_clip_lr}, cosine; the image encoder |",
         f"| VAE (MSE + 0.1 L1 + {cfg.vae_kl} KL) | {get('vae', 'steps')} | {cfg.vae_batch} | {get('vae', 'train_seconds')} | scaling_factor {get('vae', 'scaling_factor')} |",
         f"| UNet (epsilon, 10% caption dropout, EMA {cfg.ema_decay}) | {get('unet', 'steps')} | {cfg.unet_batch} | {get('unet', 'train_seconds')} | lr {cfg.unet_lr} |",
         f"| IP-Adapter linear (`imprompt.training`) | {get('adapter', 'steps')} | 64 | {get('adapter', 'train_seconds_this_run')} | lr {cfg.adapter_lr}, partial captions; resumed runs count only the last |",
@@ -49,6 +52,8 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         "of the images (`BuildConfig.adapter_edit_p`; see the build notes for what they did at 50%).",
         "", "## Scores", "",
         f"- CLIP zero-shot attribute accuracy (test): `{json.dumps(get('clip', 'zero_shot'))}`",
+        f"- Image encoder (robust_clip) zero-shot on pictures drawn by `toy.drawn`: `{json.dumps(get('robust_clip', 'robustness'))}` "
+        f"(the clip stage's tower: `{json.dumps(get('robust_clip', 'robustness_before'))}`)",
         f"- VAE: attribute reader on test reconstructions: `{json.dumps(get('vae', 'reader_accuracy_on_reconstructions'))}`, "
         f"PSNR {get('vae', 'psnr_db')} dB",
         f"- Text-to-image (caption as prompt): `{json.dumps(get('quality', 'text_to_image'))}`",
