@@ -1,6 +1,7 @@
 """References drawn by other means (imprompt.toy.drawn) and the reader on them."""
 
 import numpy as np
+import pytest
 
 from imprompt.toy import drawn, judge, reader, shapes
 
@@ -48,6 +49,7 @@ def test_reader_on_drawn_references_at_half_strength():
     assert scores["style"] >= 0.92, scores
 
 
+@pytest.mark.slow  # about 9 s: 400 drawings and 200 renders read twice
 def test_drawn_reading_of_references_drawn_by_other_means():
     # Measured on 600 test drawings (docs/drawn-references.md): at strength 1 the drawn reading gets
     # shape 0.942 (the default reading 0.72), style 0.862 (0.832); at 0.5 shape 0.975, style 0.972.

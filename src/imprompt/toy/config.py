@@ -49,7 +49,7 @@ class BuildConfig:
     clip_steps: int = _int(1500, "CLIP training steps")
     clip_batch: int = _int(128, "CLIP batch size")
     clip_lr: float = field(default=5e-4, metadata=option("CLIP learning rate (warm-up, then cosine)"))
-    robust_clip_steps: int = _int(3000, "steps of the vision tower's distillation onto loosened pictures (robust_clip)")
+    robust_clip_steps: int = _int(5000, "steps of the vision tower's distillation onto loosened pictures (robust_clip)")
     robust_clip_batch: int = _int(128, "robust_clip batch size (each item clean and loosened: twice the rows)")
     robust_clip_lr: float = field(default=7e-4, metadata=option("robust_clip learning rate (warm-up, then cosine)"))
     vae_steps: int = _int(3000, "VAE training steps")
