@@ -56,7 +56,9 @@ def adapter_data(cfg: BuildConfig) -> Path:
             (staging / file_name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
             item = {"image_file": file_name, "text": text}
             if loosen.random() < cfg.adapter_loosened_p:
-                augment.augmented(attrs, random.Random(f"imprompt-toy/adapter-loosened/{cfg.seed}/{file_name}")).save(staging / "loosened" / file_name)
+                stream = random.Random(f"imprompt-toy/adapter-loosened/{cfg.seed}/{file_name}")
+                picture = augment.augmented(attrs, stream)
+                picture.save(staging / "loosened" / file_name)
                 item["reference_file"] = f"loosened/{file_name}"
             items.append(item)
             if edits.random() < cfg.adapter_edit_p:

@@ -64,8 +64,8 @@ class Augmentation:
 
 
 def coverage(attrs: Attributes, shift: tuple[float, float] = (0.0, 0.0), scale: float = 1.0,
-             aspect: float = 1.0, rotation: float = 0.0, period: float = PERIOD, phase: tuple[float, float] = (0.0, 0.0),
-             outline: float = OUTLINE, samples: int = 4) -> np.ndarray:
+             aspect: float = 1.0, rotation: float = 0.0, period: float = PERIOD,
+             phase: tuple[float, float] = (0.0, 0.0), outline: float = OUTLINE, samples: int = 4) -> np.ndarray:
     """Coverage of each pixel by the shape's colour, (32, 32) in [0, 1], for a loosened drawing.
 
     With the defaults it is :func:`.shapes.alpha` (same distances, same 4x4 samples); the shape is

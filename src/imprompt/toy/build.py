@@ -50,7 +50,8 @@ from .config import STAGES, BuildConfig, StageSelection
 
 RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
     "data": stages.stage_data, "tokenizer": stages.stage_tokenizer, "clip": stages.stage_clip,
-    "robust_clip": robust_clip.stage_robust_clip,    "vae": stages.stage_vae, "latents": stages.stage_latents, "unet": stages.stage_unet,
+    "robust_clip": robust_clip.stage_robust_clip, "vae": stages.stage_vae, "latents": stages.stage_latents,
+    "unet": stages.stage_unet,
     "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
     "simple_adapter": adapter_stages.stage_simple_adapter, "quality": adapter_stages.stage_quality,
     "controlnet": controlnet.stage_controlnet, "package": package.stage_package,
@@ -59,9 +60,9 @@ assert tuple(RUNNERS) == STAGES
 
 # What each stage reads from earlier ones (the work folder's layout, imprompt.toy.workdir).
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "robust_clip": ("clip",),
-    "vae": ("data",), "latents": ("clip", "vae"),
-    "unet": ("latents",), "pipeline": ("unet", "robust_clip"), "adapter": ("pipeline",), "simple_adapter": ("pipeline",),
+    "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "robust_clip": ("clip",), "vae": ("data",),
+    "latents": ("clip", "vae"), "unet": ("latents",), "pipeline": ("unet", "robust_clip"), "adapter": ("pipeline",),
+    "simple_adapter": ("pipeline",),
     "quality": ("adapter",), "controlnet": ("pipeline",), "package": ("quality", "simple_adapter", "controlnet"),
 }
 assert tuple(DEPENDS) == STAGES and all(STAGES.index(d) < STAGES.index(s) for s in STAGES for d in DEPENDS[s])

@@ -59,7 +59,7 @@ def _augmented_pixels(cfg: BuildConfig) -> np.ndarray:
 
 @torch.no_grad()
 def robustness(model, tok, n: int = 400, seed: int = 0) -> dict:
-    """Zero-shot accuracy on the renderer's test images and on :mod:`.drawn`'s at strengths 0.5 and 1."""
+    """Zero-shot accuracy on ``n`` test pictures drawn by :mod:`.drawn` at strengths 0.5 and 1."""
     scores = {}
     for strength in (0.5, 1.0):
         samples = drawn.drawn_samples("test", n, seed=seed, strength=strength)
