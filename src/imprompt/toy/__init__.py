@@ -30,7 +30,6 @@ def toy_available(package: Path | None = None) -> bool:
     return toy_paths(package)["adapter"].is_file()
 
 
-
 def is_toy_model(model: str | None) -> bool:
     """Whether ``model`` names the shipped toy pipeline folder."""
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .shapes import CENTER_X, CENTER_Y, CONTOUR, IMAGE_SIZE, OUTLINE, PERIOD, RGB, Attributes, signed_distance
+from .shapes import CENTER_X, CENTER_Y, IMAGE_SIZE, OUTLINE, PERIOD, RGB, Attributes, covered, signed_distance
 
 SAMPLES_PER_PIXEL: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -85,18 +85,8 @@ def coverage(attrs: Attributes, shift: tuple[float, float] = (0.0, 0.0), scale: 
         u, v = c * u + s * v, -s * u + c * v
     distance = scale * signed_distance(attrs.shape, attrs.size, attrs.position,
                                        cx + u / (scale * aspect), cy + v * aspect / scale)
-    inside = distance < 0
-    on_row = ((y - phase[0]) % period) < period / 2
-    on_col = ((x - phase[1]) % period) < period / 2
-    if attrs.style == "solid":
-        covered = inside
-    elif attrs.style == "outline":
-        covered = inside & (distance > -outline)
-    elif attrs.style == "striped":
-        covered = inside & ((distance > -CONTOUR) | on_row)
-    else:  # dotted
-        covered = inside & ((distance > -CONTOUR) | (on_row & on_col))
-    return covered.reshape(IMAGE_SIZE, samples, IMAGE_SIZE, samples).mean(axis=(1, 3))
+    hit = covered(attrs.style, distance, x, y, period=period, phase=phase, outline=outline)
+    return hit.reshape(IMAGE_SIZE, samples, IMAGE_SIZE, samples).mean(axis=(1, 3))
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: float) -> np.ndarray:

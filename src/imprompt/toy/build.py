@@ -51,8 +51,7 @@ from .config import STAGES, BuildConfig, StageSelection
 RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
     "data": stages.stage_data, "tokenizer": stages.stage_tokenizer, "clip": stages.stage_clip,
     "robust_clip": robust_clip.stage_robust_clip, "vae": stages.stage_vae, "latents": stages.stage_latents,
-    "unet": stages.stage_unet,
-    "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
+    "unet": stages.stage_unet, "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
     "simple_adapter": adapter_stages.stage_simple_adapter, "quality": adapter_stages.stage_quality,
     "controlnet": controlnet.stage_controlnet, "package": package.stage_package,
 }
@@ -62,8 +61,8 @@ assert tuple(RUNNERS) == STAGES
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "robust_clip": ("clip",), "vae": ("data",),
     "latents": ("clip", "vae"), "unet": ("latents",), "pipeline": ("unet", "robust_clip"), "adapter": ("pipeline",),
-    "simple_adapter": ("pipeline",),
-    "quality": ("adapter",), "controlnet": ("pipeline",), "package": ("quality", "simple_adapter", "controlnet"),
+    "simple_adapter": ("pipeline",), "quality": ("adapter",), "controlnet": ("pipeline",),
+    "package": ("quality", "simple_adapter", "controlnet"),
 }
 assert tuple(DEPENDS) == STAGES and all(STAGES.index(d) < STAGES.index(s) for s in STAGES for d in DEPENDS[s])
 

@@ -44,9 +44,9 @@ def _quality(namespace: argparse.Namespace) -> None:
 
 
 COMMANDS = (
-    ("build", "regenerate the toy models from a seed in resumable stages (data, tokenizer, clip, vae, latents, unet, "
-              "pipeline, adapter, simple_adapter, quality, controlnet, package); finished stages are skipped, "
-              "independent ones run side by side",
+    ("build", "regenerate the toy models from a seed in resumable stages (data, tokenizer, clip, robust_clip, vae, "
+              "latents, unet, pipeline, adapter, simple_adapter, quality, controlnet, package); finished stages are "
+              "skipped, independent ones run side by side",
      (BuildConfig, StageSelection), _build),
     ("derive", "fine-tune the toy UNet on one style: a derivative model, for the paper's reuse claim",
      (DeriveConfig,), _derive),

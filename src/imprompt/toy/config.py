@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..config import ConfigError, option
 
-STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "robust_clip", "vae", "latents", "unet", "pipeline", "adapter",
-                           "simple_adapter", "quality", "controlnet", "package")
+STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "robust_clip", "vae", "latents", "unet", "pipeline",
+                           "adapter", "simple_adapter", "quality", "controlnet", "package")
 CONTROLNET_VARIANTS: tuple[str, ...] = ("light", "full")  # the keys of imprompt.toy.controlnet.VARIANTS
 
 
@@ -96,18 +96,17 @@ class BuildConfig:
 
     def __post_init__(self):
         self.work = Path(self.work)
-        for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "robust_clip_batch", "vae_batch",
-                     "unet_batch",
-                     "quality_samples", "quality_steps", "quality_multimodal_samples", "controlnet_batch",
-                     "controlnet_quality_samples"):
+        for name in ("threads", "jobs", "train_size", "eval_size", "heldout_size", "clip_batch", "robust_clip_batch",
+                     "vae_batch", "unet_batch", "quality_samples", "quality_steps", "quality_multimodal_samples",
+                     "controlnet_batch", "controlnet_quality_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("clip_steps", "robust_clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps", "controlnet_steps",
-                     "checkpoint_seconds"):
+        for name in ("clip_steps", "robust_clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps",
+                     "controlnet_steps", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("clip_lr", "robust_clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr", "clip_max_minutes",
-                     "vae_max_minutes", "unet_max_minutes", "controlnet_max_minutes"):
+        for name in ("clip_lr", "robust_clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr",
+                     "clip_max_minutes", "vae_max_minutes", "unet_max_minutes", "controlnet_max_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.controlnet_variant not in CONTROLNET_VARIANTS:

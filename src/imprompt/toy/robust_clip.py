@@ -57,15 +57,19 @@ def _augmented_pixels(cfg: BuildConfig) -> np.ndarray:
     return images
 
 
-@torch.no_grad()
-def robustness(model, tok, n: int = 400, seed: int = 0) -> dict:
-    """Zero-shot accuracy on ``n`` test pictures drawn by :mod:`.drawn` at strengths 0.5 and 1."""
-    scores = {}
+def drawn_test(n: int = 400, seed: int = 0) -> dict[str, tuple[np.ndarray, list]]:
+    """``n`` test pictures drawn by :mod:`.drawn` at strengths 0.5 and 1, with their attributes."""
+    sets = {}
     for strength in (0.5, 1.0):
         samples = drawn.drawn_samples("test", n, seed=seed, strength=strength)
-        scores[f"drawn_{strength}"] = clip_zero_shot(model, tok, np.stack([np.asarray(s.image) for s in samples]),
-                                                     [s.attributes for s in samples])
-    return scores
+        sets[f"drawn_{strength}"] = np.stack([np.asarray(s.image) for s in samples]), [s.attributes for s in samples]
+    return sets
+
+
+@torch.no_grad()
+def robustness(model, tok, sets: dict[str, tuple[np.ndarray, list]]) -> dict:
+    """Zero-shot accuracy on each of :func:`drawn_test`'s sets."""
+    return {name: clip_zero_shot(model, tok, images, truth) for name, (images, truth) in sets.items()}
 
 
 def stage_robust_clip(cfg: BuildConfig) -> dict:
@@ -107,7 +111,7 @@ def stage_robust_clip(cfg: BuildConfig) -> dict:
     truth = [a for _, _, a in workdir.load_metadata(cfg.work, "test")]
     info["zero_shot"] = clip_zero_shot(model, tok, test, truth)
     info["zero_shot_before"] = clip_zero_shot(teacher, tok, test, truth)
-    n = min(400, cfg.eval_size)
-    info["robustness"] = robustness(model, tok, n)
-    info["robustness_before"] = robustness(teacher, tok, n)
+    sets = drawn_test(min(400, cfg.eval_size))
+    info["robustness"] = robustness(model, tok, sets)
+    info["robustness_before"] = robustness(teacher, tok, sets)
     return info

@@ -171,22 +171,31 @@ def alpha(shape: str, size: str, position: str, style: str, phase: tuple[int, in
     s, n = SUPERSAMPLE, IMAGE_SIZE
     coords = (np.arange(n * s) + 0.5) / s
     x, y = np.meshgrid(coords, coords)
-    distance = signed_distance(shape, size, position, x, y)
-    inside = distance < 0
-    # Pattern membership is decided per pixel (floor), so stripes and dots are whole pixels.
-    row = (np.floor(y).astype(int) - phase[0]) % PERIOD
-    col = (np.floor(x).astype(int) - phase[1]) % PERIOD
-    if style == "solid":
-        covered = inside
-    elif style == "outline":
-        covered = inside & (distance > -OUTLINE)
-    elif style == "striped":
-        covered = inside & ((distance > -CONTOUR) | (row < PERIOD // 2))
-    else:  # dotted: 2x2 dots on a 4-pixel grid
-        covered = inside & ((distance > -CONTOUR) | ((row < PERIOD // 2) & (col < PERIOD // 2)))
-    coverage = covered.reshape(n, s, n, s).mean(axis=(1, 3))
+    coverage = covered(style, signed_distance(shape, size, position, x, y), x, y, phase=phase)
+    coverage = coverage.reshape(n, s, n, s).mean(axis=(1, 3))
     coverage.setflags(write=False)
     return coverage
+
+
+def covered(style: str, distance: np.ndarray, x: np.ndarray, y: np.ndarray, period: float = PERIOD,
+            phase: tuple[float, float] = (0, 0), outline: float = OUTLINE) -> np.ndarray:
+    """Which sample points (``x``, ``y`` in pixels, ``distance`` to the shape's edge) the shape's colour covers.
+
+    Stripes are the rows where ``(y - phase[0]) mod period < period / 2``; dots also need the same of
+    ``x``. With the world's integer period and phase, a pattern's edges fall on pixel edges, so stripes
+    and dots are whole pixels (2x2 dots on a 4-pixel grid); striped and dotted shapes keep a contour.
+    :mod:`.augment` draws other periods, phases and outline widths with the same rule.
+    """
+    inside = distance < 0
+    on_row = (y - phase[0]) % period < period / 2
+    if style == "solid":
+        return inside
+    if style == "outline":
+        return inside & (distance > -outline)
+    if style == "striped":
+        return inside & ((distance > -CONTOUR) | on_row)
+    on_col = (x - phase[1]) % period < period / 2  # dotted
+    return inside & ((distance > -CONTOUR) | (on_row & on_col))
 
 
 def render(attrs: Attributes) -> Image.Image:

@@ -6,7 +6,9 @@ Layout (``work`` is ``BuildConfig.work``)::
     tokenizer/                       the CLIP tokenizer
     clip/model, vae/model, unet/model   trained models (clip/, vae/, unet/ also hold checkpoint.pt)
     latents/cache.pt                 VAE latents and text states of the train split
-    pipeline/                        the diffusers pipeline, and pipeline/image_encoder (the CLIP vision tower)
+    robust_clip/model                the CLIP with its vision tower made robust (robust_clip/augmented.npy:
+                                     the loosened train pictures it learned from)
+    pipeline/                        the diffusers pipeline, and pipeline/image_encoder (robust_clip's vision tower)
     adapter/run, simple_adapter/run  imprompt.training output folders (ip_adapter.safetensors)
     controlnet/model                 the toy ControlNet (diffusers folder; controlnet/ also holds checkpoint.pt)
     <stage>/done.json                written when a stage finishes: what it did and scored
