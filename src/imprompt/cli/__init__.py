@@ -39,6 +39,13 @@ def _encode(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(namespace: argparse.Namespace) -> int:
+    from ..training.tune import TuneConfig, run_tune
+
+    run_tune(from_namespace(TuneConfig, namespace))
+    return 0
+
+
 def _train(namespace: argparse.Namespace) -> int:
     from ..training.config import TrainConfig, load_config
     from ..training.trainer import train
@@ -216,6 +223,10 @@ COMMANDS = (
             "Encode reference images into the image features an adapter reads (conditional and unconditional, in "
             "diffusers' ip_adapter_image_embeds layout, with metadata) and write them; `imprompt generate --embeds "
             "FILE` then uses them instead of --image.", _encode_arguments, _encode),
+    Command("tune", "tune an image prompt on its references in a few steps (E4T-style), written as embeds",
+            "Start from the adapter's features for the references and tune them for a few steps on the references "
+            "themselves (base model and adapter frozen); write them as an embeds file that `imprompt generate "
+            "--embeds FILE` uses like an image prompt.", _config_arguments("..training.tune", "TuneConfig"), _tune),
     Command("train", "train an IP-Adapter (paper recipe; cached features; resumable)",
             "Train an IP-Adapter. Fields come from CONFIG.yaml; flags override them.", _train_arguments, _train),
     Command("info", "show the generation parameters stored in a PNG, JPEG or WebP",

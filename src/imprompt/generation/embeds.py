@@ -68,6 +68,7 @@ class ImageFeatures:
     for a plus adapter; :meth:`for_output` reads it once the adapter is known.
     ``units_per_reference``: how many units each reference became (tiles); None = one each.
     ``regions``: per unit, the part of the output it acts on (fractions l, t, r, b), or None.
+    ``tuning``: for features tuned on their references (``imprompt tune``), the settings and final loss.
     """
 
     conditional: torch.Tensor
@@ -78,6 +79,7 @@ class ImageFeatures:
     adapter: str | None = None
     units_per_reference: tuple[int, ...] | None = None
     regions: tuple[Region | None, ...] | None = None
+    tuning: str | None = None  # how tuned features were made (imprompt.training.tune), as JSON
 
     @property
     def units(self) -> int:
@@ -138,6 +140,7 @@ class ImageFeatures:
             "shared_unconditional": "true" if shared else "false",
             "units_per_reference": json.dumps(list(self.units_per_reference)) if self.units_per_reference else "",
             "regions": json.dumps(list(self.regions)) if self.regions else "",
+            "tuning": self.tuning or "",
         }
 
 
@@ -252,7 +255,8 @@ def _from_metadata(tensor: torch.Tensor, meta: dict[str, str], where: str) -> Im
         raise EmbedsError(f"{where}: metadata has {len(regions)} regions for {features.units} units")
     uncond = features.unconditional[:1] if meta.get("shared_unconditional") == "true" else features.unconditional
     return replace(features, unconditional=uncond, image_size=image_size, encoder=meta.get("encoder") or None,
-                   adapter=meta.get("adapter") or None, units_per_reference=tuple(counts) if counts else None,
+                   adapter=meta.get("adapter") or None, tuning=meta.get("tuning") or None,
+                   units_per_reference=tuple(counts) if counts else None,
                    regions=tuple(tuple(r) if r is not None else None for r in regions) if regions else None)
 
 

@@ -86,6 +86,9 @@ class BuildConfig:
     controlnet_steps: int = _int(2000, "ControlNet training steps (UNet frozen, silhouette control)")
     controlnet_batch: int = _int(64, "ControlNet batch size")
     controlnet_lr: float = field(default=2e-4, metadata=option("ControlNet learning rate (constant after a warm-up)"))
+    controlnet_caption_dropout: float = field(default=0.5, metadata=option(
+        "share of ControlNet training captions replaced by the empty text (ControlNet paper 3.3: 50%, so the "
+        "control, not the caption, has to carry the shape)"))
     controlnet_quality_samples: int = _int(100, "test references of the ControlNet stage's measurement")
     checkpoint_seconds: float = field(default=120.0, metadata=option("seconds between a training stage's checkpoints"))
     clip_max_minutes: float = field(default=10.0, metadata=option("cap on the CLIP stage's training time"))
@@ -112,8 +115,8 @@ class BuildConfig:
         if self.controlnet_variant not in CONTROLNET_VARIANTS:
             raise ConfigError(f"controlnet_variant must be one of {CONTROLNET_VARIANTS}, "
                               f"got {self.controlnet_variant!r}")
-        for name in ("vae_kl", "ema_decay", "caption_dropout", "adapter_caption_p", "adapter_loosened_p",
-                     "adapter_edit_p"):
+        for name in ("vae_kl", "ema_decay", "caption_dropout", "controlnet_caption_dropout", "adapter_caption_p",
+                     "adapter_loosened_p", "adapter_edit_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
