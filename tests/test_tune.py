@@ -63,6 +63,20 @@ def test_tuning_lowers_the_loss_on_the_reference(world, kind):
     assert torch.equal(result.features.unconditional, before.unconditional)  # only the conditional half moves
 
 
+def test_sdxl_tuning_lowers_the_loss_with_its_pooled_text_and_size_conditioning():
+    pipe = tm.sdxl_pipeline()
+    encoder = tm.image_encoder()
+    adapter = tm.random_adapter(pipe.unet, "linear", seed=3, encoder=encoder)
+    refs = tm.reference_images(1)
+    with attach(pipe.unet, adapter) as attachment:
+        result = tune(pipe, attachment, ImageEncoder(encoder), refs, "a star", TuneOptions(steps=12, lr=0.1))
+        cond = conditions(pipe, refs, "a star")
+        assert set(cond.added) == {"text_embeds", "time_ids"}
+        before = encode_references(refs, ImageEncoder(encoder), "image_embeds").conditional
+        untuned, tuned = (held_out_loss(attachment, f, cond, draws=32) for f in (before, result.features.conditional))
+    assert tuned < untuned * 0.99, (tuned, untuned)  # a random UNet: most of its loss is noise
+
+
 def test_runs_are_deterministic_by_seed(world):
     a, b = (_tuned(world, steps=3, seed=5) for _ in range(2))
     c = _tuned(world, steps=3, seed=6)

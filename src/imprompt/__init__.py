@@ -33,6 +33,7 @@ _EXPORTS = {
     "GenerationSettings": ".generation.settings",
     "load_pipeline": ".generation.pipelines",
     "ImagePrompt": ".generation.prompts",
+    "TuneOptions": ".training.tune", "tune": ".training.tune",
 }
 
 __all__ = sorted(_EXPORTS)

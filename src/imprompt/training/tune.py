@@ -114,7 +114,7 @@ def text_conditions(pipe, prompt: str) -> tuple[torch.Tensor, dict | None]:
     encoded = pipe.encode_prompt(prompt=prompt, device=param.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
     text = encoded[0].to(param.dtype)
-    if getattr(pipe, "text_encoder_2", None) is None and len(encoded) == 2:
+    if len(encoded) == 2:  # SD 1.x / 2.x: (prompt_embeds, negative); SDXL adds the pooled embeddings
         return text, None
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     # SDXL's micro-conditioning: original size, crop corner, target size (the pipeline's defaults).
