@@ -1,11 +1,11 @@
 """Measures one-image tuning (imprompt tune) on the toy world; the numbers in docs/tuning.md come from it.
 
     PYTHONPATH=src python docs/measure_tuning.py FOLDER N STEPS[,STEPS...] [--init unconditional]
-        [--image-encoder DIR] [--text] [--threads T]
+        [--lr LR] [--regularise R] [--image-encoder DIR] [--text] [--threads T]
 
 FOLDER is a split folder of references with metadata.jsonl (a toy build's data/heldout, or the drawn
 references of imprompt.toy.drawn). For each reference i: its features from the image encoder, tuned for
-STEPS steps with an empty prompt (TuneOptions defaults otherwise), then one generation with seed i, image
+STEPS steps with an empty prompt (TuneOptions defaults unless given), then one generation with seed i, image
 alone at scale 1, guidance 3, 20 steps, read by the toy reader. ``--text``: also the image + text check at
 scale 0.5 (the toy quality stage's edits: the text names a new colour or background). One JSON line per
 STEPS with each attribute's accuracy and its 95% Wilson interval, and the seconds one tuning took.
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("n", type=int)
     parser.add_argument("steps")
     parser.add_argument("--init", default="encoder")
+    parser.add_argument("--lr", type=float, default=TuneOptions.lr)
+    parser.add_argument("--regularise", type=float, default=TuneOptions.regularise)
     parser.add_argument("--image-encoder", default=None)
     parser.add_argument("--text", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -73,14 +75,15 @@ def main() -> None:
     with attach(pipe.unet, adapter) as attachment:
         encoded = [encode_references([r], encoder, adapter.variant.encoder_output) for r in refs]
         for steps in (int(s) for s in args.steps.split(",")):
-            options = TuneOptions(steps=steps, init=args.init)
+            options = TuneOptions(steps=steps, init=args.init, lr=args.lr, regularise=args.regularise)
             started = time.perf_counter()
             tuned = [tune_features(attachment, f, conditions(pipe, [r]), options).features
                      for f, r in zip(encoded, refs)]
             seconds = (time.perf_counter() - started) / len(refs)
             read = read_many(generated(pipe, attachment, encoder, tuned, [""] * len(refs), 1.0))
             hits = [attribute_hits(p, t) for p, t in zip(read, truth)]
-            line = {"folder": args.folder.name, "n": len(refs), "steps": steps, "init": args.init,
+            line = {"folder": args.folder.name, "n": len(refs), "steps": steps, "init": args.init, "lr": args.lr,
+                    "regularise": args.regularise,
                     "seconds_per_tune": round(seconds, 2),
                     "image_only": {a: summary([h[a] for h in hits]) for a in ATTRIBUTES}}
             if args.text:

@@ -53,7 +53,7 @@ class TuneOptions:
     """How the features are tuned (see the module doc)."""
 
     steps: int = 15
-    lr: float = 0.02  # per step, in units of the features' RMS
+    lr: float = 0.05  # per step, in units of the features' RMS
     batch: int = 8
     regularise: float = 0.1
     init: str = "encoder"
