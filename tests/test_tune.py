@@ -162,3 +162,23 @@ def test_cli_tune_then_generate_with_the_file(files, tmp_path, capsys):
     assert main([*common, "--image", str(files / "ref0.png"), "--output", str(tmp_path / "b")]) == 0
     a, b = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
     assert a.shape == b.shape and not np.array_equal(a, b)  # the tuned prompt, not the encoder's
+
+
+@pytest.mark.slow
+def test_on_the_toy_world_tuning_beats_the_encoder_on_held_out_pairs():
+    """The shipped toy model on two held-out shape/colour pairs (combinations no training saw): 15 default
+    steps lower the loss on each reference, measured on draws the tuning never used (by 2.2% on the first:
+    most of a diffusion loss is the noise no prompt can explain; docs/tuning.md has the generations)."""
+    from imprompt.toy import shapes, toy_paths
+    from imprompt.toy.quality import load
+
+    torch.set_flush_denormal(True)
+    paths = toy_paths()
+    pipe, adapter, encoder = load(paths["model"], paths["adapter"])
+    with attach(pipe.unet, adapter) as attachment:
+        for sample in shapes.sample("heldout", 2):
+            result = tune(pipe, attachment, encoder, [sample.image], "", TuneOptions())
+            cond = conditions(pipe, [sample.image])
+            before = encode_references([sample.image], encoder, "image_embeds").conditional
+            untuned, tuned = (held_out_loss(attachment, f, cond) for f in (before, result.features.conditional))
+            assert tuned < untuned * 0.99, (sample.caption, tuned, untuned)

@@ -87,8 +87,8 @@ class BuildConfig:
     controlnet_batch: int = _int(64, "ControlNet batch size")
     controlnet_lr: float = field(default=2e-4, metadata=option("ControlNet learning rate (constant after a warm-up)"))
     controlnet_caption_dropout: float = field(default=0.5, metadata=option(
-        "share of ControlNet training captions replaced by the empty text (ControlNet paper 3.3: 50%, so the "
-        "control, not the caption, has to carry the shape)"))
+        "share of ControlNet training captions replaced by the empty text (the ControlNet paper, 3.3, drops "
+        "half, so that the control, not the caption, has to carry the shape)"))
     controlnet_quality_samples: int = _int(100, "test references of the ControlNet stage's measurement")
     checkpoint_seconds: float = field(default=120.0, metadata=option("seconds between a training stage's checkpoints"))
     clip_max_minutes: float = field(default=10.0, metadata=option("cap on the CLIP stage's training time"))

@@ -55,7 +55,7 @@ class TuneOptions:
     steps: int = 15
     lr: float = 0.05  # per step, in units of the features' RMS
     batch: int = 8
-    regularise: float = 0.1
+    regularise: float = 0.03
     init: str = "encoder"
     seed: int = 0
 
