@@ -12,7 +12,8 @@ hidden states. The base model, the adapter and both encoders stay frozen. The fe
 the image tokens or ``to_k_ip`` / ``to_v_ip`` offsets, because the result is then an ordinary embeds
 file (:mod:`imprompt.generation.embeds`). ``imprompt generate --embeds``, diffusers'
 ``ip_adapter_image_embeds`` and ComfyUI's embeds nodes take it with scale, layer weights, combine
-modes and text as usual. docs/tuning.md has the measurements behind that choice.
+modes and text as usual. docs/tuning.md measures what this choice gains; the other two
+parameterisations were not measured against it.
 
 **The loss of one step** (:func:`step_loss`) is the UNet's usual target (epsilon or v) on ``batch``
 draws of (reference, timestep, noise), all from the step's own random stream, so a run is
@@ -303,7 +304,8 @@ def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
 
     config.check()
     check_writable_folder(Path(config.output).parent, "--output's folder")
-    # Tuning differentiates through the UNet: float32 everywhere (fp16 gradients of one image underflow).
+    # float32 throughout: the gradient runs back through every UNet layer, and fp16 would need the loss
+    # scaling that this short loop does not do.
     request = GenerateRequest(model=config.model, models_dir=config.models_dir, model_config=config.model_config,
                               adapter=[config.adapter] if config.adapter else [], image=list(config.image),
                               image_encoder=[config.image_encoder] if config.image_encoder else [],
