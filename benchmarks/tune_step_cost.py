@@ -6,8 +6,9 @@ A full-size SD1.5 UNet (859.5M parameters) with a base IP-Adapter attached is bu
 (no memory, no arithmetic) and one tuning step's forward and backward run under torch's FLOP counter,
 beside one plain forward of the same batch. Tuning differentiates only to the image features: the
 backward pass computes no weight gradients, only those of the activations, through every layer above
-the first cross-attention, so a step costs about two forwards per draw. FORWARD_SECONDS (default 20, this CPU's measured SD1.5 forward at 64x64
-latents, one sample) turns the ratio into an estimate of seconds per step here.
+the first cross-attention, so a step costs about two forwards per draw. FORWARD_SECONDS (default 20,
+this CPU's measured SD1.5 forward at 64x64 latents, one sample) turns the ratio into an estimate of
+seconds per step here.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     print(f"SD1.5 UNet + base IP-Adapter, 512 px (64x64 latents), batch {batch}:")
     print(f"  forward      {forward.get_total_flops() / 1e12:8.2f} TFLOP")
     print(f"  tuning step  {step.get_total_flops() / 1e12:8.2f} TFLOP (forward + backward, {ratio:.2f}x the forward)")
-    print(f"  estimate here: {ratio:.2f} x {batch} x {forward_seconds:g} s = {ratio * batch * forward_seconds / 60:.1f} "
+    minutes = ratio * batch * forward_seconds / 60
+    print(f"  estimate here: {ratio:.2f} x {batch} x {forward_seconds:g} s = {minutes:.1f} "
           f"min per step ({forward_seconds:g} s = one measured forward at batch 1)")
 
 

@@ -93,7 +93,8 @@ def test_the_regulariser_keeps_the_features_near_the_encoders(world):
 
 def test_tuning_from_scratch_starts_at_the_unconditional_features(world):
     result = _tuned(world, steps=2, lr=0.0, init="unconditional")  # lr 0: nothing moves from the start
-    assert torch.equal(result.features.conditional, result.features.unconditional.expand_as(result.features.conditional))
+    features = result.features
+    assert torch.equal(features.conditional, features.unconditional.expand_as(features.conditional))
     assert json.loads(result.features.tuning)["init"] == "unconditional"
 
 

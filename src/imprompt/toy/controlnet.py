@@ -150,8 +150,9 @@ def train_controlnet(cfg: BuildConfig) -> dict:
     def step(i: int) -> float:
         set_learning_rate(opt, learning_rate(i, cfg.controlnet_steps, WARMUP_STEPS, cfg.controlnet_lr, cosine=False))
         idx = step_batch(len(latents), cfg.controlnet_batch, cfg.seed, i)
-        return denoising_step(unet, opt, noise_scheduler, latents[idx], text[idx], empty, cfg.controlnet_caption_dropout,
-                              cfg.seed, i, controlnet=net, control=control_pixels(control[idx]))
+        return denoising_step(unet, opt, noise_scheduler, latents[idx], text[idx], empty,
+                              cfg.controlnet_caption_dropout, cfg.seed, i, controlnet=net,
+                              control=control_pixels(control[idx]))
 
     info = loop.run(step)
     net.eval()
