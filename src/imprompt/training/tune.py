@@ -239,7 +239,6 @@ def tune(pipe, attachment, encoder, images: Sequence[Image.Image], prompt: str =
 
     if attachment.unet is not pipe.unet:
         raise ValueError("the adapter is attached to a different UNet than this pipeline's")
-    options.check()
     adapter = attachment.adapters[adapter_index]
     features = encode_references(list(images), encoder, adapter.variant.encoder_output, crop)
     features.adapter = adapter.variant.name
