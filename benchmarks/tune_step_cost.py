@@ -47,10 +47,17 @@ def main() -> None:
             step_loss(attachment, 0, features, cond, step_generator(0, 0, 0), batch).backward()
         with FlopCounterMode(display=False) as forward, torch.no_grad():
             step_loss(attachment, 0, features, cond, step_generator(0, 0, 0), batch)
+        # What a step costs when the loaded weights keep requires_grad (as from_pretrained leaves them,
+        # and as tune() ran before it froze them): a gradient for every weight too.
+        unet.requires_grad_(True)
+        with FlopCounterMode(display=False) as unfrozen:
+            step_loss(attachment, 0, features, cond, step_generator(0, 0, 0), batch).backward()
     ratio = step.get_total_flops() / forward.get_total_flops()
     print(f"SD1.5 UNet + base IP-Adapter, 512 px (64x64 latents), batch {batch}:")
     print(f"  forward      {forward.get_total_flops() / 1e12:8.2f} TFLOP")
     print(f"  tuning step  {step.get_total_flops() / 1e12:8.2f} TFLOP (forward + backward, {ratio:.2f}x the forward)")
+    print(f"  with weight gradients {unfrozen.get_total_flops() / 1e12:8.2f} TFLOP "
+          f"({unfrozen.get_total_flops() / step.get_total_flops():.2f}x the frozen step: what freezing saves)")
     minutes = ratio * batch * forward_seconds / 60
     print(f"  estimate here: {ratio:.2f} x {batch} x {forward_seconds:g} s = {minutes:.1f} "
           f"min per step ({forward_seconds:g} s = one measured forward at batch 1)")

@@ -16,8 +16,8 @@ import tiny_models as tm
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate
 from imprompt.adapter.checkpoint import nest
 from imprompt.cli import main
-from imprompt.generation.embeds import (EmbedsError, ImageFeatures, check_features, encode_references,
-                                        from_diffusers, load_embeds, save_embeds)
+from imprompt.generation.embeds import (EmbedsError, ImageFeatures, check_features, embeds_file_bytes,
+                                        embeds_from_bytes, encode_references, from_diffusers, load_embeds, save_embeds)
 from imprompt.generation.negative_noise import NegativeNoise
 from imprompt.generation.prompts import BatchLayout, encode_image_prompts, prepare_image_prompt
 from imprompt.generation.tiles import TileOptions
@@ -270,3 +270,22 @@ def test_cli_flags_are_checked_before_anything_loads(files, tmp_path, capsys):
     assert "unknown tiling word 'sideways'" in capsys.readouterr().err
     assert main([*common, "--image", str(files / "ref0.png"), "--tile-overlap", "0.5"]) != 0
     assert "need --tiles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ipadpt"])
+def test_bytes_round_trip_as_the_file_does_and_bad_bytes_are_refused(world, tmp_path, suffix):
+    _, _, encoder = world
+    features = encode_references(tm.reference_images(2), encoder, "penultimate_hidden")
+    path = save_embeds(tmp_path / f"refs{suffix}", features)
+    # What a server receives: the file's bytes, whichever of the two formats.
+    got = embeds_from_bytes(path.read_bytes(), "upload")
+    assert torch.equal(got.conditional, features.conditional) and torch.equal(got.unconditional, features.unconditional)
+    assert got.output == "penultimate_hidden"
+    again = embeds_from_bytes(embeds_file_bytes(got))  # and what it sends back
+    assert torch.equal(again.conditional, features.conditional)
+    with pytest.raises(EmbedsError, match=r"image_prompts\[0\]\.embeds: neither a \.safetensors file nor a torch-saved"):
+        embeds_from_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64), "image_prompts[0].embeds")
+    with pytest.raises(EmbedsError, match="embeds file upload holds more than tensors and was refused without running it"):
+        torch.save({"image_embeds": torch.zeros(2, 1, 4), "metadata": Payload(tmp_path / "ran")}, tmp_path / "evil.ipadpt")
+        embeds_from_bytes((tmp_path / "evil.ipadpt").read_bytes(), "upload")
+    assert not (tmp_path / "ran").exists()

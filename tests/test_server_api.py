@@ -19,6 +19,7 @@ from PIL import Image
 
 from imprompt import toy
 from imprompt.cli import main
+from imprompt.generation.embeds import embeds_from_bytes, load_embeds
 from imprompt.generation.pnginfo import parse_parameters
 from imprompt.server.app import create_app
 from imprompt.server.config import ServerConfig
@@ -288,3 +289,59 @@ def app_wait(client, job_id: str, timeout: float = 60) -> dict:
             return status
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_tune_over_http_equals_imprompt_tune_and_its_embeds_generate(client, tmp_path):
+    tuned = client.post("/v1/tune", json={"adapter": "ip_adapter", "images": [b64(REFS[0])], "steps": 3, "seed": 2})
+    assert tuned.status_code == 200, tuned.text
+    out = tuned.json()
+    assert out["kind"] == "tune" and out["state"] == "done" and out["step"] == 3 and len(out["losses"]) == 3
+    cli_file = tmp_path / "cli.safetensors"
+    assert main(["tune", "--image", str(REFS[0]), "--steps", "3", "--seed", "2", "-o", str(cli_file),
+                 "--no-progress"]) == 0
+    served = embeds_from_bytes(base64.b64decode(out["embeds"]))
+    assert torch.equal(served.conditional, load_embeds(cli_file).conditional)  # the CLI's features, bit for bit
+    assert json.loads(served.tuning)["steps"] == 3
+
+    # Sent back as an image prompt's embeds (base64, or a multipart file): `generate --embeds`'s pixels.
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "guidance": 7,
+            "image_prompts": [{"adapter": "ip_adapter", "embeds": out["embeds"], "scale": 0.7}]}
+    served_png = client.post("/v1/generate", json=body)
+    assert served_png.status_code == 200, served_png.text
+    cli = cli_pixels(tmp_path, "--adapter", str(toy.toy_paths()["adapter"]), "--embeds", str(cli_file), "--scale", "0.7")
+    np.testing.assert_array_equal(pixels_of(served_png.json()["images"][0]["png"]), cli)
+    body["image_prompts"][0]["embeds"] = "subject.safetensors"
+    job = client.post("/v1/jobs/upload", data={"request": json.dumps(body)},
+                      files=[("files", ("subject.safetensors", cli_file.read_bytes(), "application/octet-stream"))])
+    assert job.status_code == 202, job.text
+    assert app_wait(client, job.json()["id"])["state"] == "done"
+    (image,) = client.get(f"/v1/jobs/{job.json()['id']}/result").json()["images"]
+    assert "Embeds: subject.safetensors" in image["parameters"]
+    np.testing.assert_array_equal(pixels_of(image["png"]), cli)
+
+    # Refused in the CLI's words: a picture sent as embeds, embeds with images, a bad setting.
+    body["image_prompts"][0]["embeds"] = b64(REFS[0])
+    png = client.post("/v1/generate", json=body)
+    assert png.status_code == 422 and "image_prompts[0].embeds: neither a .safetensors file" in png.json()["detail"]
+    body["image_prompts"][0].update(embeds=out["embeds"], images=[b64(REFS[0])])
+    both = client.post("/v1/generate", json=body)
+    assert both.status_code == 422 and "give one or the other" in both.json()["detail"]
+    bad = client.post("/v1/tune", json={"adapter": "ip_adapter", "images": [b64(REFS[0])], "init": "zeros"})
+    assert bad.status_code == 422 and "init must be one of encoder, unconditional" in bad.json()["detail"]
+
+
+def test_a_queued_tuning_job_reports_its_steps_and_can_be_cancelled(client):
+    body = {"adapter": "ip_adapter", "images": [b64(REFS[1])], "steps": 2}
+    job = client.post("/v1/tune/jobs", json=body)
+    assert job.status_code == 202 and job.json()["kind"] == "tune" and job.json()["total_steps"] == 2
+    status = app_wait(client, job.json()["id"])
+    assert status["state"] == "done" and status["step"] == 2
+    result = client.get(f"/v1/jobs/{job.json()['id']}/result").json()
+    assert len(result["losses"]) == 2 and embeds_from_bytes(base64.b64decode(result["embeds"])).references == 1
+    long = client.post("/v1/tune/jobs", json={**body, "steps": 400}).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{long['id']}").json()["step"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.post(f"/v1/jobs/{long['id']}/cancel")
+    stopped = app_wait(client, long["id"])
+    assert stopped["state"] == "cancelled" and 1 <= stopped["step"] < 400

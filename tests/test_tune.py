@@ -85,6 +85,23 @@ def test_runs_are_deterministic_by_seed(world):
     assert not torch.equal(a.features.conditional, c.features.conditional)
 
 
+def test_the_frozen_models_get_no_gradients_and_keep_their_flags(world):
+    pipe, adapters, _ = world
+    adapters["linear"].image_proj.requires_grad_(False)  # a flag of the caller's own, to be given back as it was
+    try:
+        plain = _tuned(world, steps=2, seed=5)
+        models = [pipe.unet, adapters["linear"]]
+        # Nothing but the features is trained: a gradient on a UNet or adapter weight would be computed
+        # for nothing and kept on a model the server shares.
+        assert all(p.grad is None for m in models for p in m.parameters())
+        assert all(p.requires_grad for p in pipe.unet.parameters())
+        assert not any(p.requires_grad for p in adapters["linear"].image_proj.parameters())
+        assert any(p.requires_grad for p in adapters["linear"].parameters())
+    finally:
+        adapters["linear"].requires_grad_(True)
+    assert torch.equal(plain.features.conditional, _tuned(world, steps=2, seed=5).features.conditional)
+
+
 def test_the_regulariser_keeps_the_features_near_the_encoders(world):
     free, held = (_tuned(world, steps=4, lr=0.1, regularise=r).features.conditional for r in (0.0, 100.0))
     start = _tuned(world, steps=0).features.conditional

@@ -24,7 +24,7 @@ from ..encoding import ImageEncoder, load_image
 from ..models.catalog import Catalog
 from ..models.pairing import find_encoder
 from .negative_noise import NegativeNoise
-from .embeds import load_embeds
+from .embeds import ImageFeatures, load_embeds
 from .pipelines import resolve_model
 from .faceid import load_face_embedding
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
@@ -312,9 +312,11 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
 ImageReader = Callable[..., "Image.Image"]  # (reference, mode="RGB") -> image; load_image reads files
 
 
-def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = load_image) -> list[ImagePrompt]:
+def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = load_image,
+                       read_embeds: Callable[[str], ImageFeatures] = load_embeds) -> list[ImagePrompt]:
     """Read every reference, mask and negative image (the small inputs, before any model). ``read``
-    turns a reference into an image: files by default; the server's uploads, which it never writes."""
+    turns a reference into an image, ``read_embeds`` an embeds name into features: files by default;
+    the server's uploads, which it never writes."""
     return [
         ImagePrompt(
             images=[read(p) for p in o.images], adapter=o.index, scale=o.scale, combine=o.combine,
@@ -323,7 +325,7 @@ def load_image_prompts(options: Sequence[AdapterOptions], read: ImageReader = lo
             negative_images=[read(p) for p in o.negative_images] or None, crop=o.crop,
             weight_type=o.weight_type, composition_scale=o.composition_scale, embeds_scaling=o.embeds_scaling,
             negative_noise=o.negative_noise,
-            embeds=load_embeds(o.embeds) if o.embeds else None, tiles=o.tiles,
+            embeds=read_embeds(o.embeds) if o.embeds else None, tiles=o.tiles,
             face_embeddings=[load_face_embedding(p) for p in o.face_embeddings] or None,
             lora_scale=o.lora_scale, shortcut=o.shortcut, s_scale=o.s_scale,
         )

@@ -316,6 +316,35 @@ def load_embeds(path: str | Path) -> ImageFeatures:
     return _bare(tensor, where)
 
 
+def embeds_file_bytes(features: ImageFeatures) -> bytes:
+    """``features`` as the bytes of a ``.safetensors`` embeds file (what the server sends back)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="imprompt-embeds-") as folder:
+        return save_embeds(Path(folder) / "embeds.safetensors", features).read_bytes()
+
+
+def embeds_from_bytes(data: bytes, name: str = "embeds") -> ImageFeatures:
+    """Embeds sent as bytes (an upload): the bytes of a ``.safetensors`` file, or of an ``.ipadpt``
+    (``torch.save``, read with ``weights_only=True`` as :func:`load_embeds` reads files). The format
+    is told by the bytes, not the name: safetensors opens with its header's length and a JSON ``{``."""
+    import tempfile
+
+    if len(data) > MAX_EMBEDS_BYTES:
+        raise EmbedsError(f"{name}: {len(data)} bytes is over the {MAX_EMBEDS_BYTES} bytes embeds limit")
+    is_safetensors = len(data) > 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+    if not is_safetensors and not data.startswith(b"PK\x03\x04"):
+        raise EmbedsError(f"{name}: neither a .safetensors file nor a torch-saved .ipadpt (the first bytes are "
+                          f"{data[:8]!r}); send the file `imprompt encode` or `imprompt tune` wrote")
+    with tempfile.TemporaryDirectory(prefix="imprompt-embeds-") as folder:
+        path = Path(folder) / ("upload.safetensors" if is_safetensors else "upload.ipadpt")
+        path.write_bytes(data)
+        try:
+            return load_embeds(path)
+        except (EmbedsError, ValueError) as err:  # name the upload, not the temporary file
+            raise EmbedsError(str(err).replace(path.name, name)) from None
+
+
 def check_features(features: ImageFeatures, variant: AdapterVariant, encoder: ImageEncoder | None = None,
                    source: str = "the embeds") -> None:
     """Raise unless ``features`` are what ``variant``'s projection reads (and, given ``encoder``,

@@ -45,6 +45,7 @@ from .acceleration import Acceleration
 from .adapter_options import (AdapterOptions, ImageReader, adapter_options, load_encoders, load_image_prompts,
                               split_target)
 from .controls import as_call_value, control_options
+from .embeds import ImageFeatures, load_embeds
 from .generate import generate
 from .matrix import matrix_grid, matrix_prompts
 from .networks import Networks, prompt_tags
@@ -327,11 +328,13 @@ class Inputs:
         return None if not self.controls else as_call_value(self.controls)
 
 
-def read_inputs(request: GenerateRequest, options: Sequence[AdapterOptions], read: ImageReader = load_image) -> Inputs:
+def read_inputs(request: GenerateRequest, options: Sequence[AdapterOptions], read: ImageReader = load_image,
+                read_embeds: Callable[[str], ImageFeatures] = load_embeds) -> Inputs:
     """The references, init image, mask and control maps (each control image through its preprocessor;
-    the shuffle preprocessor is seeded by the request's seed, 0 without one)."""
+    the shuffle preprocessor is seeded by the request's seed, 0 without one). ``read`` and
+    ``read_embeds`` turn names into images and features (files by default; the server's uploads)."""
     controls = control_options(request)
-    return Inputs(load_image_prompts(options, read),
+    return Inputs(load_image_prompts(options, read, read_embeds),
                   read(request.init_image) if request.init_image else None,
                   read(request.mask_image, "L") if request.mask_image else None,
                   [c.control_map(read(c.image), seed=(request.seed or 0) % 2**32) for c in controls],

@@ -22,13 +22,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from PIL import Image
 
 from ..generation.cache import CachedLoader, EmbeddingCache, ModelCache
 from ..generation.outputs import next_index, save_control_maps, save_numbered_png
 from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, pick_seed, prepare,
                                   read_inputs, render)
+from ..generation.embeds import ImageFeatures, embeds_file_bytes
 from ..models.catalog import Catalog
+from ..training.tune import TuneConfig, TuneOptions, tune_generate_request, tune_loaded
 from .config import ServerConfig
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -54,6 +58,9 @@ class Job:
     step: int = 0
     total_steps: int = 0
     images: list[Rendered] = field(default_factory=list)
+    tuning: TuneOptions | None = None  # a tuning job (POST /v1/tune): features come back, not images
+    embeds: bytes | None = None  # a tuning job's result: the .safetensors embeds file
+    losses: list[float] = field(default_factory=list)  # a tuning job's loss at each step so far
     error: str | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -83,7 +90,7 @@ class Job:
         return self.step / self.total_steps if self.total_steps else 0.0
 
     def status(self) -> dict:
-        return {"id": self.id, "state": self.state, "step": self.step, "total_steps": self.total_steps,
+        return {"id": self.id, "kind": "tune" if self.tuning else "generate", "state": self.state, "step": self.step, "total_steps": self.total_steps,
                 "progress": round(self.progress, 4), "images": len(self.images), "error": self.error,
                 "seed": self.seed, "created": self.created, "started": self.started, "finished": self.finished}
 
@@ -127,22 +134,40 @@ class Engine:
                source: str = "api") -> Job:
         """Check ``request`` and read its inputs (``images``: reference name -> decoded image; names not
         there are refused), then queue it. Raises the CLI's errors (ValueError / FileNotFoundError)."""
-        images = dict(images or {})
-
-        def read(name: str, mode: str = "RGB"):
-            if name not in images:
-                raise ValueError(f"image {name!r} was not uploaded with the request")
-            return images[name].convert(mode)
-
         request = dataclasses.replace(request, device=self.config.device if request.device == "auto" else request.device,
                                       dtype=self.config.dtype if request.dtype == "auto" else request.dtype,
                                       output=self.config.save_dir or ".")
         request, options, catalog = prepare(request, log=lambda message: None, catalog=self.catalog)
-        inputs = read_inputs(request, options, read)
-        job = Job(id=f"job-{next(self._ids)}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:8]}",
-                  request=request, options=options, inputs=inputs, seed=pick_seed(request),
-                  catalog=self.catalog if catalog is None else catalog, source=source,
-                  total_steps=denoising_steps(request) * math.ceil(request.num_images / request.batch_size))
+        inputs = read_inputs(request, options, *_readers(images))
+        return self._queue_job(Job(
+            id=self._new_id(), request=request, options=options, inputs=inputs, seed=pick_seed(request),
+            catalog=self.catalog if catalog is None else catalog, source=source,
+            total_steps=denoising_steps(request) * math.ceil(request.num_images / request.batch_size)))
+
+    def submit_tune(self, config: TuneConfig, images: Mapping[str, Any] | None = None, *,
+                    source: str = "api") -> Job:
+        """Queue a tuning job (:mod:`imprompt.training.tune`): ``config.image`` names uploaded images, its
+        output is ignored (the job keeps the embeds file's bytes). It runs on the worker, like a generation:
+        tuning attaches the adapter to the shared UNet for its steps. Its models are float32 whatever the
+        server's dtype (the cache keeps them beside the server's own)."""
+        config.options.check()
+        if not config.image:
+            raise ValueError("tuning needs at least one reference image")
+        request = dataclasses.replace(tune_generate_request(config), device=self.config.device
+                                      if config.device == "auto" else config.device)
+        request, options, catalog = prepare(request, log=lambda message: None, catalog=self.catalog)
+        if len(options) != 1:
+            raise ValueError(f"tuning takes one adapter, got {len(options)}")
+        inputs = read_inputs(request, options, *_readers(images))
+        return self._queue_job(Job(
+            id=self._new_id(), request=request, options=options, inputs=inputs, seed=config.seed,
+            catalog=self.catalog if catalog is None else catalog, source=source, tuning=config.options,
+            total_steps=config.steps))
+
+    def _new_id(self) -> str:
+        return f"job-{next(self._ids)}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:8]}"
+
+    def _queue_job(self, job: Job) -> Job:
         with self._lock:
             self._jobs[job.id] = job
             finished = [k for k, j in self._jobs.items() if j.done]
@@ -198,6 +223,9 @@ class Engine:
         job._done.set()
 
     def _run(self, job: Job) -> None:
+        if job.tuning is not None:
+            self._run_tune(job)
+            return
         request = job.request
         per_batch = denoising_steps(request)
         models = load_models(request, job.options, job.catalog, self.loader)
@@ -223,3 +251,33 @@ class Engine:
             job.images.extend(batch)
             batches_done += 1
             job.step = batches_done * per_batch
+
+    def _run_tune(self, job: Job) -> None:
+        models = load_models(job.request, job.options, job.catalog, self.loader)
+
+        def on_step(step: int, loss: float) -> None:
+            if job.cancel_requested:
+                raise JobCancelled
+            job.losses.append(loss)
+            job.step = step
+
+        result = tune_loaded(models, job.inputs.prompts[0].images, job.request.prompt, job.tuning,
+                             crop=job.request.crop, progress=on_step)
+        job.embeds = embeds_file_bytes(result.features)
+        job.step = job.total_steps
+
+
+def _readers(uploads: Mapping[str, Any] | None) -> tuple[Callable, Callable]:
+    """``read`` and ``read_embeds`` for :func:`read_inputs` over a request's uploads (name -> decoded
+    image or :class:`ImageFeatures`); a name that did not arrive is refused."""
+    uploads = dict(uploads or {})
+
+    def get(name: str, kind: type, what: str):
+        if not isinstance(uploads.get(name), kind):
+            raise ValueError(f"{what} {name!r} was not uploaded with the request")
+        return uploads[name]
+
+    def read(name: str, mode: str = "RGB"):
+        return get(name, Image.Image, "image").convert(mode)
+
+    return read, lambda name: get(name, ImageFeatures, "embeds")

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
+from ..training.tune import INITS, TuneConfig, TuneOptions
 
 
 class ImagePromptSpec(BaseModel):
@@ -35,8 +36,9 @@ class ImagePromptSpec(BaseModel):
                                                 "words joined by commas (masked,enhance)")
     tile_overlap: float | None = Field(None, ge=0.0, le=0.9, description="least tile overlap, fraction of a tile")
     tile_sharpen: float | None = Field(None, ge=0.0, le=1.0, description="contrast-adaptive sharpening, 0 to 1")
-    # Saved embeds (`imprompt encode`, --embeds) are not taken over HTTP yet: uploads are read as images
-    # only. Send the references instead; the server's encoder gives the same features.
+    embeds: str | None = Field(None, description="base64 embeds file (imprompt encode / tune, diffusers or ComfyUI "
+                                                 ".safetensors or .ipadpt; or a multipart file name) instead of "
+                                                 "images")
 
 
 class ReferenceSpec(BaseModel):
@@ -94,13 +96,15 @@ class NativeRequest(BaseModel):
 
 
 def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, str], str],
-                      image: Callable[[str, str, str], str]) -> GenerateRequest:
+                      image: Callable[[str, str, str], str],
+                      embeds: Callable[[str, str], str] | None = None) -> GenerateRequest:
     """The GenerateRequest of a /v1 body. ``lookup(name, kind)`` -> a model path found by name;
-    ``image(ref, field, mode)`` -> the name an uploaded image is filed under."""
+    ``image(ref, field, mode)`` and ``embeds(ref, field)`` -> the name an uploaded image or embeds file
+    is filed under."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "combine", "weights", "layers",
                                                     "start", "end", "mask", "negative_image", "image_encoder",
                                                     "weight_type", "composition_scale", "embeds_scaling",
-                                                    "negative_noise",
+                                                    "negative_noise", "embeds",
                                                     "tiles", "tile_overlap", "tile_sharpen")}
     any_masks = any(p.masks for p in body.image_prompts)
     for i, spec in enumerate(body.image_prompts):
@@ -114,6 +118,10 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
             values["image"].append(f"{i}={image(ref, f'{where}.images[{k}]', 'RGB')}")
             if spec.masks:
                 values["mask"].append(image(spec.masks[k], f"{where}.masks[{k}]", "L"))
+        if spec.embeds:
+            if embeds is None:
+                raise ValueError(f"{where}.embeds: this route takes no embeds files; send the references as images")
+            values["embeds"].append(f"{i}={embeds(spec.embeds, f'{where}.embeds')}")
         for k, ref in enumerate(spec.negative_images):
             values["negative_image"].append(f"{i}={image(ref, f'{where}.negative_images[{k}]', 'RGB')}")
         values["scale"].append(f"{i}={spec.scale!r}")
@@ -145,6 +153,35 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         save_control_map=body.save_control_map, accelerate=body.accelerate,
         **control_values(body, lookup, image), **values,
         **_reference_fields(body.reference, image))
+
+
+class TuneRequest(BaseModel):
+    """POST /v1/tune: ``imprompt tune``'s flags (:class:`~imprompt.training.tune.TuneConfig`), references as
+    base64; the result is an embeds file for ``image_prompts[].embeds``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | None = Field(None, description="checkpoint name (default: the server's)")
+    adapter: str = Field(description="adapter name, as GET /v1/models lists it")
+    images: list[str] = Field(min_length=1, description="base64 references (several views: one feature set each)")
+    prompt: str = Field("", description="the text the references are tuned with (empty: the image alone)")
+    image_encoder: str | None = Field(None, description="default: the one the adapter needs")
+    crop: str = "center"
+    steps: int = Field(TuneOptions.steps, ge=0, le=500)
+    lr: float = Field(TuneOptions.lr, ge=0.0, description="Adam learning rate, in units of the features' RMS")
+    batch: int = Field(TuneOptions.batch, ge=1, le=64, description="noise draws per step")
+    regularise: float = Field(TuneOptions.regularise, ge=0.0, description="weight of |f - f0|^2 / |f0|^2")
+    init: str = Field("encoder", description=" or ".join(INITS))
+    seed: int = Field(0, ge=0)
+
+
+def tune_to_config(body: TuneRequest, model: str, lookup: Callable[[str, str], str],
+                   image: Callable[[str, str, str], str]) -> TuneConfig:
+    """The TuneConfig of a /v1/tune body (``lookup`` and ``image`` as for :func:`native_to_request`)."""
+    return TuneConfig(image=[image(ref, f"images[{k}]", "RGB") for k, ref in enumerate(body.images)], model=model,
+                      adapter=lookup(body.adapter, "adapter"), prompt=body.prompt, crop=body.crop,
+                      image_encoder=lookup(body.image_encoder, "image_encoder") if body.image_encoder else None,
+                      steps=body.steps, lr=body.lr, batch=body.batch, regularise=body.regularise, init=body.init,
+                      seed=body.seed, progress=False)
 
 
 def _reference_fields(spec: ReferenceSpec | None, image: Callable[[str, str, str], str]) -> dict:

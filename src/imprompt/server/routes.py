@@ -18,16 +18,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import one_line
+from ..generation.embeds import SUFFIXES as EMBEDS_SUFFIXES
+from ..generation.embeds import embeds_from_bytes
 from ..generation.pnginfo import decode_user_comment, parse_parameters
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
 from ..images import ImageInputError
 from ..models.catalog import ModelLookupError
 from . import a1111
-from .native import NativeRequest, native_to_request
+from .native import NativeRequest, TuneRequest, native_to_request, tune_to_config
 from .config import ServerConfig
 from .engine import Engine, Job
-from .uploads import UploadTooLarge, decode_base64_image, decode_upload, png_base64
+from .uploads import UploadTooLarge, base64_bytes, decode_base64_image, decode_upload, png_base64
 
 BASE64_OVERHEAD = 4 / 3
 POLL_SECONDS = 0.05
@@ -68,9 +70,23 @@ class Images:
         return self.add(image, reference_name(field))
 
     def add_bytes(self, data: bytes, field: str, filename: str | None, mode: str = "RGB") -> str:
+        if (filename or "").lower().endswith(EMBEDS_SUFFIXES):
+            return self.add_embeds_bytes(data, field, filename)
         image = decode_upload(data, field=field, max_bytes=self.config.max_upload_bytes,
                               max_pixels=self.config.max_pixels, mode=mode)
         return self.add(image, (filename or field).rsplit("/", 1)[-1])
+
+    def add_embeds_base64(self, text: str, field: str) -> str:
+        data = base64_bytes(text, field=field, max_bytes=self.config.max_upload_bytes)
+        return self.add(embeds_from_bytes(data, field), reference_name(field).removesuffix(".png") + ".safetensors")
+
+    def add_embeds_bytes(self, data: bytes, field: str, filename: str | None) -> str:
+        """An embeds file (``imprompt encode`` / ``tune``, diffusers, ComfyUI), read as the CLI reads one."""
+        if len(data) > self.config.max_upload_bytes:
+            raise UploadTooLarge(f"{field}: {len(data) / 2**20:.1f} MB is over the "
+                                 f"{self.config.max_upload_bytes / 2**20:g} MB upload limit")
+        name = (filename or field).rsplit("/", 1)[-1]
+        return self.add(embeds_from_bytes(data, name), name)
 
 
 def reference_name(field: str) -> str:
@@ -329,24 +345,45 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         return {"models": [{"kind": e.kind, "name": e.name, "base": e.info.base, "details": e.info.details,
                             "usable": e.usable, "problem": e.info.problem} for e in engine.catalog.entries]}
 
-    def native_job(body: NativeRequest, images: Images, uploaded: dict[str, str] | None = None) -> Job:
-        def image(ref: str, field: str, mode: str) -> str:
+    def uploads(images: Images, uploaded: dict[str, str] | None):
+        """``image`` and ``embeds`` for the payload converters: a multipart file's name, else base64."""
+        def named(ref: str, field: str) -> str | None:
             if uploaded is not None:
                 if ref in uploaded:
                     return uploaded[ref]
                 if len(ref) < 256:  # a file name, not base64: say which files did arrive
                     raise ValueError(f"{field}: {ref!r} is not among the uploaded files "
                                      f"({', '.join(sorted(uploaded)) or 'none'})")
-            return images.add_base64(ref, field, mode)
+            return None
 
+        def image(ref: str, field: str, mode: str) -> str:
+            return named(ref, field) or images.add_base64(ref, field, mode)
+
+        def embeds(ref: str, field: str) -> str:
+            return named(ref, field) or images.add_embeds_base64(ref, field)
+
+        return image, embeds
+
+    def native_job(body: NativeRequest, images: Images, uploaded: dict[str, str] | None = None) -> Job:
         try:
             model = lookup(body.model, "checkpoint") if body.model else current_model()
-            generate = native_to_request(body, model, lookup, image)
+            generate = native_to_request(body, model, lookup, *uploads(images, uploaded))
         except (ValueError, FileNotFoundError) as err:
             raise user_error(err) from None
         return submit(engine, generate, images, "api")
 
+    def tune_job(body: TuneRequest, images: Images) -> Job:
+        try:
+            model = lookup(body.model, "checkpoint") if body.model else current_model()
+            config = tune_to_config(body, model, lookup, uploads(images, None)[0])
+            return engine.submit_tune(config, images.by_name, source="api")
+        except (ValueError, FileNotFoundError) as err:
+            raise user_error(err) from None
+
     def result(job: Job) -> dict:
+        if job.tuning is not None:  # the embeds file, for image_prompts[].embeds or `generate --embeds`
+            return {**job.status(), "losses": job.losses,
+                    "embeds": base64.b64encode(job.embeds).decode("ascii") if job.embeds else None}
         out = {**job.status(), "images": [{"seed": r.seed, "parameters": r.parameters,
                                            "png": png_base64(r.image, r.parameters)} for r in job.images]}
         if job.request.save_control_map:  # the preprocessed maps, by ControlNet
@@ -361,6 +398,21 @@ def install(app: FastAPI, engine: Engine, config: ServerConfig) -> None:
         await wait_for(job, request)
         finished(job)
         return result(job)
+
+    @app.post("/v1/tune", tags=["native"])
+    async def tune(body: TuneRequest, request: Request) -> dict:
+        """Tune an image prompt on its references (``imprompt tune``) and wait: the embeds file as base64
+        (.safetensors), to send back as ``image_prompts[].embeds``, and the loss of every step."""
+        job = await asyncio.to_thread(tune_job, body, Images(config))
+        await wait_for(job, request)
+        finished(job)
+        return result(job)
+
+    @app.post("/v1/tune/jobs", status_code=202, tags=["native"])
+    async def create_tune_job(body: TuneRequest) -> dict:
+        """Queue a tuning job; GET /v1/jobs/{id} (progress: its steps), /events and /result as for generations."""
+        job = await asyncio.to_thread(tune_job, body, Images(config))
+        return job.status()
 
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(body: NativeRequest) -> dict:

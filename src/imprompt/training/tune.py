@@ -28,12 +28,13 @@ Textual-Inversion-like baseline the paper compares against.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,24 @@ def step_loss(attachment, adapter_index: int, features: torch.Tensor, cond: Cond
     return F.mse_loss(pred.float(), target.float())
 
 
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """No parameter of ``modules`` requires a gradient inside; each gets its own flag back after.
+
+    The loaded UNet and adapter come with ``requires_grad`` on. Left on, every backward pass would also
+    compute (and keep, on a model the server shares between requests) a gradient for each of their
+    weights, which tuning never uses."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def distance(features: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """|f - f0|^2 / |f0|^2: the regulariser, the same for any feature width or scale."""
     return (features - anchor).pow(2).sum() / anchor.float().pow(2).sum().clamp_min(1e-12)
@@ -193,17 +212,18 @@ def tune_features(attachment, features: ImageFeatures, cond: Conditions, options
     opt = torch.optim.Adam([delta], lr=options.lr)
     regularise = options.regularise if options.init == "encoder" else 0.0
     losses = []
-    for step in range(options.steps):
-        generator = step_generator(options.seed, step, 0)
-        tuned = start + unit * delta
-        loss = step_loss(attachment, adapter_index, tuned, cond, generator, options.batch)
-        total = loss + regularise * distance(tuned, anchor) if regularise else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, losses[-1])
+    with frozen(attachment.unet, *attachment.adapters):
+        for step in range(options.steps):
+            generator = step_generator(options.seed, step, 0)
+            tuned = start + unit * delta
+            loss = step_loss(attachment, adapter_index, tuned, cond, generator, options.batch)
+            total = loss + regularise * distance(tuned, anchor) if regularise else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, losses[-1])
     note = {"steps": options.steps, "lr": options.lr, "batch": options.batch, "regularise": regularise,
             "init": options.init, "seed": options.seed, "final_loss": round(losses[-1], 6)}
     tuned = (start + unit * delta).detach()
@@ -294,29 +314,46 @@ class TuneConfig:
         self.options.check()
 
 
+def tune_generate_request(config: TuneConfig):
+    """The GenerateRequest whose models (``prepare`` / ``load_models``) a tuning run loads: those
+    ``imprompt generate`` would load for the same flags, in float32."""
+    from ..generation.request import GenerateRequest
+
+    # float32 throughout: the gradient runs back through every UNet layer, and fp16 would need the loss
+    # scaling that this short loop does not do.
+    return GenerateRequest(model=config.model, models_dir=config.models_dir, model_config=config.model_config,
+                           adapter=[config.adapter] if config.adapter else [], image=list(config.image),
+                           image_encoder=[config.image_encoder] if config.image_encoder else [],
+                           device=config.device, dtype="float32", prompt=config.prompt, crop=config.crop)
+
+
+def tune_loaded(models, images: Sequence[Image.Image], prompt: str, options: TuneOptions, *, crop: str = "center",
+                progress: Callable[[int, float], None] | None = None) -> TuneResult:
+    """:func:`tune` on models loaded for one adapter (``imprompt.generation.request.load_models``)."""
+    from ..adapter.attach import attach
+
+    if len(models.adapters) != 1:
+        raise ValueError(f"tuning takes one adapter, got {len(models.adapters)}")
+    adapter, encoder = models.adapters[0], models.encoders[0]
+    if encoder is None:
+        raise ValueError(f"the {adapter.variant.name} adapter reads face embeddings; tuning takes CLIP-based adapters")
+    with attach(models.pipe.unet, adapter) as attachment:
+        return tune(models.pipe, attachment, encoder, images, prompt, options, crop=crop, progress=progress)
+
+
 def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
     """Check, load the model, the adapter and its encoder (as ``imprompt generate`` does), tune, write."""
-    from ..adapter.attach import attach
     from ..files import check_writable_folder
     from ..generation.embeds import save_embeds
-    from ..generation.request import GenerateRequest, load_models, prepare, read_inputs
+    from ..generation.request import load_models, prepare, read_inputs
 
     config.check()
     check_writable_folder(Path(config.output).parent, "--output's folder")
-    # float32 throughout: the gradient runs back through every UNet layer, and fp16 would need the loss
-    # scaling that this short loop does not do.
-    request = GenerateRequest(model=config.model, models_dir=config.models_dir, model_config=config.model_config,
-                              adapter=[config.adapter] if config.adapter else [], image=list(config.image),
-                              image_encoder=[config.image_encoder] if config.image_encoder else [],
-                              device=config.device, dtype="float32", prompt=config.prompt)
-    request, adapter_options, catalog = prepare(request, log)
+    request, adapter_options, catalog = prepare(tune_generate_request(config), log)
     if len(adapter_options) != 1:
         raise ValueError(f"imprompt tune takes one adapter, got {len(adapter_options)}")
     inputs = read_inputs(request, adapter_options)
     models = load_models(request, adapter_options, catalog)
-    adapter, encoder = models.adapters[0], models.encoders[0]
-    if encoder is None:
-        raise ValueError(f"the {adapter.variant.name} adapter reads face embeddings; tuning takes CLIP-based adapters")
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -328,11 +365,12 @@ def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
 
-    with attach(models.pipe.unet, adapter) as attachment:
-        result = tune(models.pipe, attachment, encoder, inputs.prompts[0].images, config.prompt, config.options,
-                      crop=config.crop, progress=progress)
-    if bar is not None:
-        bar.close()
+    try:
+        result = tune_loaded(models, inputs.prompts[0].images, config.prompt, config.options, crop=config.crop,
+                             progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     path = save_embeds(config.output, result.features)
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     log(f"wrote {path}: {result.features.references} reference(s) tuned {config.steps} steps in "
