@@ -11,8 +11,11 @@ for the base adapter (linear projection of the pooled CLIP embedding to 4 tokens
 adapter (Perceiver resampler over the 257 penultimate hidden states, 16 tokens, depth 4, width 768,
 12 heads, ff_mult 4: the SD1.5 "plus" shape). Each time is seconds per whole generation (text and
 image encoding, every denoising step with classifier-free guidance, VAE decode): one warm-up, then
-the median of ``--repeats`` runs; contenders are interleaved round by round, so that load from other
-processes on the machine hits all of them alike. Ours is also checked against diffusers' images.
+the median of ``--repeats`` runs; contenders are interleaved round by round (in an order rotated each
+round), so that load from other processes on the machine hits all of them alike. The ratios to quote
+are the paired ones: each round's ours / plain and ours / diffusers, then their median; a slow spell
+slows every contender of its round and cancels out of its ratio, where it would not out of a ratio of
+medians. Ours is also checked against diffusers' images.
 
 Why ours can be faster than diffusers: the image tokens and their keys/values do not depend on the
 latents. Diffusers runs the image projection (``unet.encoder_hid_proj``, for plus a 4-layer
@@ -27,7 +30,7 @@ block_out_channels (160, 320, 640) with cross-attention in down/mid/up blocks an
 cross_attention_dim 768, a 4-layer CLIP text encoder of width 768, and a ViT-H-shaped CLIP vision
 tower (width 1280, 16 heads, patch 14 at 224 px, projection 1024) cut to 4 layers.
 
-    .venv/bin/python benchmarks/bench_generation.py [--steps 10] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/bench_generation.py [--steps 10] [--repeats 3] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -155,21 +158,30 @@ def with_diffusers_adapter(pipe, adapter, encoder_model) -> StableDiffusionPipel
 
 
 def measure(runners: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    """Warm each runner up once (its images are kept), then ``repeats`` interleaved rounds of timings."""
+    """Warm each runner up once (its images are kept), then ``repeats`` interleaved rounds of timings.
+    Round r runs the contenders in an order rotated by r, so that no contender always runs first (or
+    right after the same one); ``times[name][r]`` is round r's time, for paired ratios."""
     images = {name: run() for name, run in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
+    names = list(runners)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            run()
+            runners[name]()
             times[name].append(time.perf_counter() - start)
     return times, images
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """``a / b`` round by round: a slow spell of the machine slows both in the same round and cancels."""
+    return [x / y for x, y in zip(times[a], times[b])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per generation (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender after one warm-up (default 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 steps: a smoke run of a few seconds")
     args = parser.parse_args()
     if args.repeats < 1 or args.steps < 1:
@@ -178,7 +190,7 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
 
     torch.set_flush_denormal(True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     wall = time.perf_counter()
@@ -229,6 +241,13 @@ def main() -> None:
                   f" {s['ours'] / s['diffusers']:15.3f} {diff:20.2e} {effect:16.3f} {noise:6.0%}")
     print("noise: the largest (max - min) / median among the three contenders' timed runs. Other load on the\n"
           "machine shows up there; the best-of-N times are the least disturbed by it.")
+    print(f"\npaired ratios (each round's own ratio; median [min, max] over {args.repeats} rounds): the figures to quote")
+    for kind, times, _, _ in rows:
+        cells = []
+        for a, b in (("ours", "plain"), ("ours", "diffusers")):
+            r = paired(times, a, b)
+            cells.append(f"{a}/{b} {statistics.median(r):.3f} [{min(r):.3f}, {max(r):.3f}]")
+        print(f"{kind:8} " + "   ".join(cells))
     worst = max(diff for _, _, diff, _ in rows)
     print(f"\nparity with diffusers' IP-Adapter: max abs difference {worst:.2e} "
           f"({'OK' if worst < 1e-4 else 'FAILED'}: threshold 1e-4; images in [0, 1])")
