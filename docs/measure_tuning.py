@@ -51,6 +51,19 @@ def generated(pipe, attachment, encoder, features, texts, scale):
     return out
 
 
+def setup(args):
+    """The shipped toy pipeline and adapter (``args.image_encoder`` or its own), and the first ``args.n``
+    references of ``args.folder`` with their attributes."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    paths = toy_paths()
+    pipe, adapter, encoder = load(paths["model"], paths["adapter"], args.image_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    rows = shapes.read_metadata(args.folder)[:args.n]
+    refs = [Image.open(args.folder / name).convert("RGB") for name, _, _ in rows]
+    return pipe, adapter, encoder, refs, [a for _, _, a in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -63,14 +76,7 @@ def main() -> None:
     parser.add_argument("--text", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
-    paths = toy_paths()
-    pipe, adapter, encoder = load(paths["model"], paths["adapter"], args.image_encoder)
-    pipe.set_progress_bar_config(disable=True)
-    rows = shapes.read_metadata(args.folder)[:args.n]
-    refs = [Image.open(args.folder / name).convert("RGB") for name, _, _ in rows]
-    truth = [a for _, _, a in rows]
+    pipe, adapter, encoder, refs, truth = setup(args)
     plan = edit_plan(truth)
     with attach(pipe.unet, adapter) as attachment:
         encoded = [encode_references([r], encoder, adapter.variant.encoder_output) for r in refs]

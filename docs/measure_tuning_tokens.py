@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from measure_tuning import setup  # this folder's script: the same models and references
 
 from imprompt.adapter.attach import attach
 from imprompt.adapter.layers import LayerScales
 from imprompt.generation.embeds import encode_references
-from imprompt.toy import shapes, toy_paths
 from imprompt.toy.judge import accuracy, read_many
-from imprompt.toy.quality import load
 from imprompt.training.recipe import diffusion_target, step_generator
 from imprompt.training.tune import TuneOptions, conditions, distance, frozen, tune_features
 
@@ -70,14 +68,7 @@ def main() -> None:
     parser.add_argument("--image-encoder", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
-    paths = toy_paths()
-    pipe, adapter, encoder = load(paths["model"], paths["adapter"], args.image_encoder)
-    pipe.set_progress_bar_config(disable=True)
-    rows = shapes.read_metadata(args.folder)[:args.n]
-    refs = [Image.open(args.folder / name).convert("RGB") for name, _, _ in rows]
-    truth = [a for _, _, a in rows]
+    pipe, adapter, encoder, refs, truth = setup(args)
     with attach(pipe.unet, adapter) as attachment:
         encoded = [encode_references([r], encoder, adapter.variant.encoder_output) for r in refs]
         for mode in args.modes.split(","):
