@@ -81,6 +81,23 @@ def test_form_errors_name_the_unit_as_the_page_numbers_it():
         _mapping(Form(controls=[ControlForm(controlnet="canny")]))
 
 
+def test_a_unit_with_saved_embeds_maps_to_embeds_not_images():
+    features = object()  # what read_embeds gives back, filed as is
+    images = {}
+
+    def add(item, name):
+        images[name] = item
+        return name
+
+    form = Form(units=[UnitForm(True, "ip_adapter", [], embeds="/uploads/subject.safetensors")])
+    request = form_request(form, lambda name, kind: name, lambda p: None, add, lambda p: features)
+    assert request.embeds == ["0=subject.safetensors"] and request.image == []
+    assert images["subject.safetensors"] is features
+    with pytest.raises(ValueError, match="unit 1 has reference images and saved embeds"):
+        form_request(Form(units=[UnitForm(True, "ip_adapter", [str(REFS[0])], embeds="e.safetensors")]),
+                     lambda name, kind: name, lambda p: None, add, lambda p: features)
+
+
 def test_painted_strokes_become_the_mask_and_png_info_goes_back():
     layer = np.zeros((8, 8, 4), np.uint8)
     layer[2:4, 2:4, 3] = 255
@@ -119,6 +136,24 @@ def test_generate_round_trip_on_the_toy_model(session):
     assert parameters == parse_parameters(info) and parameters["Seed"] == "7" and parameters["Sampler"] == "Euler"
     # Two uploads of one file: both reach the engine, under unique names.
     assert f"{REFS[0].stem}-2.png" in parameters["IP-Adapter 0"] and REFS[0].name in parameters["IP-Adapter 0"]
+
+
+def test_saved_embeds_generate_the_pixels_of_their_reference(session, tmp_path):
+    from imprompt.cli import main
+
+    embeds = tmp_path / "ref.safetensors"
+    assert main(["encode", str(REFS[0]), "--adapter", str(toy.toy_paths()["adapter"]), "-o", str(embeds)]) == 0
+    pixels = []
+    for unit in (UnitForm(True, "ip_adapter", [str(REFS[0])]), UnitForm(True, "ip_adapter", [], embeds=str(embeds))):
+        text, paths, info, job = list(session.run(Form(prompt="a star", units=[unit], steps=2, seed=7)))[-1]
+        assert text.startswith("done: 1 image(s)"), text
+        pixels.append(np.asarray(Image.open(paths[0]).convert("RGB")))
+    assert "Embeds: ref.safetensors" in info
+    np.testing.assert_array_equal(*pixels)
+    (tmp_path / "not-embeds.safetensors").write_bytes(REFS[0].read_bytes())
+    updates = session.run(Form(units=[UnitForm(True, "ip_adapter", [], embeds=str(tmp_path / "not-embeds.safetensors"))]))
+    with pytest.raises(gr.Error, match="not-embeds.safetensors: neither a .safetensors file nor a torch-saved"):
+        list(updates)
 
 
 def test_a_refused_form_shows_the_message_not_a_traceback(session):

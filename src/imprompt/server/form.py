@@ -33,6 +33,7 @@ class UnitForm:
     end: float = 1.0
     mask: Image.Image | None = None  # painted in the page: white = this unit acts there
     negative_image: str | None = None
+    embeds: str | None = None  # an uploaded embeds file (imprompt encode / tune) used instead of images
 
 
 @dataclass
@@ -71,21 +72,29 @@ class Form:
 
 
 def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Callable[[str], Image.Image],
-                 add_image: Callable[[Image.Image, str], str]) -> GenerateRequest:
+                 add_image: Callable[[Any, str], str], read_embeds: Callable[[str], Any] | None = None
+                 ) -> GenerateRequest:
     """The GenerateRequest of a filled form. ``lookup(name, kind)`` -> a model path found by name;
-    ``read_image(path) -> image``; ``add_image(image, name) -> reference name`` files an image for the
-    engine (the name is what PNG info shows). Enabled units become adapters 0, 1, ... (``N=`` values);
-    messages name the unit as the page numbers it."""
+    ``read_image(path) -> image`` and ``read_embeds(path) -> ImageFeatures``; ``add_image(item, name) ->
+    reference name`` files an image (or features) for the engine (the name is what PNG info shows).
+    Enabled units become adapters 0, 1, ... (``N=`` values); messages name the unit as the page numbers it."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "layers", "start", "end", "mask",
-                                                    "negative_image", "weights", "image_encoder")}
+                                                    "negative_image", "weights", "image_encoder", "embeds")}
     units = [(number, u) for number, u in enumerate(form.units, 1) if u.enabled]
     masked = any(u.mask is not None for _, u in units)
     for i, (number, unit) in enumerate(units):
         if not unit.adapter:
             raise ValueError(f"IP-Adapter unit {number} is enabled but has no adapter chosen")
-        if not unit.images:
+        if unit.embeds and unit.images:
+            raise ValueError(f"IP-Adapter unit {number} has reference images and saved embeds; the embeds already "
+                             "hold encoded references: remove one or the other")
+        if not unit.images and not unit.embeds:
             raise ValueError(f"IP-Adapter unit {number} has no reference image; drop one in, or disable the unit")
         values["adapter"].append(lookup(unit.adapter, "adapter"))
+        if unit.embeds:
+            if read_embeds is None:
+                raise ValueError(f"IP-Adapter unit {number}: saved embeds are not read here; give reference images")
+            values["embeds"].append(f"{i}={add_image(read_embeds(unit.embeds), Path(unit.embeds).name)}")
         for path in unit.images:
             values["image"].append(f"{i}={add_image(read_image(path), Path(path).name)}")
             if masked:  # masks go one per reference, so once one unit is masked every unit needs one: white = all

@@ -25,13 +25,14 @@ from PIL import Image  # noqa: E402
 
 from ..adapter.layers import PRESETS  # noqa: E402
 from ..errors import one_line  # noqa: E402
+from ..generation.embeds import embeds_from_bytes  # noqa: E402
 from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
 from ..generation.preprocess import PREPROCESSORS  # noqa: E402
 from .form import (CANVAS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network, form_request,  # noqa: E402
                    painted_mask)
-from .uploads import decode_upload  # noqa: E402
+from .uploads import UploadTooLarge, decode_upload  # noqa: E402
 
 UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
 CONTROL_UNITS = 2  # ControlNet units shown (those without a ControlNet chosen are left out)
@@ -101,14 +102,22 @@ class Session:
         return decode_upload(Path(path).read_bytes(), field=Path(path).name, max_bytes=config.max_upload_bytes,
                              max_pixels=config.max_pixels)
 
+    def read_embeds(self, path: str):
+        """An uploaded embeds file, under the server's upload limit, read as the API reads one."""
+        size, limit = Path(path).stat().st_size, self.engine.config.max_upload_bytes
+        if size > limit:
+            raise UploadTooLarge(f"{Path(path).name}: {size / 2**20:.1f} MB is over the {limit / 2**20:g} MB "
+                                 "upload limit")
+        return embeds_from_bytes(Path(path).read_bytes(), Path(path).name)
+
     def run(self, form: Form):
         """Submit, then yield (progress text, gallery paths or None, parameters text, job) every
         POLL_SECONDS until the job is done. The job travels to the caller (each browser tab keeps its own
         in a gr.State), never on the session. A refused request or failed job: the message, one line, in
         the status box and as gr.Error."""
-        images: dict[str, Image.Image] = {}
+        images: dict[str, object] = {}  # decoded images, and features of saved embeds
 
-        def add(image: Image.Image, name: str) -> str:
+        def add(image, name: str) -> str:
             unique, n = name, 1
             while unique in images:
                 n += 1
@@ -117,7 +126,7 @@ class Session:
             return unique
 
         try:
-            request = form_request(form, self.lookup, self.read, add)
+            request = form_request(form, self.lookup, self.read, add, self.read_embeds)
             if not request.model:
                 from .app import default_model
 
@@ -159,6 +168,7 @@ class UnitWidgets:
     end: gr.Slider
     mask: gr.ImageEditor
     negative_image: gr.Image
+    embeds: gr.File
 
     def components(self) -> list:
         return list(vars(self).values())
@@ -167,7 +177,8 @@ class UnitWidgets:
         return UnitForm(bool(data[self.enabled]), data[self.adapter], [str(f) for f in data[self.images] or []],
                         float(data[self.scale]), data[self.layers], data[self.custom_layers] or "",
                         data[self.weights] or "", data[self.image_encoder] or None, float(data[self.start]),
-                        float(data[self.end]), painted_mask(data[self.mask]), data[self.negative_image])
+                        float(data[self.end]), painted_mask(data[self.mask]), data[self.negative_image],
+                        str(data[self.embeds]) if data[self.embeds] else None)
 
 
 def unit_widgets(number: int, session: Session) -> UnitWidgets:
@@ -197,15 +208,19 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 mask = gr.ImageEditor(label="Region mask (blank: all)", type="numpy",
                                       value=blank_canvas(), canvas_size=(CANVAS, CANVAS), height=330, sources=(),
                                       brush=WHITE_BRUSH, elem_id=f"unit{number - 1}_mask")
-        with gr.Accordion("More: custom layers, per-image weights, encoder, negative image", open=False):
+        with gr.Accordion("More: custom layers, per-image weights, encoder, negative image, saved embeds",
+                          open=False):
             with gr.Row():
                 custom = gr.Textbox(label="Custom layers (block=w,...,default=w)", scale=2)
                 weights = gr.Textbox(label="Per-image weights (w1,w2,...)", scale=1)
                 encoder = gr.Dropdown([None, *session.names("image_encoder")], value=None,
                                       label="Image encoder (empty: the one it needs)", scale=1)
-            negative_image = gr.Image(type="filepath", label="Negative image", height=120)
+            with gr.Row():
+                negative_image = gr.Image(type="filepath", label="Negative image", height=120)
+                embeds = gr.File(file_types=[".safetensors", ".ipadpt"], height=120,
+                                 label="Saved embeds (imprompt encode / tune), instead of reference images")
     return UnitWidgets(enabled, adapter, images, scale, layers, custom, weights, encoder, start, end, mask,
-                       negative_image)
+                       negative_image, embeds)
 
 
 @dataclass
