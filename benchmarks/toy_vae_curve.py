@@ -7,8 +7,9 @@ Needs a toy build work folder whose ``data`` stage is done (``imprompt toy build
 Issue 15 (toy build in 60 minutes) asked how few VAE steps suffice; docs/benchmarks.md has the runs.
 
 With SHAPE_WEIGHT k > 0 each pixel's squared and absolute error is weighted by 1 + k x the shape's
-solid coverage there (:func:`imprompt.toy.shapes.silhouette`), normalised by the mean weight: the
-shape's pixels are a small share of a 32x32 image, and its colour is what the VAE learned last.
+solid coverage there, normalised by the mean weight (``imprompt.toy.stages.reconstruction_loss``, the
+build's ``--vae-shape-weight``): the shape's pixels are a small share of a 32x32 image, and its colour
+is what the VAE learned last.
 
     .venv/bin/python benchmarks/toy_vae_curve.py WORK LR STEPS BATCH EVERY [THREADS] [SHAPE_WEIGHT]
 """
@@ -17,6 +18,7 @@ import numpy as np, torch, torch.nn.functional as F
 torch.set_flush_denormal(True); torch.set_num_threads(int(sys.argv[6]) if len(sys.argv) > 6 else 1)
 from imprompt.toy import models, shapes, workdir
 from imprompt.toy.models import SPEC
+from imprompt.toy.stages import reconstruction_loss
 from imprompt.toy.loop import seeded, step_batch, learning_rate, set_learning_rate
 from imprompt.toy.judge import accuracy, read_many
 from pathlib import Path
@@ -38,8 +40,7 @@ for i in range(steps):
     x, w = pixels[idx], weights[idx]
     post = vae.encode(x).latent_dist
     rec = vae.decode(post.mode()).sample
-    err = rec - x
-    loss = ((w * err.square()).mean() + 0.1 * (w * err.abs()).mean()) / w.mean() + 1e-6 * post.kl().mean()
+    loss = reconstruction_loss(rec, x, w if shape_weight else None) + 1e-6 * post.kl().mean()
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     if (i + 1) % every == 0 or i + 1 == steps:
         vae.eval()

@@ -11,7 +11,7 @@ from transformers import CLIPTokenizer
 
 from imprompt.toy import build, judge, models, shapes, toy_paths
 from imprompt.toy import tokenizer as toy_tokenizer
-from imprompt.toy.config import STAGES, BuildConfig, StageSelection
+from imprompt.toy.config import STAGES, BuildConfig, ConfigError, StageSelection
 from imprompt.toy.loop import TrainingLoop
 from imprompt.toy.package import stage_package
 
@@ -66,7 +66,8 @@ def test_edits_are_valid_attribute_changes():
 @pytest.mark.slow  # over 10 s
 def test_build_stages_smoke(tmp_path):
     cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
-                      clip_batch=16, robust_clip_steps=2, robust_clip_batch=8, vae_steps=2, vae_batch=8, unet_steps=2,
+                      clip_batch=16, robust_clip_steps=2, robust_clip_batch=8, vae_steps=2, vae_batch=8, vae_shape_weight=4,
+                      unet_steps=2,
                       unet_batch=8, adapter_steps=1, adapter_loosened_p=0.5,
                       quality_samples=2, quality_steps=2, controlnet_steps=2, controlnet_batch=8,
                       controlnet_quality_samples=2, progress=False)
@@ -120,6 +121,26 @@ def test_build_stages_smoke(tmp_path):
     scoring = models.load_shared_tower_clip(paths["clip"])
     assert torch.equal(scoring.vision_model.embeddings.patch_embedding.weight,
                        vision.vision_model.embeddings.patch_embedding.weight.half().float())
+
+
+def test_the_vae_loss_weights_the_shapes_pixels_and_keeps_its_scale():
+    from imprompt.toy.stages import reconstruction_loss
+
+    target = torch.zeros(2, 3, 4, 4)
+    error = torch.zeros(2, 3, 4, 4)
+    error[:, :, :2, :2] = 0.5  # wrong inside a 2x2 "shape" only
+    coverage = torch.zeros(2, 1, 4, 4)
+    coverage[:, :, :2, :2] = 1.0
+    plain = reconstruction_loss(error, target)
+    assert torch.isclose(plain, torch.nn.functional.mse_loss(error, target) + 0.1 * error.abs().mean())
+    assert torch.isclose(reconstruction_loss(error, target, torch.ones(2, 1, 4, 4)), plain)  # weight 1: the same
+    weights = 1.0 + 4.0 * coverage  # mean weight 2: the shape's pixels count 5 / 2 times as much as before
+    assert torch.isclose(reconstruction_loss(error, target, weights), plain * 5 / 2)
+    outside = torch.zeros(2, 3, 4, 4)
+    outside[:, :, 2:, 2:] = 0.5  # the same error on background pixels counts 1 / 2
+    assert torch.isclose(reconstruction_loss(outside, target, weights), plain / 2)
+    with pytest.raises(ConfigError, match="vae_shape_weight must be a finite number >= 0"):
+        BuildConfig(vae_shape_weight=-1)
 
 
 def test_loop_resumes_from_checkpoint(tmp_path):

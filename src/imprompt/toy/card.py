@@ -18,6 +18,7 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         return value if value != {} else "n/a"
 
     spec = json.dumps(SPEC.to_dict())
+    shape_weight = f"; shape pixels x (1 + {cfg.vae_shape_weight:g})" if cfg.vae_shape_weight else ""
     lines = [
         "# imprompt toy models", "",
         "A tiny CLIP, a tiny Stable Diffusion (SD1.5 layout) and a linear IP-Adapter, trained from scratch on the toy",
@@ -38,7 +39,7 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"| robust_clip (vision tower distilled onto loosened pictures, text tower kept) | {get('robust_clip', 'steps')} | "
         f"{cfg.robust_clip_batch} clean + {cfg.robust_clip_batch} loosened | {get('robust_clip', 'train_seconds')} | "
         f"lr {cfg.robust_clip_lr}, cosine; the image encoder |",
-        f"| VAE (MSE + 0.1 L1 + {cfg.vae_kl} KL) | {get('vae', 'steps')} | {cfg.vae_batch} | {get('vae', 'train_seconds')} | scaling_factor {get('vae', 'scaling_factor')} |",
+        f"| VAE (MSE + 0.1 L1 + {cfg.vae_kl} KL{shape_weight}) | {get('vae', 'steps')} | {cfg.vae_batch} | {get('vae', 'train_seconds')} | scaling_factor {get('vae', 'scaling_factor')} |",
         f"| UNet (epsilon, 10% caption dropout, EMA {cfg.ema_decay}) | {get('unet', 'steps')} | {cfg.unet_batch} | {get('unet', 'train_seconds')} | lr {cfg.unet_lr} |",
         f"| IP-Adapter linear (`imprompt.training`) | {get('adapter', 'steps')} | 64 | {get('adapter', 'train_seconds_this_run')} | lr {cfg.adapter_lr}, partial captions; resumed runs count only the last |",
         f"| simple adapter (paper 4.4.1, `--variant shared`) | {get('simple_adapter', 'steps')} | 64 | {get('simple_adapter', 'train_seconds_this_run')} | same data, lr and seed |",

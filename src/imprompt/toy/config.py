@@ -7,6 +7,8 @@ were built with (the model card records the steps each stage actually ran).
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,9 @@ class BuildConfig:
     vae_batch: int = _int(32, "VAE batch size")
     vae_lr: float = field(default=1e-3, metadata=option("VAE learning rate (warm-up, then cosine)"))
     vae_kl: float = field(default=1e-6, metadata=option("weight of the VAE's KL term"))
+    vae_shape_weight: float = field(default=0.0, metadata=option(
+        "extra weight of the shape's pixels in the VAE's reconstruction loss: each pixel's error counts "
+        "1 + this x the shape's coverage there (0: every pixel alike)"))
     unet_steps: int = _int(4000, "UNet training steps")
     unet_batch: int = _int(64, "UNet batch size")
     unet_lr: float = field(default=4e-4, metadata=option("UNet learning rate (constant after the warm-up)"))
@@ -119,6 +124,8 @@ class BuildConfig:
                      "adapter_loosened_p", "adapter_edit_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.vae_shape_weight) and self.vae_shape_weight >= 0):
+            raise ConfigError(f"vae_shape_weight must be a finite number >= 0, got {self.vae_shape_weight}")
 
     def max_seconds(self, stage: str) -> float:
         """The training-time cap of a stage (only CLIP, the VAE, the UNet and the ControlNet have one)."""
