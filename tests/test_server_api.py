@@ -291,6 +291,7 @@ def app_wait(client, job_id: str, timeout: float = 60) -> dict:
     raise AssertionError(f"job {job_id} did not finish")
 
 
+@pytest.mark.slow  # about 7 s: a tune and four generations
 def test_tune_over_http_equals_imprompt_tune_and_its_embeds_generate(client, tmp_path):
     tuned = client.post("/v1/tune", json={"adapter": "ip_adapter", "images": [b64(REFS[0])], "steps": 3, "seed": 2})
     assert tuned.status_code == 200, tuned.text
