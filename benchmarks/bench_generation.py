@@ -241,7 +241,8 @@ def main() -> None:
                   f" {s['ours'] / s['diffusers']:15.3f} {diff:20.2e} {effect:16.3f} {noise:6.0%}")
     print("noise: the largest (max - min) / median among the three contenders' timed runs. Other load on the\n"
           "machine shows up there; the best-of-N times are the least disturbed by it.")
-    print(f"\npaired ratios (each round's own ratio; median [min, max] over {args.repeats} rounds): the figures to quote")
+    print(f"\npaired ratios (each round's own ratio; median [min, max] over {args.repeats} rounds): "
+          "the figures to quote")
     for kind, times, _, _ in rows:
         cells = []
         for a, b in (("ours", "plain"), ("ours", "diffusers")):

@@ -56,9 +56,10 @@ def main() -> None:
     ratios = [a / b for a, b in zip(seconds["imprompt"], seconds["plain"])]
     quartiles = statistics.quantiles(ratios, n=4)
     print(f"{args.kind} adapter, mid-size UNet, batch 2, {args.threads} thread(s), {args.pairs} pairs:")
-    print(f"  plain {statistics.median(seconds['plain']):.3f} s, imprompt {statistics.median(seconds['imprompt']):.3f} s "
-          "per call (medians)")
-    print(f"  imprompt / plain per call: median {statistics.median(ratios):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}")
+    plain, ours = (statistics.median(seconds[name]) for name in ("plain", "imprompt"))
+    print(f"  plain {plain:.3f} s, imprompt {ours:.3f} s per call (medians)")
+    print(f"  imprompt / plain per call: median {statistics.median(ratios):.3f}, "
+          f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}")
 
 
 if __name__ == "__main__":

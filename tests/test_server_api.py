@@ -309,7 +309,8 @@ def test_tune_over_http_equals_imprompt_tune_and_its_embeds_generate(client, tmp
             "image_prompts": [{"adapter": "ip_adapter", "embeds": out["embeds"], "scale": 0.7}]}
     served_png = client.post("/v1/generate", json=body)
     assert served_png.status_code == 200, served_png.text
-    cli = cli_pixels(tmp_path, "--adapter", str(toy.toy_paths()["adapter"]), "--embeds", str(cli_file), "--scale", "0.7")
+    cli = cli_pixels(tmp_path, "--adapter", str(toy.toy_paths()["adapter"]), "--embeds", str(cli_file),
+                     "--scale", "0.7")
     np.testing.assert_array_equal(pixels_of(served_png.json()["images"][0]["png"]), cli)
     body["image_prompts"][0]["embeds"] = "subject.safetensors"
     job = client.post("/v1/jobs/upload", data={"request": json.dumps(body)},

@@ -151,7 +151,8 @@ def test_saved_embeds_generate_the_pixels_of_their_reference(session, tmp_path):
     assert "Embeds: ref.safetensors" in info
     np.testing.assert_array_equal(*pixels)
     (tmp_path / "not-embeds.safetensors").write_bytes(REFS[0].read_bytes())
-    updates = session.run(Form(units=[UnitForm(True, "ip_adapter", [], embeds=str(tmp_path / "not-embeds.safetensors"))]))
+    wrong = UnitForm(True, "ip_adapter", [], embeds=str(tmp_path / "not-embeds.safetensors"))
+    updates = session.run(Form(units=[wrong]))
     with pytest.raises(gr.Error, match="not-embeds.safetensors: neither a .safetensors file nor a torch-saved"):
         list(updates)
 

@@ -66,8 +66,8 @@ def test_edits_are_valid_attribute_changes():
 @pytest.mark.slow  # over 10 s
 def test_build_stages_smoke(tmp_path):
     cfg = BuildConfig(work=tmp_path / "work", train_size=64, eval_size=16, heldout_size=8, clip_steps=2,
-                      clip_batch=16, robust_clip_steps=2, robust_clip_batch=8, vae_steps=2, vae_batch=8, vae_shape_weight=4,
-                      unet_steps=2,
+                      clip_batch=16, robust_clip_steps=2, robust_clip_batch=8, vae_steps=2, vae_batch=8,
+                      vae_shape_weight=4, unet_steps=2,
                       unet_batch=8, adapter_steps=1, adapter_loosened_p=0.5,
                       quality_samples=2, quality_steps=2, controlnet_steps=2, controlnet_batch=8,
                       controlnet_quality_samples=2, progress=False)

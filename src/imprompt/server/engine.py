@@ -27,10 +27,10 @@ from typing import Any, Callable, Mapping
 from PIL import Image
 
 from ..generation.cache import CachedLoader, EmbeddingCache, ModelCache
+from ..generation.embeds import ImageFeatures, embeds_file_bytes
 from ..generation.outputs import next_index, save_control_maps, save_numbered_png
 from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, pick_seed, prepare,
                                   read_inputs, render)
-from ..generation.embeds import ImageFeatures, embeds_file_bytes
 from ..models.catalog import Catalog
 from ..training.tune import TuneConfig, TuneOptions, tune_generate_request, tune_loaded
 from .config import ServerConfig
@@ -90,8 +90,9 @@ class Job:
         return self.step / self.total_steps if self.total_steps else 0.0
 
     def status(self) -> dict:
-        return {"id": self.id, "kind": "tune" if self.tuning else "generate", "state": self.state, "step": self.step, "total_steps": self.total_steps,
-                "progress": round(self.progress, 4), "images": len(self.images), "error": self.error,
+        return {"id": self.id, "kind": "tune" if self.tuning else "generate", "state": self.state,
+                "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
+                "images": len(self.images), "error": self.error,
                 "seed": self.seed, "created": self.created, "started": self.started, "finished": self.finished}
 
 
