@@ -32,7 +32,7 @@ from ..generation.outputs import next_index, save_control_maps, save_numbered_pn
 from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, pick_seed, prepare,
                                   read_inputs, render)
 from ..models.catalog import Catalog
-from ..training.tune import TuneConfig, TuneOptions, tune_generate_request, tune_loaded
+from ..training.tune import TuneConfig, TuneOptions, prepare_tune, tune_loaded
 from .config import ServerConfig
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -154,11 +154,9 @@ class Engine:
         config.options.check()
         if not config.image:
             raise ValueError("tuning needs at least one reference image")
-        request = dataclasses.replace(tune_generate_request(config), device=self.config.device
-                                      if config.device == "auto" else config.device)
-        request, options, catalog = prepare(request, log=lambda message: None, catalog=self.catalog)
-        if len(options) != 1:
-            raise ValueError(f"tuning takes one adapter, got {len(options)}")
+        if config.device == "auto":
+            config = dataclasses.replace(config, device=self.config.device)
+        request, options, catalog = prepare_tune(config, log=lambda message: None, catalog=self.catalog)
         inputs = read_inputs(request, options, *_readers(images))
         return self._queue_job(Job(
             id=self._new_id(), request=request, options=options, inputs=inputs, seed=config.seed,

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import one_line
 from ..generation.embeds import SUFFIXES as EMBEDS_SUFFIXES
-from ..generation.embeds import embeds_from_bytes
 from ..generation.pnginfo import decode_user_comment, parse_parameters
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
@@ -29,7 +28,8 @@ from . import a1111
 from .native import NativeRequest, TuneRequest, native_to_request, tune_to_config
 from .config import ServerConfig
 from .engine import Engine, Job
-from .uploads import UploadTooLarge, base64_bytes, decode_base64_image, decode_upload, png_base64
+from .uploads import (UploadTooLarge, base64_bytes, decode_base64_image, decode_embeds_upload, decode_upload,
+                      png_base64)
 
 BASE64_OVERHEAD = 4 / 3
 POLL_SECONDS = 0.05
@@ -78,15 +78,12 @@ class Images:
 
     def add_embeds_base64(self, text: str, field: str) -> str:
         data = base64_bytes(text, field=field, max_bytes=self.config.max_upload_bytes)
-        return self.add(embeds_from_bytes(data, field), reference_name(field).removesuffix(".png") + ".safetensors")
+        features = decode_embeds_upload(data, field=field, max_bytes=self.config.max_upload_bytes)
+        return self.add(features, reference_name(field).removesuffix(".png") + ".safetensors")
 
     def add_embeds_bytes(self, data: bytes, field: str, filename: str | None) -> str:
-        """An embeds file (``imprompt encode`` / ``tune``, diffusers, ComfyUI), read as the CLI reads one."""
-        if len(data) > self.config.max_upload_bytes:
-            raise UploadTooLarge(f"{field}: {len(data) / 2**20:.1f} MB is over the "
-                                 f"{self.config.max_upload_bytes / 2**20:g} MB upload limit")
         name = (filename or field).rsplit("/", 1)[-1]
-        return self.add(embeds_from_bytes(data, name), name)
+        return self.add(decode_embeds_upload(data, field=name, max_bytes=self.config.max_upload_bytes), name)
 
 
 def reference_name(field: str) -> str:

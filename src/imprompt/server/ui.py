@@ -25,14 +25,13 @@ from PIL import Image  # noqa: E402
 
 from ..adapter.layers import PRESETS  # noqa: E402
 from ..errors import one_line  # noqa: E402
-from ..generation.embeds import embeds_from_bytes  # noqa: E402
 from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
 from ..generation.preprocess import PREPROCESSORS  # noqa: E402
 from .form import (CANVAS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network, form_request,  # noqa: E402
                    painted_mask)
-from .uploads import UploadTooLarge, decode_upload  # noqa: E402
+from .uploads import decode_embeds_upload, decode_upload  # noqa: E402
 
 UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
 CONTROL_UNITS = 2  # ControlNet units shown (those without a ControlNet chosen are left out)
@@ -103,12 +102,8 @@ class Session:
                              max_pixels=config.max_pixels)
 
     def read_embeds(self, path: str):
-        """An uploaded embeds file, under the server's upload limit, read as the API reads one."""
-        size, limit = Path(path).stat().st_size, self.engine.config.max_upload_bytes
-        if size > limit:
-            raise UploadTooLarge(f"{Path(path).name}: {size / 2**20:.1f} MB is over the {limit / 2**20:g} MB "
-                                 "upload limit")
-        return embeds_from_bytes(Path(path).read_bytes(), Path(path).name)
+        return decode_embeds_upload(Path(path).read_bytes(), field=Path(path).name,
+                                    max_bytes=self.engine.config.max_upload_bytes)
 
     def run(self, form: Form):
         """Submit, then yield (progress text, gallery paths or None, parameters text, job) every

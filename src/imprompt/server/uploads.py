@@ -52,6 +52,17 @@ def decode_upload(data: bytes, *, field: str, max_bytes: int, max_pixels: int, m
     return decode_image(data, mode, name=field, max_pixels=max_pixels)
 
 
+def decode_embeds_upload(data: bytes, *, field: str, max_bytes: int):
+    """An uploaded embeds file (``imprompt encode`` / ``tune``, diffusers, ComfyUI) as ImageFeatures, read as
+    the CLI reads one file, after the same byte limit as an image."""
+    from ..generation.embeds import embeds_from_bytes
+
+    if len(data) > max_bytes:
+        raise UploadTooLarge(f"{field}: {len(data) / 2**20:.1f} MB is over the {max_bytes / 2**20:g} MB upload "
+                             "limit")
+    return embeds_from_bytes(data, field)
+
+
 def decode_base64_image(text: str, *, field: str, max_bytes: int, max_pixels: int, mode: str = "RGB") -> Image.Image:
     return decode_upload(base64_bytes(text, field=field, max_bytes=max_bytes), field=field, max_bytes=max_bytes,
                          max_pixels=max_pixels, mode=mode)

@@ -8,7 +8,6 @@ were built with (the model card records the steps each stage actually ran).
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -315,17 +315,21 @@ class TuneConfig:
         self.options.check()
 
 
-def tune_generate_request(config: TuneConfig):
-    """The GenerateRequest whose models (``prepare`` / ``load_models``) a tuning run loads: those
-    ``imprompt generate`` would load for the same flags, in float32."""
-    from ..generation.request import GenerateRequest
+def prepare_tune(config: TuneConfig, log: Callable[[str], None] = print, catalog=None):
+    """``imprompt.generation.request.prepare`` for a tuning run: the request, adapter options and catalog
+    ``imprompt generate`` would have for the same flags, in float32, checked to hold one adapter."""
+    from ..generation.request import GenerateRequest, prepare
 
     # float32 throughout: the gradient runs back through every UNet layer, and fp16 would need the loss
     # scaling that this short loop does not do.
-    return GenerateRequest(model=config.model, models_dir=config.models_dir, model_config=config.model_config,
-                           adapter=[config.adapter] if config.adapter else [], image=list(config.image),
-                           image_encoder=[config.image_encoder] if config.image_encoder else [],
-                           device=config.device, dtype="float32", prompt=config.prompt, crop=config.crop)
+    request = GenerateRequest(model=config.model, models_dir=config.models_dir, model_config=config.model_config,
+                              adapter=[config.adapter] if config.adapter else [], image=list(config.image),
+                              image_encoder=[config.image_encoder] if config.image_encoder else [],
+                              device=config.device, dtype="float32", prompt=config.prompt, crop=config.crop)
+    request, options, catalog = prepare(request, log, catalog=catalog)
+    if len(options) != 1:
+        raise ValueError(f"tuning takes one adapter, got {len(options)}")
+    return request, options, catalog
 
 
 def tune_loaded(models, images: Sequence[Image.Image], prompt: str, options: TuneOptions, *, crop: str = "center",
@@ -346,13 +350,11 @@ def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
     """Check, load the model, the adapter and its encoder (as ``imprompt generate`` does), tune, write."""
     from ..files import check_writable_folder
     from ..generation.embeds import save_embeds
-    from ..generation.request import load_models, prepare, read_inputs
+    from ..generation.request import load_models, read_inputs
 
     config.check()
     check_writable_folder(Path(config.output).parent, "--output's folder")
-    request, adapter_options, catalog = prepare(tune_generate_request(config), log)
-    if len(adapter_options) != 1:
-        raise ValueError(f"imprompt tune takes one adapter, got {len(adapter_options)}")
+    request, adapter_options, catalog = prepare_tune(config, log)
     inputs = read_inputs(request, adapter_options)
     models = load_models(request, adapter_options, catalog)
     bar = None
