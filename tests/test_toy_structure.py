@@ -53,7 +53,8 @@ class _Payload:
 def test_crafted_checkpoint_in_a_work_dir_is_refused_and_never_runs(tmp_path, capsys):
     """Defect 13: `imprompt toy build --work DIR` loads DIR/clip/checkpoint.pt with weights only."""
     work = tmp_path / "work"
-    assert main(["toy", "build", "--work", str(work), "--until", "tokenizer", *TINY]) == 0
+    # --jobs 1: two stages side by side would each start a fresh interpreter (spawn), ~15 s of imports
+    assert main(["toy", "build", "--work", str(work), "--until", "tokenizer", "--jobs", "1", *TINY]) == 0
     marker = tmp_path / "pwned"
     (work / "clip").mkdir()
     (work / "clip" / "checkpoint.pt").write_bytes(pickle.dumps({"step": 1, "seconds": 0.0, "model": _Payload(marker)}))
