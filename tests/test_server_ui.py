@@ -16,7 +16,8 @@ from PIL import Image
 
 from imprompt import toy
 from imprompt.generation.pnginfo import parse_parameters
-from imprompt.server.form import ControlForm
+from imprompt.server.form import ControlForm, unit_tune_config
+from imprompt.training.tune import TuneConfig
 from imprompt.server.ui import Form, Session, UnitForm, add_network, form_request, painted_mask, send_back
 
 torch.set_flush_denormal(True)
@@ -157,6 +158,44 @@ def test_saved_embeds_generate_the_pixels_of_their_reference(session, tmp_path):
         list(updates)
 
 
+def test_a_units_tune_settings_and_what_is_refused():
+    names = []
+    unit = UnitForm(True, "ip_adapter", [str(REFS[0]), str(REFS[1])], image_encoder="enc")
+    config = unit_tune_config("toy", unit, 2, "  a red circle ", 7, lambda name, kind: f"/models/{kind}/{name}",
+                              lambda p: Image.open(p).convert("RGB"), lambda image, name: names.append(name) or name)
+    assert (config.model, config.adapter, config.image_encoder) == ("/models/checkpoint/toy", "/models/adapter/ip_adapter",
+                                                                    "/models/image_encoder/enc")
+    assert config.image == names == [REFS[0].name, REFS[1].name] and config.prompt == "a red circle"
+    assert config.steps == 7 and config.progress is False and config.lr == TuneConfig().lr
+    lookup = lambda name, kind: name  # noqa: E731
+    for bad, steps, message in ((UnitForm(True, None, [str(REFS[0])]), 5, "unit 2: choose an adapter"),
+                                (UnitForm(True, "ip_adapter", [], embeds="x.safetensors"), 5, "unit 2: tuning starts"),
+                                (UnitForm(True, "ip_adapter", [str(REFS[0])]), 0, "steps must be 1 to 500, got 0")):
+        with pytest.raises(ValueError, match=message):
+            unit_tune_config(None, bad, 2, "", steps, lookup, lambda p: p, lambda image, name: name)
+
+
+def test_the_tune_button_gives_imprompt_tunes_file_for_the_unit(session, tmp_path):
+    from imprompt.cli import main
+    from imprompt.generation.embeds import load_embeds
+
+    unit = UnitForm(True, "ip_adapter", [str(REFS[0])])
+    updates = list(session.tune(None, unit, 1, "", 3))
+    text, path = updates[-1]
+    assert text.startswith("tuned 3 steps, loss") and Path(path).parent == session.folder, text
+    assert all(u[1] is None for u in updates[:-1])
+    cli = tmp_path / "cli.safetensors"
+    assert main(["tune", "--image", str(REFS[0]), "--steps", "3", "-o", str(cli), "--no-progress"]) == 0
+    ours, theirs = load_embeds(path), load_embeds(cli)
+    assert torch.equal(ours.conditional, theirs.conditional) and ours.tuning == theirs.tuning  # the CLI's, bit for bit
+    # The file goes in the unit's saved embeds: a generation from it is `generate --embeds`'s.
+    text, paths, info, job = list(session.run(Form(units=[UnitForm(True, "ip_adapter", [], embeds=path)], steps=2,
+                                                   seed=3)))[-1]
+    assert text.startswith("done: 1 image(s)") and f"Embeds: {Path(path).name}" in info, text
+    with pytest.raises(gr.Error, match="unit 1: tuning starts from reference images"):
+        list(session.tune(None, UnitForm(True, "ip_adapter", []), 1, "", 3))
+
+
 def test_a_refused_form_shows_the_message_not_a_traceback(session):
     updates = session.run(Form(units=[UnitForm(True, "ip_adapter", [])]))
     text, paths, _, job = next(updates)
@@ -275,7 +314,10 @@ def test_the_page_in_a_real_browser(tmp_path):
             # img2img / inpainting: the first result as init image, a painted region repainted.
             page.get_by_role("tab", name="img2img").click()
             page.locator("#init_image input[type=file]").set_input_files(str(first))
-            page.wait_for_timeout(500)  # the mask editor takes the init image as its background
+            # The mask editor takes the init image as its background (a server event that also clears its
+            # layers): paint only after the upload shows and the event has had time to land, even on a busy CPU.
+            page.locator("#init_image img").first.wait_for(state="visible")
+            page.wait_for_timeout(2000)
             paint(page, "#inpaint")
             page.locator("#img2img_generate").click()
             wait_value(page, "#img2img_info textarea", "value.includes('Denoising strength: 0.75')")
@@ -294,6 +336,16 @@ def test_the_page_in_a_real_browser(tmp_path):
             wait_value(page, "button[role=tab][aria-selected=true]", "value.trim() === 'txt2img'")
             wait_value(page, "#prompt textarea", "value === 'a red circle'")
             wait_value(page, "#seed input", f"value === '{parameters['Seed']}'")
+
+            # Tune unit 1 on its reference: the tuned embeds land in its saved embeds, which then replace the
+            # reference (a generation with both is refused, in the form's words).
+            page.get_by_text("More: custom layers", exact=False).first.click()
+            page.locator("#unit0_tune_steps input").fill("2")
+            page.locator("#unit0_tune").click()
+            wait_value(page, "#unit0_tune_status", "value.includes('tuned 2 steps, loss')")
+            assert app.state.engine.jobs()[-1].tuning.steps == 2
+            page.locator("#generate").click()
+            wait_value(page, "#status", "value.includes('has reference images and saved embeds')")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             browser.close()
     finally:

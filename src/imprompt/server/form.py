@@ -12,9 +12,11 @@ from PIL import Image
 
 from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
+from ..training.tune import TuneConfig
 
 MODEL_DEFAULT = "model default"
 CANVAS = 256  # blank mask canvases; the engine scales a mask to the output size
+MAX_TUNE_STEPS = 500  # as the API's /v1/tune
 
 
 @dataclass
@@ -126,6 +128,26 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
         width=int(form.width) or None, height=int(form.height) or None, num_images=int(form.num_images),
         scheduler=None if form.sampler in (None, MODEL_DEFAULT) else form.sampler,
         init_image=init, mask_image=inpaint, strength=float(form.strength), **controls, **values)
+
+
+def unit_tune_config(form_model: str | None, unit: UnitForm, number: int, caption: str, steps: int,
+                     lookup: Callable[[str, str], str], read_image: Callable[[str], Image.Image],
+                     add_image: Callable[[Any, str], str]) -> TuneConfig:
+    """``imprompt tune``'s settings for one unit's "Tune" button: its adapter, encoder and references, the
+    page's checkpoint (empty: the server's default, filled in by the engine's caller), ``caption`` as the
+    tuning text and the other settings at their defaults. Messages name the unit as the page numbers it."""
+    if not unit.adapter:
+        raise ValueError(f"IP-Adapter unit {number}: choose an adapter before tuning")
+    if not unit.images:
+        raise ValueError(f"IP-Adapter unit {number}: tuning starts from reference images; drop one in "
+                         "(saved embeds are already a result)")
+    if not 1 <= int(steps) <= MAX_TUNE_STEPS:
+        raise ValueError(f"IP-Adapter unit {number}: tuning steps must be 1 to {MAX_TUNE_STEPS}, got {steps}")
+    return TuneConfig(image=[add_image(read_image(path), Path(path).name) for path in unit.images],
+                      model=lookup(form_model, "checkpoint") if form_model else "",
+                      adapter=lookup(unit.adapter, "adapter"), prompt=caption.strip(),
+                      image_encoder=lookup(unit.image_encoder, "image_encoder") if unit.image_encoder else None,
+                      steps=int(steps), progress=False)
 
 
 def control_values(units: list[ControlForm], lookup: Callable[[str, str], str],

@@ -11,6 +11,7 @@ from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
 from ..training.tune import INITS, TuneConfig, TuneOptions
+from .form import MAX_TUNE_STEPS
 
 
 class ImagePromptSpec(BaseModel):
@@ -166,7 +167,7 @@ class TuneRequest(BaseModel):
     prompt: str = Field("", description="the text the references are tuned with (empty: the image alone)")
     image_encoder: str | None = Field(None, description="default: the one the adapter needs")
     crop: str = "center"
-    steps: int = Field(TuneOptions.steps, ge=0, le=500)
+    steps: int = Field(TuneOptions.steps, ge=0, le=MAX_TUNE_STEPS)
     lr: float = Field(TuneOptions.lr, ge=0.0, description="Adam learning rate, in units of the features' RMS")
     batch: int = Field(TuneOptions.batch, ge=1, le=64, description="noise draws per step")
     regularise: float = Field(TuneOptions.regularise, ge=0.0, description="weight of |f - f0|^2 / |f0|^2")

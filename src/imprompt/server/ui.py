@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed machine
 
@@ -29,8 +30,8 @@ from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
 from ..generation.preprocess import PREPROCESSORS  # noqa: E402
-from .form import (CANVAS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network, form_request,  # noqa: E402
-                   painted_mask)
+from .form import (CANVAS, MAX_TUNE_STEPS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network,  # noqa: E402
+                   form_request, painted_mask, unit_tune_config)
 from .uploads import decode_embeds_upload, decode_upload  # noqa: E402
 
 UNITS = 3  # adapter units shown (each may hold several references; disabled ones are left out)
@@ -105,12 +106,9 @@ class Session:
         return decode_embeds_upload(Path(path).read_bytes(), field=Path(path).name,
                                     max_bytes=self.engine.config.max_upload_bytes)
 
-    def run(self, form: Form):
-        """Submit, then yield (progress text, gallery paths or None, parameters text, job) every
-        POLL_SECONDS until the job is done. The job travels to the caller (each browser tab keeps its own
-        in a gr.State), never on the session. A refused request or failed job: the message, one line, in
-        the status box and as gr.Error."""
-        images: dict[str, object] = {}  # decoded images, and features of saved embeds
+    def _filer(self) -> tuple[dict, Callable[[Any, str], str]]:
+        """A dict of decoded uploads for the engine, and the function that files one under a unique name."""
+        images: dict[str, object] = {}
 
         def add(image, name: str) -> str:
             unique, n = name, 1
@@ -120,6 +118,42 @@ class Session:
             images[unique] = image
             return unique
 
+        return images, add
+
+    def tune(self, model: str | None, unit: UnitForm, number: int, caption: str, steps: int):
+        """A unit's "Tune" button (:mod:`imprompt.training.tune`, as ``imprompt tune``): queue the tuning of
+        its references, then yield (progress text, embeds path or None) every POLL_SECONDS. The last path is
+        the ``.safetensors`` file the job made, in the session's folder, for the unit's "saved embeds"."""
+        images, add = self._filer()
+        try:
+            config = unit_tune_config(model, unit, number, caption, steps, self.lookup, self.read, add)
+            if not config.model:
+                from .app import default_model
+
+                config.model = default_model(self.engine)
+            job = self.engine.submit_tune(config, images, source="ui")
+        except (ValueError, FileNotFoundError) as err:
+            yield error_box(one_line(err)), None
+            raise gr.Error(one_line(err)) from None
+        while not job.done:
+            yield f"tuning: step {job.step} of {job.total_steps} ({job.state})", None
+            time.sleep(POLL_SECONDS)
+        if job.state != "done":
+            message = job.error or f"tuning {job.state} at step {job.step} of {job.total_steps}"
+            yield error_box(message), None
+            raise gr.Error(message)
+        path = self.folder / f"tuned-{job.id}.safetensors"
+        path.write_bytes(job.embeds)
+        loss = f", loss {job.losses[0]:.4f} -> {job.losses[-1]:.4f}" if job.losses else ""
+        yield (f"tuned {job.total_steps} steps{loss}: the saved embeds below replace the references "
+               "(clear them to use the references again)"), str(path)
+
+    def run(self, form: Form):
+        """Submit, then yield (progress text, gallery paths or None, parameters text, job) every
+        POLL_SECONDS until the job is done. The job travels to the caller (each browser tab keeps its own
+        in a gr.State), never on the session. A refused request or failed job: the message, one line, in
+        the status box and as gr.Error."""
+        images, add = self._filer()  # decoded images, and features of saved embeds
         try:
             request = form_request(form, self.lookup, self.read, add, self.read_embeds)
             if not request.model:
@@ -150,6 +184,16 @@ def error_box(message: str) -> str:
 
 
 @dataclass
+class TuneWidgets:
+    """A unit's one-image tuning: ``imprompt tune`` on its references, the result put in its saved embeds."""
+
+    steps: gr.Number
+    caption: gr.Textbox
+    button: gr.Button
+    status: gr.Markdown
+
+
+@dataclass
 class UnitWidgets:
     enabled: gr.Checkbox
     adapter: gr.Dropdown
@@ -164,9 +208,11 @@ class UnitWidgets:
     mask: gr.ImageEditor
     negative_image: gr.Image
     embeds: gr.File
+    tune: TuneWidgets | None = None
 
     def components(self) -> list:
-        return list(vars(self).values())
+        """The form's inputs (the tuning widgets have their own button)."""
+        return [v for k, v in vars(self).items() if k != "tune"]
 
     def read(self, data: dict) -> UnitForm:
         return UnitForm(bool(data[self.enabled]), data[self.adapter], [str(f) for f in data[self.images] or []],
@@ -214,8 +260,17 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 negative_image = gr.Image(type="filepath", label="Negative image", height=120)
                 embeds = gr.File(file_types=[".safetensors", ".ipadpt"], height=120,
                                  label="Saved embeds (imprompt encode / tune), instead of reference images")
+            # E4T-style tuning (docs/tuning.md): a few steps on the references themselves, seconds on the toy
+            # model; the result fills the saved embeds above, which then replace the references.
+            with gr.Row(equal_height=True):
+                tune_steps = gr.Number(15, label="Tuning steps", precision=0, minimum=1, maximum=MAX_TUNE_STEPS,
+                                       min_width=100, scale=1, elem_id=f"unit{number - 1}_tune_steps")
+                caption = gr.Textbox(label="Tuning caption (empty: the image alone explains the references)",
+                                     scale=3)
+                button = gr.Button("Tune on the references", scale=1, elem_id=f"unit{number - 1}_tune")
+            status = gr.Markdown("", elem_id=f"unit{number - 1}_tune_status")
     return UnitWidgets(enabled, adapter, images, scale, layers, custom, weights, encoder, start, end, mask,
-                       negative_image, embeds)
+                       negative_image, embeds, TuneWidgets(tune_steps, caption, button, status))
 
 
 @dataclass
@@ -395,6 +450,16 @@ def build_ui(engine: Engine) -> gr.Blocks:
             if job is not None:
                 job.cancel()
 
+        def tuner(number: int, unit: UnitWidgets):
+            def tune(data: dict):
+                for text, path in session.tune(data[model], unit.read(data), number, data[unit.tune.caption] or "",
+                                               int(data[unit.tune.steps] or 0)):
+                    yield {unit.tune.status: text, unit.embeds: path if path is not None else gr.skip()}
+            return tune
+
+        for number, unit in enumerate(units, 1):
+            unit.tune.button.click(tuner(number, unit), {model, *unit.components(), unit.tune.caption,
+                                                         unit.tune.steps}, [unit.tune.status, unit.embeds])
         for results, mode_img2img in ((txt2img, False), (img2img, True)):
             results.generate.click(generator(results, mode_img2img), form.components(),
                                    [results.status, results.gallery, results.info, job_id, last_seed])
