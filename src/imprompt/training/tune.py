@@ -12,9 +12,9 @@ hidden states. The base model, the adapter and both encoders stay frozen. The fe
 the image tokens or ``to_k_ip`` / ``to_v_ip`` offsets, because the result is then an ordinary embeds
 file (:mod:`imprompt.generation.embeds`). ``imprompt generate --embeds``, diffusers'
 ``ip_adapter_image_embeds`` and ComfyUI's embeds nodes take it with scale, layer weights, combine
-modes and text as usual. docs/tuning.md measures it against tuning the image tokens: as good on
-held-out combinations, far less harmful on references drawn by other means (the weight offsets were
-not measured).
+modes and text as usual. docs/tuning.md measures it against tuning the image tokens and rank-4
+``to_k_ip`` / ``to_v_ip`` offsets: all three as good on held-out combinations, the features the least
+harmful on references drawn by other means.
 
 **The loss of one step** (:func:`step_loss`) is the UNet's usual target (epsilon or v) on ``batch``
 draws of (reference, timestep, noise), all from the step's own random stream, so a run is
