@@ -130,6 +130,27 @@ def test_the_file_round_trips_and_generates_like_the_tuned_features(world, tmp_p
     assert np.array_equal(from_file, direct)
 
 
+def test_the_guard_keeps_the_set_whose_previews_look_closer_and_says_so(world):
+    pipe, adapters, encoder = world
+    refs = tm.reference_images(2)
+    plain, guarded = (_tuned(world, refs=refs, steps=3, guard=g) for g in (0, 2))
+    assert plain.guard is None and "guard" not in json.loads(plain.features.tuning)
+    guard = guarded.guard
+    similarity = guard["similarity"]
+    assert guard["kept"] == ("tuned" if similarity["tuned"] > similarity["encoder"] else "encoder")
+    assert json.loads(guarded.features.tuning)["guard"] == guard and guarded.losses == plain.losses
+    encoded = encode_references(refs, encoder, "image_embeds").conditional
+    expected = plain.features.conditional if guard["kept"] == "tuned" else encoded
+    assert torch.equal(guarded.features.conditional, expected)
+    # The similarities are those of previews made from each set: recomputed, the same numbers.
+    from imprompt.training.tune import preview_similarity
+    with attach(pipe.unet, adapters["linear"]) as attachment:
+        again = preview_similarity(pipe, attachment, encoder, refs, "a star", plain.features, 2, 0)
+    assert again == pytest.approx(similarity["tuned"], abs=1e-6)
+    with pytest.raises(ValueError, match="guard must be 0 .off. to 16 previews, got 17"):
+        TuneOptions(guard=17).check()
+
+
 def test_bad_input_is_refused_with_what_was_expected(world):
     pipe, adapters, encoder = world
     refs = tm.reference_images(2)
@@ -201,3 +222,27 @@ def test_on_the_toy_world_tuning_beats_the_encoder_on_held_out_pairs():
             before = encode_references([sample.image], encoder, "image_embeds").conditional
             untuned, tuned = (held_out_loss(attachment, f, cond) for f in (before, result.features.conditional))
             assert tuned < untuned * 0.99, (sample.caption, tuned, untuned)
+
+
+@pytest.mark.slow
+def test_on_the_toy_world_the_guard_rejects_a_tuning_that_wrecks_the_features():
+    """A learning rate 100x the default throws the features far from anything the adapter was trained on;
+    the guard's previews show it and it keeps the encoder's features (the same reference, the default
+    settings, keep the tuning: docs/tuning.md measures the guard on 40 references of each kind)."""
+    from imprompt.toy import shapes, toy_paths
+    from imprompt.toy.quality import load
+
+    torch.set_flush_denormal(True)
+    paths = toy_paths()
+    pipe, adapter, encoder = load(paths["model"], paths["adapter"])
+    pipe.set_progress_bar_config(disable=True)
+    sample = shapes.sample("test", 1)[0]
+    with attach(pipe.unet, adapter) as attachment:
+        wrecked = tune(pipe, attachment, encoder, [sample.image], "", TuneOptions(lr=5.0, regularise=0.0, guard=2))
+        usual = tune(pipe, attachment, encoder, [sample.image], "", TuneOptions(guard=2))
+        unguarded = tune(pipe, attachment, encoder, [sample.image], "", TuneOptions())
+    similarity = wrecked.guard["similarity"]
+    assert wrecked.guard["kept"] == "encoder" and similarity["encoder"] > similarity["tuned"], similarity
+    assert usual.guard["kept"] == "tuned", usual.guard
+    assert torch.equal(usual.features.conditional, unguarded.features.conditional)
+    assert torch.equal(wrecked.features.conditional, encode_references([sample.image], encoder, "image_embeds").conditional)

@@ -173,6 +173,8 @@ class TuneRequest(BaseModel):
     regularise: float = Field(TuneOptions.regularise, ge=0.0, description="weight of |f - f0|^2 / |f0|^2")
     init: str = Field("encoder", description=" or ".join(INITS))
     seed: int = Field(0, ge=0)
+    guard: int = Field(0, ge=0, le=16, description="previews per feature set: keep the tuning only if its previews "
+                       "look more like the references than the encoder's (0: always keep it)")
 
 
 def tune_to_config(body: TuneRequest, model: str, lookup: Callable[[str, str], str],
@@ -182,7 +184,7 @@ def tune_to_config(body: TuneRequest, model: str, lookup: Callable[[str, str], s
                       adapter=lookup(body.adapter, "adapter"), prompt=body.prompt, crop=body.crop,
                       image_encoder=lookup(body.image_encoder, "image_encoder") if body.image_encoder else None,
                       steps=body.steps, lr=body.lr, batch=body.batch, regularise=body.regularise, init=body.init,
-                      seed=body.seed, progress=False)
+                      seed=body.seed, guard=body.guard, progress=False)
 
 
 def _reference_fields(spec: ReferenceSpec | None, image: Callable[[str, str, str], str]) -> dict:

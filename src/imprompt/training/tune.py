@@ -25,6 +25,16 @@ alone to explain the picture; a caption leaves to the text what it names. Added 
 (E4T's role for its regulariser: the text must still steer). ``init="unconditional"`` starts from
 the encoder's "no image" features instead, with no regulariser: tuning from scratch, the
 Textual-Inversion-like baseline the paper compares against.
+
+**The guard** (``guard`` > 0, off by default): tuning helps where the encoder misses something the picture
+shows (held-out combinations) and harms references the model cannot draw as they are (pictures drawn by
+other means: the descent leaves the region where the adapter keeps colour; docs/tuning.md). After tuning,
+``guard`` previews from the tuned features and as many from the encoder's (same seeds) are compared with
+the references in the image encoder's embedding space (cosine of ``image_embeds``); the tuned features are
+kept only if their previews are the closer. One decision for the whole set of references, as they are
+used together. Measured on the toy (n = 40, 2 previews): on drawn references it kept the encoder's
+features for 35 of 40, colour 0.875 (encoder 0.925, always tuned 0.45); on held-out pairs it kept the
+tuning for 26 of 40, shape 0.875 (encoder 0.575, always tuned 0.975).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from .recipe import diffusion_target, step_generator
 
 INITS = ("encoder", "unconditional")
 ALL_LAYERS = LayerScales()
+GUARD_STEPS, GUARD_GUIDANCE = 20, 3.0  # the guard's previews (the toy measurement's generation settings)
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,11 @@ class TuneOptions:
     regularise: float = 0.03
     init: str = "encoder"
     seed: int = 0
+    guard: int = 0  # previews per feature set for the guard (module doc); 0: always keep the tuning
 
     def check(self) -> None:
+        if not 0 <= self.guard <= 16:
+            raise ValueError(f"guard must be 0 (off) to 16 previews, got {self.guard}")
         if self.steps < 0:
             raise ValueError(f"steps must be 0 or more, got {self.steps}")
         if self.batch < 1:
@@ -90,6 +104,7 @@ class TuneResult:
     features: ImageFeatures
     losses: list[float] = field(default_factory=list)  # the diffusion part of each step's loss
     seconds: float = 0.0
+    guard: dict | None = None  # with the guard: each feature set's preview similarity, and which was kept
 
 
 def fit_picture(image: Image.Image, height: int, width: int) -> Image.Image:
@@ -260,11 +275,48 @@ def tune(pipe, attachment, encoder, images: Sequence[Image.Image], prompt: str =
 
     if attachment.unet is not pipe.unet:
         raise ValueError("the adapter is attached to a different UNet than this pipeline's")
+    options.check()
     adapter = attachment.adapters[adapter_index]
     features = encode_references(list(images), encoder, adapter.variant.encoder_output, crop)
     features.adapter = adapter.variant.name
-    return tune_features(attachment, features, conditions(pipe, images, prompt), options,
-                         adapter_index=adapter_index, progress=progress)
+    result = tune_features(attachment, features, conditions(pipe, images, prompt), options,
+                           adapter_index=adapter_index, progress=progress)
+    if options.guard == 0 or options.steps == 0:
+        return result
+    started = time.perf_counter()
+    similarity = {name: preview_similarity(pipe, attachment, encoder, images, prompt, f, options.guard, options.seed,
+                                           adapter_index)
+                  for name, f in (("encoder", features), ("tuned", result.features))}
+    kept = "tuned" if similarity["tuned"] > similarity["encoder"] else "encoder"
+    guard = {"previews": options.guard, "similarity": {k: round(v, 6) for k, v in similarity.items()}, "kept": kept}
+    note = {**json.loads(result.features.tuning), "guard": guard}
+    chosen = result.features if kept == "tuned" else features
+    return TuneResult(replace(chosen, tuning=json.dumps(note)), result.losses,
+                      result.seconds + time.perf_counter() - started, guard)
+
+
+@torch.no_grad()
+def preview_similarity(pipe, attachment, encoder, images: Sequence[Image.Image], prompt: str, features: ImageFeatures,
+                       previews: int, seed: int, adapter_index: int = 0) -> float:
+    """How much ``previews`` generations from ``features`` (seeds ``seed``, ``seed + 1``, ...; scale 1, the
+    tuning prompt, GUARD_STEPS steps at guidance GUARD_GUIDANCE) look like the references: the mean cosine
+    of their image encoder embeddings (``image_embeds``) with the references' mean embedding."""
+    from ..generation.batched import BatchItem, generate_batch
+    from ..generation.prompts import ImagePrompt
+    from ..generation.settings import GenerationSettings
+
+    encoders = [None] * len(attachment.adapters)
+    encoders[adapter_index] = encoder
+    item = BatchItem(seeds=[seed + k for k in range(previews)], prompt=prompt,
+                     image_prompts=[ImagePrompt(embeds=features, adapter=adapter_index, scale=1.0)])
+    made = generate_batch(pipe, attachment, GenerationSettings(steps=GUARD_STEPS, guidance=GUARD_GUIDANCE), [item],
+                          encoders)[0]
+
+    def embedded(pictures) -> torch.Tensor:
+        return F.normalize(encoder.features(encoder.pixels(list(pictures)), "image_embeds").float(), dim=-1)
+
+    target = F.normalize(embedded(images).mean(dim=0), dim=-1)
+    return (embedded(made) @ target).mean().item()
 
 
 @dataclass
@@ -294,6 +346,9 @@ class TuneConfig:
         "start from the encoder's features, or from its 'no image' features (tuning from scratch)",
         choices=list(INITS)))
     seed: int = field(default=0, metadata=option("seed of the noise draws"))
+    guard: int = field(default=0, metadata=option(
+        "after tuning, make this many previews from the tuned features and from the encoder's, and keep the tuning "
+        "only if its previews look more like the references (image encoder similarity); 0: always keep it"))
     crop: str = field(default="center", metadata=option("reference preprocessing for the encoder",
                                                         choices=list(CROP_MODES)))
     models_dir: list[str] = field(default_factory=list, metadata=option(
@@ -305,7 +360,7 @@ class TuneConfig:
 
     @property
     def options(self) -> TuneOptions:
-        return TuneOptions(self.steps, self.lr, self.batch, self.regularise, self.init, self.seed)
+        return TuneOptions(self.steps, self.lr, self.batch, self.regularise, self.init, self.seed, self.guard)
 
     def check(self) -> None:
         if not self.image:
@@ -376,6 +431,11 @@ def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
             bar.close()
     path = save_embeds(config.output, result.features)
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
+    guard = ""
+    if result.guard is not None:
+        similarity = result.guard["similarity"]
+        guard = (f"; the guard kept the {result.guard['kept']} features (preview similarity: tuned "
+                 f"{similarity['tuned']:.4f}, encoder {similarity['encoder']:.4f})")
     log(f"wrote {path}: {result.features.references} reference(s) tuned {config.steps} steps in "
-        f"{result.seconds:.1f} s{losses}; use it with `imprompt generate --embeds {path}`")
+        f"{result.seconds:.1f} s{losses}{guard}; use it with `imprompt generate --embeds {path}`")
     return path
