@@ -4,6 +4,7 @@ headless Chromium (Debian's, driven by Playwright; never `playwright install`)."
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -194,6 +195,10 @@ def test_the_tune_button_gives_imprompt_tunes_file_for_the_unit(session, tmp_pat
     assert text.startswith("done: 1 image(s)") and f"Embeds: {Path(path).name}" in info, text
     with pytest.raises(gr.Error, match="unit 1: tuning starts from reference images"):
         list(session.tune(None, UnitForm(True, "ip_adapter", []), 1, "", 3))
+    # With the guard: the file says which features it kept, and the page says so too.
+    text, path = list(session.tune(None, unit, 1, "", 3, guard=1))[-1]
+    kept = json.loads(load_embeds(path).tuning)["guard"]["kept"]
+    assert f"the guard kept the {kept} features" in text, text
 
 
 def test_a_refused_form_shows_the_message_not_a_traceback(session):

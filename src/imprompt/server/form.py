@@ -132,10 +132,11 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
 
 def unit_tune_config(form_model: str | None, unit: UnitForm, number: int, caption: str, steps: int,
                      lookup: Callable[[str, str], str], read_image: Callable[[str], Image.Image],
-                     add_image: Callable[[Any, str], str]) -> TuneConfig:
+                     add_image: Callable[[Any, str], str], guard: int = 0) -> TuneConfig:
     """``imprompt tune``'s settings for one unit's "Tune" button: its adapter, encoder and references, the
     page's checkpoint (empty: the server's default, filled in by the engine's caller), ``caption`` as the
-    tuning text and the other settings at their defaults. Messages name the unit as the page numbers it."""
+    tuning text, ``guard`` previews (0: off) and the other settings at their defaults. Messages name the
+    unit as the page numbers it."""
     if not unit.adapter:
         raise ValueError(f"IP-Adapter unit {number}: choose an adapter before tuning")
     if not unit.images:
@@ -147,7 +148,7 @@ def unit_tune_config(form_model: str | None, unit: UnitForm, number: int, captio
                       model=lookup(form_model, "checkpoint") if form_model else "",
                       adapter=lookup(unit.adapter, "adapter"), prompt=caption.strip(),
                       image_encoder=lookup(unit.image_encoder, "image_encoder") if unit.image_encoder else None,
-                      steps=int(steps), progress=False)
+                      steps=int(steps), guard=int(guard), progress=False)
 
 
 def control_values(units: list[ControlForm], lookup: Callable[[str, str], str],

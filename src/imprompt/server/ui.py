@@ -11,6 +11,7 @@ argument list, so adding a field cannot shift the others.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from ..adapter.layers import PRESETS  # noqa: E402
 from ..errors import one_line  # noqa: E402
+from ..generation.embeds import load_embeds  # noqa: E402
 from ..generation.pnginfo import parse_parameters, save_png  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
@@ -39,6 +41,7 @@ CONTROL_UNITS = 2  # ControlNet units shown (those without a ControlNet chosen a
 LAYER_CHOICES = [*((name.replace("_", " "), name) for name in PRESETS), ("custom (below)", "custom")]
 SAMPLER_CHOICES = [(MODEL_DEFAULT, MODEL_DEFAULT), *((s.a1111, key) for key, s in SCHEDULERS.items())]
 POLL_SECONDS = 0.2
+GUARD_PREVIEWS = 2  # the tuning guard's previews per feature set, as measured in docs/tuning.md
 WHITE_BRUSH = gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")  # white = the region
 
 
@@ -120,13 +123,13 @@ class Session:
 
         return images, add
 
-    def tune(self, model: str | None, unit: UnitForm, number: int, caption: str, steps: int):
+    def tune(self, model: str | None, unit: UnitForm, number: int, caption: str, steps: int, guard: int = 0):
         """A unit's "Tune" button (:mod:`imprompt.training.tune`, as ``imprompt tune``): queue the tuning of
         its references, then yield (progress text, embeds path or None) every POLL_SECONDS. The last path is
         the ``.safetensors`` file the job made, in the session's folder, for the unit's "saved embeds"."""
         images, add = self._filer()
         try:
-            config = unit_tune_config(model, unit, number, caption, steps, self.lookup, self.read, add)
+            config = unit_tune_config(model, unit, number, caption, steps, self.lookup, self.read, add, guard)
             if not config.model:
                 from .app import default_model
 
@@ -145,7 +148,9 @@ class Session:
         path = self.folder / f"tuned-{job.id}.safetensors"
         path.write_bytes(job.embeds)
         loss = f", loss {job.losses[0]:.4f} -> {job.losses[-1]:.4f}" if job.losses else ""
-        yield (f"tuned {job.total_steps} steps{loss}: the saved embeds below replace the references "
+        kept = json.loads(load_embeds(path).tuning or "{}").get("guard", {}).get("kept")
+        guard_note = f"; the guard kept the {kept} features" if kept else ""
+        yield (f"tuned {job.total_steps} steps{loss}{guard_note}: the saved embeds below replace the references "
                "(clear them to use the references again)"), str(path)
 
     def run(self, form: Form):
@@ -189,6 +194,7 @@ class TuneWidgets:
 
     steps: gr.Number
     caption: gr.Textbox
+    guard: gr.Checkbox
     button: gr.Button
     status: gr.Markdown
 
@@ -267,10 +273,12 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                                        min_width=100, scale=1, elem_id=f"unit{number - 1}_tune_steps")
                 caption = gr.Textbox(label="Tuning caption (empty: the image alone explains the references)",
                                      scale=3)
+                guard = gr.Checkbox(False, label=f"Guard: keep the tuning only if {GUARD_PREVIEWS} previews look "
+                                    "closer to the references", scale=2)
                 button = gr.Button("Tune on the references", scale=1, elem_id=f"unit{number - 1}_tune")
             status = gr.Markdown("", elem_id=f"unit{number - 1}_tune_status")
     return UnitWidgets(enabled, adapter, images, scale, layers, custom, weights, encoder, start, end, mask,
-                       negative_image, embeds, TuneWidgets(tune_steps, caption, button, status))
+                       negative_image, embeds, TuneWidgets(tune_steps, caption, guard, button, status))
 
 
 @dataclass
@@ -452,14 +460,15 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
         def tuner(number: int, unit: UnitWidgets):
             def tune(data: dict):
+                guard = GUARD_PREVIEWS if data[unit.tune.guard] else 0
                 for text, path in session.tune(data[model], unit.read(data), number, data[unit.tune.caption] or "",
-                                               int(data[unit.tune.steps] or 0)):
+                                               int(data[unit.tune.steps] or 0), guard):
                     yield {unit.tune.status: text, unit.embeds: path if path is not None else gr.skip()}
             return tune
 
         for number, unit in enumerate(units, 1):
             unit.tune.button.click(tuner(number, unit), {model, *unit.components(), unit.tune.caption,
-                                                         unit.tune.steps}, [unit.tune.status, unit.embeds])
+                                                         unit.tune.steps, unit.tune.guard}, [unit.tune.status, unit.embeds])
         for results, mode_img2img in ((txt2img, False), (img2img, True)):
             results.generate.click(generator(results, mode_img2img), form.components(),
                                    [results.status, results.gallery, results.info, job_id, last_seed])
