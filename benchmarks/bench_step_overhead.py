@@ -66,7 +66,8 @@ def main() -> None:
                 calls[name]()
                 seconds[name].append(time.perf_counter() - start)
     print(f"{args.kind} adapter, mid-size UNet, batch 2, {args.threads} thread(s), {args.rounds} rounds:")
-    print("  " + ", ".join(f"{name} {statistics.median(seconds[name]):.3f} s" for name in calls) + " per call (medians)")
+    medians = ", ".join(f"{name} {statistics.median(seconds[name]):.3f} s" for name in calls)
+    print(f"  {medians} per call (medians)")
     print(f"  max |imprompt - diffusers| {parity:.2e} (the adapter's effect: max |imprompt - plain| {effect:.3f})")
     for other in ("plain", "diffusers"):
         ratios = [a / b for a, b in zip(seconds["imprompt"], seconds[other])]

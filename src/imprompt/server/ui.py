@@ -467,8 +467,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             return tune
 
         for number, unit in enumerate(units, 1):
-            unit.tune.button.click(tuner(number, unit), {model, *unit.components(), unit.tune.caption,
-                                                         unit.tune.steps, unit.tune.guard}, [unit.tune.status, unit.embeds])
+            inputs = {model, *unit.components(), unit.tune.caption, unit.tune.steps, unit.tune.guard}
+            unit.tune.button.click(tuner(number, unit), inputs, [unit.tune.status, unit.embeds])
         for results, mode_img2img in ((txt2img, False), (img2img, True)):
             results.generate.click(generator(results, mode_img2img), form.components(),
                                    [results.status, results.gallery, results.info, job_id, last_seed])
