@@ -3,5 +3,6 @@ API, over one generation engine (:mod:`.engine`) that keeps models loaded and ru
 
 Modules: :mod:`.config` (ServerConfig), :mod:`.engine` (model cache, embedding cache, job queue),
 :mod:`.uploads` (images from requests, with limits), :mod:`.a1111` (A1111 and ControlNet-extension
-payloads to requests), :mod:`.app` (the FastAPI routes), :mod:`.ui` (the Gradio page).
+payloads to requests), :mod:`.app` (the FastAPI routes), :mod:`.ui` (the Gradio page) and
+:mod:`.ui_session` (what the page asks of the engine).
 """
