@@ -209,6 +209,8 @@ def world(tmp_path_factory) -> Path:
 
 def eval_samples(world: Path, out: Path, batch_images: int) -> dict:
     methods = [f"ip:ip_adapter:adapter={world}/ip.safetensors,image_encoder={world}/encoder",
+               f"ip2:ip_adapter:adapter={world}/ip.safetensors,image_encoder={world}/encoder,"
+               "layers=down_blocks=0.5;default=1,guidance=6,image_guidance=2",
                f"simple:shared:adapter={world}/shared.safetensors,image_encoder={world}/encoder",
                "text:text_only", "uncond:unconditional"]
     config = load_config(None, dict(model=str(world / "sd"), data=str(world / "refs"), references=2, samples=2, steps=2,
@@ -223,6 +225,7 @@ def test_eval_scores_equal_batched_and_unbatched(world, tmp_path, rowwise_kernel
     one = eval_samples(world, tmp_path / "one", batch_images=1)  # one reference per call: the unbatched path
     many = eval_samples(world, tmp_path / "many", batch_images=4)  # both references in one call
     assert set(one) == set(many) and ("ip", "sweep 0.5") in one
+    assert one[("ip2", "sweep 0.5")] != one[("ip", "sweep 0.5")]  # its layers and guidance scales took effect
     for key in one:
         assert one[key] == many[key], key  # every score, seed and attribute read, exactly
     for path in (tmp_path / "one" / "images").rglob("*.png"):

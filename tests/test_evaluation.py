@@ -181,6 +181,9 @@ def test_config_from_yaml_and_flags(tmp_path):
     assert cfg.methods == [MethodSpec("u", "unconditional"), MethodSpec("x", "img2img", strength=0.9)]  # flags replace the list
     assert parse_method("a:ip_adapter:adapter=models/ip.safetensors, scale=0.5") == MethodSpec(
         "a", "ip_adapter", adapter="models/ip.safetensors", scale=0.5)
+    text = "b:ip_adapter:adapter=ip.safetensors,layers=up_blocks=1;default=0.3,guidance=6,image_guidance=4"
+    assert parse_method(text) == MethodSpec("b", "ip_adapter", adapter="ip.safetensors", layers="up_blocks=1;default=0.3",
+                                            guidance=6.0, image_guidance=4.0)
 
 
 @pytest.mark.parametrize("methods, message", [
@@ -194,6 +197,8 @@ def test_config_from_yaml_and_flags(tmp_path):
     (["x:text_only:steps=3"], r"unknown method option\(s\) \['steps'\]"),
     (["x"], r"expected NAME:KIND\[:key=value,...\]"),
     (["x:img2img:strength=lots"], r"strength must be a number, got 'lots'"),
+    (["x:text_only:image_guidance=2"], r"image_guidance applies to ip_adapter methods only"),
+    (["x:img2img:layers=up_blocks=1"], r"layers applies to ip_adapter methods only"),
     ([], r"give at least one method"),
 ])
 def test_bad_configs_say_what_is_wrong(methods, message):

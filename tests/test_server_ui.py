@@ -59,6 +59,7 @@ def test_form_maps_units_masks_and_seed():
     assert request.seed is None and request.scheduler == "euler_a" and request.width is None
     assert request.init_image is None and request.mask_image is None
     assert _mapping(Form(seed=42, steps=3))[0].seed == 42
+    assert request.image_guidance is None and _mapping(Form(image_guidance=2))[0].image_guidance == 2.0
 
 
 def test_form_controlnet_units_become_controlnets_with_their_preprocessors():
@@ -111,7 +112,8 @@ def test_painted_strokes_become_the_mask_and_png_info_goes_back():
                                     "composite": flattened})).sum() == 255
     assert painted_mask({"background": None, "layers": [np.zeros((8, 8, 4), np.uint8)], "composite": None}) is None
     text = "a cat\nNegative prompt: dog\nSteps: 7, Sampler: Euler a, CFG scale: 5.5, Seed: 42, Size: 32x32"
-    assert send_back(text) == ["a cat", "dog", 7, 5.5, 42, "euler_a", 32, 32]
+    assert send_back(text) == ["a cat", "dog", 7, 5.5, None, 42, "euler_a", 32, 32]
+    assert send_back(text.replace("CFG scale: 5.5,", "CFG scale: 5.5, Image CFG scale: 2,"))[3:5] == [5.5, 2.0]
 
 
 @pytest.fixture(scope="module")

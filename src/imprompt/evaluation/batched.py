@@ -55,8 +55,9 @@ def open_batched(models: MethodModels, pipe, img2img_pipe, sampling: Sampling,
             yield lambda jobs, scale: [one(j.reference, j.text, j.seeds, scale) for j in jobs]
         return
 
-    def settings(guidance: float | None = None) -> GenerationSettings:
-        return GenerationSettings(steps=sampling.steps, guidance=sampling.guidance if guidance is None else guidance)
+    def settings(guidance: float | None = None, image_guidance: float | None = None) -> GenerationSettings:
+        return GenerationSettings(steps=sampling.steps, guidance=sampling.guidance if guidance is None else guidance,
+                                  image_guidance=image_guidance)
 
     if spec.kind == "ip_adapter":
         from ..generation.prompts import ImagePrompt
@@ -64,8 +65,12 @@ def open_batched(models: MethodModels, pipe, img2img_pipe, sampling: Sampling,
         with attach(pipe.unet, models.adapter) as attachment:
             def ip_adapter(jobs, scale):
                 weight = spec.ip_scale if scale is None else scale
-                items = [BatchItem(j.seeds, j.text, image_prompts=[ImagePrompt([j.reference], scale=weight)]) for j in jobs]
-                return generate_batch(pipe, attachment, settings(), items, [models.encoder])
+                layers = spec.layers.replace(";", ",") or None
+                items = [BatchItem(j.seeds, j.text,
+                                   image_prompts=[ImagePrompt([j.reference], scale=weight, layers=layers)])
+                         for j in jobs]
+                return generate_batch(pipe, attachment, settings(spec.guidance, spec.image_guidance), items,
+                                      [models.encoder])
             yield ip_adapter
     elif spec.kind == "shared":
         def shared(jobs, scale):

@@ -43,6 +43,12 @@ class MethodSpec:
     # reference_only: the mode (default reference_only); ip_adapter: Reference-only on top when set
     reference_mode: str = ""
     style_fidelity: float | None = None  # with reference_mode / kind reference_only (default 0.5)
+    # ip_adapter only: per-layer image-prompt weights (ImagePrompt.layers; on the command line ';' between
+    # blocks, as the commas separate options), this method's own text guidance (default: the run's), and
+    # the image prompts' own guidance scale (imprompt.generation.image_guidance; default: one scale)
+    layers: str = ""
+    guidance: float | None = None
+    image_guidance: float | None = None
 
     @property
     def ip_scale(self) -> float:
@@ -86,6 +92,9 @@ class MethodSpec:
         if self.style_fidelity is not None and self.kind == "ip_adapter" and not self.reference_mode:
             raise ValueError(f"{where}: style_fidelity on an ip_adapter method needs reference_mode (Reference-only "
                              "on top of the adapter)")
+        for name in ("layers", "guidance", "image_guidance"):
+            if getattr(self, name) not in ("", None) and self.kind != "ip_adapter":
+                raise ValueError(f"{where}: {name} applies to ip_adapter methods only")
         if self.reference is not None:
             from ..generation.reference import ReferenceOptions
 
@@ -96,6 +105,12 @@ class MethodSpec:
         parts = [self.kind]
         if self.kind == "ip_adapter":
             parts.append(f"scale {self.ip_scale:g}")
+            if self.layers:
+                parts.append(f"layers {self.layers}")
+            if self.guidance is not None:
+                parts.append(f"guidance {self.guidance:g}")
+            if self.image_guidance is not None:
+                parts.append(f"image guidance {self.image_guidance:g}")
         if self.kind == "img2img":
             parts.append(f"strength {self.init_strength:g}")
         if self.reference is not None:
@@ -107,7 +122,7 @@ class MethodSpec:
 
 def parse_method(text: str) -> MethodSpec:
     """``NAME:KIND[:key=value,...]`` -> MethodSpec (keys: adapter, image_encoder, scale, strength,
-    reference_mode, style_fidelity)."""
+    reference_mode, style_fidelity, layers, guidance, image_guidance)."""
     parts = text.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ValueError(f"--method {text!r}: expected NAME:KIND[:key=value,...], e.g. ip:ip_adapter:adapter=ip.safetensors,scale=0.6")
@@ -129,13 +144,13 @@ def method_from_mapping(values: dict[str, Any], where: str) -> MethodSpec:
         if not values.get(name):
             raise ValueError(f"{where}: a method needs a {name}")
     converted = dict(values)
-    for name in ("scale", "strength", "style_fidelity"):
+    for name in ("scale", "strength", "style_fidelity", "guidance", "image_guidance"):
         if converted.get(name) is not None:
             try:
                 converted[name] = float(converted[name])
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: {name} must be a number, got {converted[name]!r}") from None
-    for name in ("name", "kind", "adapter", "image_encoder", "reference_mode"):
+    for name in ("name", "kind", "adapter", "image_encoder", "reference_mode", "layers"):
         if converted.get(name) is not None:
             converted[name] = str(converted[name])
     return MethodSpec(**converted)

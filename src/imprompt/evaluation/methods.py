@@ -114,11 +114,11 @@ def init_image(reference: Image.Image, size: int) -> Image.Image:
 
 
 def _settings(sampling: Sampling, prompt: str, seeds: Sequence[int], guidance: float | None = None,
-              strength: float = 0.8) -> GenerationSettings:
+              strength: float = 0.8, image_guidance: float | None = None) -> GenerationSettings:
     # One generator per image through ``extra`` (passed to the pipeline as is); ``seed`` stays None.
     return GenerationSettings(prompt=prompt, steps=sampling.steps, num_images=len(seeds), strength=strength,
                               guidance=sampling.guidance if guidance is None else guidance,
-                              extra={"generator": generators(seeds)})
+                              image_guidance=image_guidance, extra={"generator": generators(seeds)})
 
 
 @torch.no_grad()
@@ -163,8 +163,10 @@ def open_method(models: MethodModels, pipe, img2img_pipe, sampling: Sampling) ->
 
         with attach(pipe.unet, models.adapter) as attachment:
             def ip_adapter(reference, text, seeds, scale):
-                prompt = ImagePrompt([reference], scale=spec.ip_scale if scale is None else scale)
-                return generate(pipe, attachment, _settings(sampling, text, seeds), [prompt], [models.encoder],
+                prompt = ImagePrompt([reference], scale=spec.ip_scale if scale is None else scale,
+                                     layers=spec.layers.replace(";", ",") or None)
+                settings = _settings(sampling, text, seeds, guidance=spec.guidance, image_guidance=spec.image_guidance)
+                return generate(pipe, attachment, settings, [prompt], [models.encoder],
                                 reference=_reference(spec, reference))
             yield ip_adapter
         return

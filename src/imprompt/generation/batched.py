@@ -38,6 +38,7 @@ from PIL import Image
 from ..adapter.attach import Attachment
 from ..adapter.attention import ImageKV
 from ..encoding import ImageEncoder
+from . import image_guidance
 from .generate import call_pipeline, latent_size, uses_guidance
 from .networks import prompt_tags
 from .prompts import BatchLayout, ImagePrompt, prepare_image_prompt
@@ -204,7 +205,11 @@ def generate_batch(pipe, attachment: Attachment | None, settings: GenerationSett
     if state is not None:
         kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
         kwargs["callback_on_step_end"] = on_step_end
-    images = call_pipeline(pipe, settings.scheduler)(**kwargs, output_type=output_type).images
+    view = call_pipeline(pipe, settings.scheduler)
+    if image_guidance.check(settings.image_guidance, guidance=settings.guidance, uses_guidance=guidance,
+                            has_image_prompts=bool(prepared)):
+        image_guidance.apply(view, state, settings.image_guidance, settings.guidance)
+    images = view(**kwargs, output_type=output_type).images
     out, start = [], 0
     for n in rows:
         out.append(list(images[start:start + n]))

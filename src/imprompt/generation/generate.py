@@ -19,6 +19,7 @@ from PIL import Image
 from ..adapter.attach import Attachment
 from ..adapter.attention import ImagePromptCall
 from ..encoding import ImageEncoder, ImageInputError
+from . import image_guidance
 from .acceleration import Acceleration, gate_applied
 from .acceleration import start as start_acceleration
 from .loras import loras_applied
@@ -215,6 +216,10 @@ def _generate(pipe, attachment, settings, image_prompts, encoders, init_image, m
             tensors = accel.on_step_end(pipeline, step, tensors)
         return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
 
+    if image_guidance.check(settings.image_guidance, guidance=settings.guidance, uses_guidance=layout.guidance,
+                            has_image_prompts=bool(prepared), acceleration=accel is not None,
+                            reference=ref is not None):
+        image_guidance.apply(view, state, settings.image_guidance, settings.guidance)
     if state is not None:
         kwargs["cross_attention_kwargs"] = state.cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
     if edits:

@@ -62,6 +62,8 @@ def infotext(request: GenerateRequest, options: Sequence[AdapterOptions], models
         "Steps": request.steps,
         "Sampler": SCHEDULERS[request.scheduler].a1111 if request.scheduler else sampler_name(models.pipe.scheduler),
         "CFG scale": f"{request.guidance:g}",
+        # A1111's name for InstructPix2Pix's image guidance; absent when one scale guides both
+        "Image CFG scale": None if request.image_guidance is None else f"{request.image_guidance:g}",
     }  # then Seed and Size, per image, in A1111's order
     rest = {
         "Model": model_name(request.model),

@@ -31,6 +31,9 @@ class GenerationSettings:
     negative_prompt: str = field(default="", metadata=option("negative text prompt"))
     steps: int = field(default=30, metadata=option("denoising steps"))
     guidance: float = field(default=7.5, metadata=option("classifier-free guidance scale"))  # the paper's setting
+    image_guidance: float | None = field(default=None, metadata=option(
+        "a guidance scale of its own for the image prompts (InstructPix2Pix's two-conditioning guidance; the "
+        "text then gets --guidance from the image-prompted prediction); default: one scale for both"))
     seed: int | None = field(default=None, metadata=option(
         "random seed, 0 to 2**64-1 (image i of a run uses SEED+i, as AUTOMATIC1111 does; SEED alone gives what "
         "diffusers gives with torch.Generator('cpu').manual_seed(SEED)); random if not given"))
@@ -66,6 +69,8 @@ class GenerationSettings:
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 if not math.isfinite(item):
                     raise ValueError(f"{name} must be a finite number, got {item}")
+        if self.image_guidance is not None and not math.isfinite(self.image_guidance):
+            raise ValueError(f"image_guidance must be a finite number, got {self.image_guidance}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

@@ -96,6 +96,9 @@ class Txt2ImgPayload(BaseModel):
     n_iter: int = Field(1, ge=1, le=100)
     steps: int = Field(20, ge=1, le=500)
     cfg_scale: float = 7.0
+    # A1111's guidance of the image conditioning (there for InstructPix2Pix models): here the image prompts'
+    # own guidance scale (imprompt.generation.image_guidance); None: cfg_scale for both.
+    image_cfg_scale: float | None = None
     width: int | None = None
     height: int | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
@@ -239,7 +242,8 @@ def to_request(payload: Txt2ImgPayload, model: str, lookup: Callable[[str, str],
     scheduler = sampler_key(payload.sampler_name or payload.sampler_index, payload.scheduler)
     request = dict(
         model=model, prompt=payload.prompt, negative_prompt=payload.negative_prompt, steps=payload.steps,
-        guidance=payload.cfg_scale, seed=None if payload.seed < 0 else payload.seed, width=payload.width,
+        guidance=payload.cfg_scale, image_guidance=payload.image_cfg_scale,
+        seed=None if payload.seed < 0 else payload.seed, width=payload.width,
         height=payload.height, num_images=payload.batch_size * payload.n_iter, batch_size=payload.batch_size,
         scheduler=scheduler, save_control_map=save_maps, **request_values(controls), **values, **reference)
     if isinstance(payload, Img2ImgPayload):
@@ -259,6 +263,7 @@ def info_json(payload: Txt2ImgPayload, seeds: list[int], infotexts: list[str], w
             "negative_prompt": payload.negative_prompt, "all_negative_prompts": [payload.negative_prompt] * len(seeds),
             "seed": seeds[0] if seeds else -1, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
             "width": width, "height": height, "sampler_name": sampler, "cfg_scale": payload.cfg_scale,
+            "image_cfg_scale": payload.image_cfg_scale,
             "steps": payload.steps, "batch_size": payload.batch_size, "n_iter": payload.n_iter,
             "infotexts": infotexts, "job_timestamp": "", "clip_skip": 1, "is_using_inpainting_conditioning": False,
             "version": "imprompt"}

@@ -71,6 +71,7 @@ class Form:
     width: int = 0  # 0: the model's own
     height: int = 0
     num_images: int = 1
+    image_guidance: float | None = None  # None / empty: the CFG scale guides the image prompts too
 
 
 def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Callable[[str], Image.Image],
@@ -124,6 +125,7 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
     return GenerateRequest(
         model=lookup(form.model, "checkpoint") if form.model else "", prompt=form.prompt,
         negative_prompt=form.negative_prompt, crop=form.crop, steps=int(form.steps), guidance=float(form.guidance),
+        image_guidance=None if form.image_guidance is None else float(form.image_guidance),
         seed=None if form.seed is None or int(form.seed) < 0 else int(form.seed),
         width=int(form.width) or None, height=int(form.height) or None, num_images=int(form.num_images),
         scheduler=None if form.sampler in (None, MODEL_DEFAULT) else form.sampler,

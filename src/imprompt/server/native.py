@@ -79,6 +79,8 @@ class NativeRequest(BaseModel):
     crop: str = "center"
     steps: int = Field(30, ge=1, le=500)
     guidance: float = 7.5
+    image_guidance: float | None = Field(None, description="a guidance scale of its own for the image prompts "
+                                         "(two-conditioning guidance); default: the guidance")
     seed: int | None = Field(None, ge=0)
     width: int | None = None
     height: int | None = None
@@ -147,7 +149,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
             values["image_encoder"].append(f"{i}={lookup(spec.image_encoder, 'image_encoder')}")
     return GenerateRequest(
         model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, crop=body.crop, steps=body.steps,
-        guidance=body.guidance, seed=body.seed, width=body.width, height=body.height, num_images=body.num_images,
+        guidance=body.guidance, image_guidance=body.image_guidance, seed=body.seed, width=body.width,
+        height=body.height, num_images=body.num_images,
         batch_size=body.batch_size, scheduler=body.scheduler, strength=body.strength,
         init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,

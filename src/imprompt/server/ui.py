@@ -48,8 +48,8 @@ def png_info_text(path: str | None) -> str:
 
 
 def send_back(text: str) -> list:
-    """PNG info -> the form's prompt, negative prompt, steps, CFG, seed, sampler, width, height (unchanged
-    where absent)."""
+    """PNG info -> the form's prompt, negative prompt, steps, CFG, image CFG (emptied where absent: one scale),
+    seed, sampler, width, height (unchanged where absent)."""
     values = parse_parameters(text) if text else {}
     sampler = next((key for key, s in SCHEDULERS.items() if s.a1111 == values.get("Sampler")), None)
     width, _, height = values.get("Size", "").partition("x")
@@ -57,6 +57,7 @@ def send_back(text: str) -> list:
             values.get("Negative prompt", gr.skip()),
             int(values["Steps"]) if values.get("Steps", "").isdigit() else gr.skip(),
             float(values["CFG scale"]) if "CFG scale" in values else gr.skip(),
+            float(values["Image CFG scale"]) if "Image CFG scale" in values else None,
             int(values["Seed"]) if values.get("Seed", "").isdigit() else gr.skip(),
             sampler or gr.skip(),
             int(width) if width.isdigit() else gr.skip(), int(height) if height.isdigit() else gr.skip()]
@@ -214,6 +215,7 @@ class FormWidgets:
     width: gr.Number
     height: gr.Number
     num_images: gr.Slider
+    image_guidance: gr.Number | None = None
     init_image: gr.Image | None = None  # the img2img tab's, set once it is built
     inpaint: gr.ImageEditor | None = None
     strength: gr.Slider | None = None
@@ -231,7 +233,7 @@ class FormWidgets:
                     painted_mask(data[self.inpaint]) if img2img else None, float(data[self.strength]),
                     data[self.sampler], int(data[self.steps]), float(data[self.guidance]),
                     int(seed) if seed is not None else -1, int(data[self.width] or 0), int(data[self.height] or 0),
-                    int(data[self.num_images]))
+                    int(data[self.num_images]), data[self.image_guidance])
 
 
 @dataclass
@@ -286,6 +288,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
                             height = gr.Number(0, label="Height (0: model's)", precision=0, elem_id="height")
                         with gr.Row():
                             guidance = gr.Slider(1, 30, 7, step=0.5, label="CFG scale")
+                            image_guidance = gr.Number(None, label="Image CFG scale (empty: the CFG scale)",
+                                                       elem_id="image_guidance", minimum=0, maximum=30)
                             num_images = gr.Slider(1, 16, 1, step=1, label="Batch count (images)",
                                                      elem_id="num_images")
                         with gr.Row(equal_height=True):
@@ -316,7 +320,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                             "script them against the API (`/docs`).")
 
         form = FormWidgets(model, prompt, negative, units, crop, controls, sampler, steps, guidance,
-                           seed, width, height, num_images, init_image, inpaint, strength)
+                           seed, width, height, num_images, image_guidance, init_image, inpaint, strength)
         job_id, last_seed = gr.State(None), gr.State(-1)  # per browser tab: this tab's job and seed
 
         def generator(results: ResultWidgets, mode_img2img: bool):
@@ -372,5 +376,5 @@ def build_ui(engine: Engine) -> gr.Blocks:
         refresh.click(refreshed, None, pickers)
         dropped.change(png_info_text, dropped, parameters)
         send.click(lambda text: [*send_back(text), gr.Tabs(selected="txt2img")], parameters,
-                   [prompt, negative, steps, guidance, seed, sampler, width, height, tabs])
+                   [prompt, negative, steps, guidance, image_guidance, seed, sampler, width, height, tabs])
     return ui
