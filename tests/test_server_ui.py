@@ -142,6 +142,19 @@ def test_generate_round_trip_on_the_toy_model(session):
     assert f"{REFS[0].stem}-2.png" in parameters["IP-Adapter 0"] and REFS[0].name in parameters["IP-Adapter 0"]
 
 
+def test_image_guidance_reaches_the_engine(session):
+    def run(**extra):
+        form = Form(prompt="a red circle", units=[UnitForm(True, "ip_adapter", [str(REFS[0])])], steps=2, seed=7,
+                    guidance=5, **extra)
+        text, paths, info, _ = list(session.run(form))[-1]
+        with Image.open(paths[0]) as image:
+            return parse_parameters(info), np.asarray(image.convert("RGB"), dtype=int)
+
+    (split, split_pixels), (plain, plain_pixels) = run(image_guidance=2), run()
+    assert split["Image CFG scale"] == "2" and "Image CFG scale" not in plain
+    assert np.abs(split_pixels - plain_pixels).max() > 0
+
+
 def test_saved_embeds_generate_the_pixels_of_their_reference(session, tmp_path):
     from imprompt.cli import main
 
@@ -288,6 +301,7 @@ def test_the_page_in_a_real_browser(tmp_path):
 
             page.locator("#prompt textarea").fill("a red circle")
             page.locator("#steps input[type=number]").fill("4")
+            page.locator("#image_guidance input").fill("3")
             page.locator("#generate").click()
             image = page.locator("#gallery img").first
             image.wait_for()
@@ -297,6 +311,7 @@ def test_the_page_in_a_real_browser(tmp_path):
                 assert png.format == "PNG" and png.size == (32, 32)
                 parameters = parse_parameters(png.info["parameters"])
             assert REFS[0].name in parameters["IP-Adapter 0"] and parameters["Prompt"] == "a red circle"
+            assert parameters["Image CFG scale"] == "3"
             wait_value(page, "#status", "value.includes('step 4 of 4')")
             page.screenshot(path=str(tmp_path / "generated.png"), full_page=True)
             page.locator("#reuse_seed").click()  # this tab's last seed back into the form
