@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate
+from imprompt import GenerationSettings, ImagePrompt, attach, generate
 from imprompt.generation.acceleration import Acceleration, cfg_average
 
 torch.set_flush_denormal(True)
@@ -24,11 +24,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def world():
-    pipe = tm.sd15_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    vision = tm.image_encoder()
-    adapter = tm.random_adapter(pipe.unet, "linear", seed=0, encoder=vision)
-    return pipe, adapter, ImageEncoder(vision)
+    return tm.adapter_world()
 
 
 def _settings(**extra) -> GenerationSettings:

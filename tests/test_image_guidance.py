@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import tiny_models as tm
 from imprompt import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate
@@ -25,11 +26,7 @@ torch.set_flush_denormal(True)
 
 @pytest.fixture(scope="module")
 def world():
-    pipe = tm.sd15_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    vision = tm.image_encoder()
-    adapter = tm.random_adapter(pipe.unet, "linear", seed=0, encoder=vision)
-    return pipe, adapter, ImageEncoder(vision)
+    return tm.adapter_world()
 
 
 def _settings(**extra) -> GenerationSettings:
@@ -142,26 +139,18 @@ def test_not_with_step_skipping(world):
 # ------------------------------------------------------------- command line, PNG info, the two APIs
 
 def test_the_command_line_takes_image_guidance_and_records_it(tmp_path):
-    from imprompt.adapter.checkpoint import save_adapter
     from imprompt.cli import main
     from imprompt.generation.pnginfo import parse_parameters, read_parameters
 
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(tmp_path / "sd")
-    encoder = tm.image_encoder()
-    encoder.save_pretrained(tmp_path / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), tmp_path / "models" / "ip.safetensors")
-    tm.reference_images(1)[0].save(tmp_path / "ref.png")
-    args = ["generate", "--model", str(tmp_path / "sd"), "--adapter", str(tmp_path / "models" / "ip.safetensors"),
-            "--image", str(tmp_path / "ref.png"), "--prompt", "a red star", "--steps", "3", "--seed", "7",
+    tm.official_tree(tmp_path)
+    args = ["generate", "--model", str(tmp_path / "sd"), "--adapter", str(tmp_path / "models" / "ip-base.safetensors"),
+            "--image", str(tmp_path / "ref0.png"), "--prompt", "a red star", "--steps", "3", "--seed", "7",
             "--guidance", "6"]
     assert main([*args, "--output", str(tmp_path / "split"), "--image-guidance", "2"]) == 0
     assert main([*args, "--output", str(tmp_path / "plain")]) == 0
     split, plain = (next((tmp_path / name).glob("*.png")) for name in ("split", "plain"))
     assert parse_parameters(read_parameters(split))["Image CFG scale"] == "2"
     assert "Image CFG scale" not in parse_parameters(read_parameters(plain))
-    from PIL import Image
-
     assert np.abs(np.asarray(Image.open(split), dtype=int) - np.asarray(Image.open(plain), dtype=int)).max() > 0
 
 

@@ -144,6 +144,16 @@ def random_adapter(unet, kind: str = "linear", seed: int = 0, encoder: CLIPVisio
     return adapter
 
 
+def adapter_world(kind: str = "linear", seed: int = 0):
+    """A tiny SD1.5 pipeline (progress bar off), a random adapter of ``kind`` and its image encoder."""
+    from imprompt.encoding import ImageEncoder
+
+    pipe = sd15_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    vision = image_encoder()
+    return pipe, random_adapter(pipe.unet, kind, seed=seed, encoder=vision), ImageEncoder(vision)
+
+
 def reference_images(n: int = 2, size: int = 48) -> list[Image.Image]:
     generator = torch.Generator().manual_seed(123)
     out = []
