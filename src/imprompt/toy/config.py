@@ -78,7 +78,7 @@ class BuildConfig:
         "share of the adapters' samples whose image prompt is a loosened picture of the target (imprompt.toy.augment)"))
     # Off: at 0.5 and 3,000 steps the text won more often where it contradicts the reference, but the
     # reference's own attributes were kept less often and image-only colour fell from 90.5% to 76%
-    # (build notes in the model card).
+    # (build notes in the model card); at 0.2 on the rebuilt world, to 70.5% (docs/toy-results.md, section 3).
     adapter_edit_p: float = field(default=0.0, metadata=option(
         "share of train images that also give an edit sample (one attribute changed, the original as the image prompt)"))
     quality_samples: int = _int(200, "test references of the quality stage")
