@@ -46,9 +46,10 @@ def _unet_inputs(pipe, rows: int, sdxl: bool):
     return sample, states, kwargs
 
 
-@pytest.mark.parametrize("sdxl, masked", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("sdxl, masked, control", [(False, False, False), (False, True, False), (True, False, False),
+                                                   (False, False, True)])
 @torch.no_grad()
-def test_three_groups_equal_three_separate_calls(sdxl, masked):
+def test_three_groups_equal_three_separate_calls(sdxl, masked, control):
     pipe = tm.sdxl_pipeline() if sdxl else tm.sd15_pipeline()
     vision = tm.image_encoder()
     adapter = tm.random_adapter(pipe.unet, "linear", seed=3, encoder=vision)
@@ -64,13 +65,24 @@ def test_three_groups_equal_three_separate_calls(sdxl, masked):
         call = attachment.prompt_call(prepared)
         extra = call.cross_attention_kwargs()
         sample, states, kwargs = _unet_inputs(pipe, 4, sdxl)
+        if control:  # ControlNet residuals come per row too: the uncond rows' residuals saw no text
+            side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            # one control image per image, the same in both halves, as the pipelines lay it out
+            cond = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(2)).repeat(2, 1, 1, 1)
+            net = tm.controlnet(pipe.unet)
+
+            def residuals(text):
+                down, mid = net(sample, 10, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+                return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+            kwargs = residuals(states)
         wrapped = ImageGuidanceUNet(pipe.unet, call, image_guidance=2.0, text_guidance=6.0)
         got = wrapped(sample, 10, states, cross_attention_kwargs=extra, return_dict=False, **kwargs)[0]
 
         uncond, both = pipe.unet(sample, 10, states, cross_attention_kwargs=extra, **kwargs).sample.chunk(2)
         no_text = torch.cat([states[:2], states[:2]])
         added = {k: torch.cat([v[:2], v[:2]]) for k, v in kwargs.get("added_cond_kwargs", {}).items()}
-        text_free = {"added_cond_kwargs": added} if sdxl else {}
+        text_free = {"added_cond_kwargs": added} if sdxl else residuals(no_text) if control else {}
         uncond2, image = pipe.unet(sample, 10, no_text, cross_attention_kwargs=extra, **text_free).sample.chunk(2)
     torch.testing.assert_close(got[:2], uncond, rtol=0, atol=2e-5)
     torch.testing.assert_close(uncond2, uncond, rtol=0, atol=1e-6)
