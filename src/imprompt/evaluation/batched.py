@@ -65,9 +65,8 @@ def open_batched(models: MethodModels, pipe, img2img_pipe, sampling: Sampling,
         with attach(pipe.unet, models.adapter) as attachment:
             def ip_adapter(jobs, scale):
                 weight = spec.ip_scale if scale is None else scale
-                layers = spec.layers.replace(";", ",") or None
                 items = [BatchItem(j.seeds, j.text,
-                                   image_prompts=[ImagePrompt([j.reference], scale=weight, layers=layers)])
+                                   image_prompts=[ImagePrompt([j.reference], scale=weight, layers=spec.prompt_layers)])
                          for j in jobs]
                 return generate_batch(pipe, attachment, settings(spec.guidance, spec.image_guidance), items,
                                       [models.encoder])

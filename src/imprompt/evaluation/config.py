@@ -51,6 +51,11 @@ class MethodSpec:
     image_guidance: float | None = None
 
     @property
+    def prompt_layers(self) -> str | None:
+        """``layers`` as ``ImagePrompt.layers`` takes it (the command line's ';' back to ',')."""
+        return self.layers.replace(";", ",") or None
+
+    @property
     def ip_scale(self) -> float:
         return DEFAULT_SCALE if self.scale is None else float(self.scale)
 

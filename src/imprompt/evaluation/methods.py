@@ -164,7 +164,7 @@ def open_method(models: MethodModels, pipe, img2img_pipe, sampling: Sampling) ->
         with attach(pipe.unet, models.adapter) as attachment:
             def ip_adapter(reference, text, seeds, scale):
                 prompt = ImagePrompt([reference], scale=spec.ip_scale if scale is None else scale,
-                                     layers=spec.layers.replace(";", ",") or None)
+                                     layers=spec.prompt_layers)
                 settings = _settings(sampling, text, seeds, guidance=spec.guidance, image_guidance=spec.image_guidance)
                 return generate(pipe, attachment, settings, [prompt], [models.encoder],
                                 reference=_reference(spec, reference))

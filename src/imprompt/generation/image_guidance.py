@@ -14,8 +14,8 @@ taken *from the image-conditioned prediction*, each with its own scale::
 
 ``s_T`` is the usual guidance (``--guidance``), ``s_I`` is ``--image-guidance``. With ``s_I == s_T``
 this is plain guidance exactly, and nothing here runs (bit-identical). A larger ``s_T`` lets the text
-change what it names while the image direction keeps the rest of the reference; in the toy world it is
-measured with per-layer image-prompt weights in docs/toy-results.md.
+change what it names with less of the reference lost; in the toy world it helps together with per-layer
+image-prompt weights on one build and not on another (docs/toy-results.md, section 3).
 
 How: the pipeline runs its loop as usual, with its [unconditional; conditional] batch. This call's
 pipeline view (:func:`imprompt.generation.generate.call_pipeline`) gets an :class:`ImageGuidanceUNet`
