@@ -189,8 +189,9 @@ def test_the_build_runs_the_stage_and_the_measurement(tmp_path):
                                                     "control", "text", "all"}
 
 
-def test_measurement_with_the_adapter(tmp_path):
-    """Control from reference A, image prompt B, through imprompt.generate with the ControlNet and the adapter."""
+def test_measurement_with_the_adapter(tmp_path, monkeypatch):
+    """Control from reference A, image prompt B, through imprompt.generate with the ControlNet and the adapter:
+    with an empty text, and with a text naming A's shape."""
     from imprompt.adapter.checkpoint import save_adapter
 
     pipe = _tiny_pipeline(tmp_path / "pipeline")
@@ -199,14 +200,25 @@ def test_measurement_with_the_adapter(tmp_path):
     encoder.save_pretrained(tmp_path / "image_encoder")
     tm.feature_extractor().save_pretrained(tmp_path / "image_encoder")
     save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), tmp_path / "ip_adapter.safetensors")
-    shapes.write_folder(shapes.sample("test", 3, 0), tmp_path / "test")
+    truth = shapes.sample("test", 3, 0)
+    shapes.write_folder(truth, tmp_path / "test")
+    calls = []
+    original = control_quality.controlled
 
+    def recording(*args, **kwargs):
+        calls.append((list(args[2]), args[-1] if len(args) > 10 else kwargs.get("adapter_scale")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(control_quality, "controlled", recording)
     report = control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test",
                                      adapter_file=tmp_path / "ip_adapter.safetensors", n=3, steps=2,
-                                     parts=("with_adapter",), progress=False)
-    assert report["n"] == 3 and "alone" not in report
-    assert set(report["with_adapter"]) == {"shape", "size", "position", "color", "background", "style", "control",
-                                           "reference", "all"}
-    assert all(0.0 <= v <= 1.0 for v in report["with_adapter"].values())
-    with pytest.raises(ValueError, match="the with_adapter part needs adapter_file"):
+                                     parts=("with_adapter", "with_adapter_and_text"), adapter_scale=0.5,
+                                     progress=False)
+    assert report["n"] == 3 and report["adapter_scale"] == 0.5 and "alone" not in report
+    for part in ("with_adapter", "with_adapter_and_text"):
+        assert set(report[part]) == {"shape", "size", "position", "color", "background", "style", "control",
+                                     "reference", "all"}
+        assert all(0.0 <= v <= 1.0 for v in report[part].values())
+    assert calls == [([""] * 3, 0.5), ([f"a {s.attributes.shape}" for s in truth], 0.5)]
+    with pytest.raises(ValueError, match="with_adapter and with_adapter_and_text need adapter_file"):
         control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test", n=3, steps=2)

@@ -1,8 +1,9 @@
-"""``imprompt toy build | derive | extras | quality``: the toy world's commands.
+"""``imprompt toy build | derive | extras | quality | control``: the toy world's commands.
 
 Each subcommand's flags are built from its typed config (:func:`imprompt.config.add_arguments`):
 :class:`~imprompt.toy.config.BuildConfig` and :class:`~imprompt.toy.config.StageSelection`,
-:class:`~imprompt.toy.derivative.DeriveConfig`, :class:`~imprompt.toy.quality.QualityConfig`. Errors a
+:class:`~imprompt.toy.derivative.DeriveConfig`, :class:`~imprompt.toy.quality.QualityConfig`,
+:class:`~imprompt.toy.control_quality.ControlQualityConfig`. Errors a
 user can cause (a bad value, a missing folder, a refused checkpoint) print one line and exit 2.
 """
 
@@ -14,6 +15,7 @@ import sys
 from ..config import add_arguments, from_namespace
 from ..errors import guarded
 from .config import BuildConfig, StageSelection
+from .control_quality import ControlQualityConfig
 from .derivative import DeriveConfig
 from .extras import ExtrasConfig
 from .quality import QualityConfig
@@ -43,6 +45,12 @@ def _quality(namespace: argparse.Namespace) -> None:
     run(from_namespace(QualityConfig, namespace))
 
 
+def _control(namespace: argparse.Namespace) -> None:
+    from .control_quality import run
+
+    run(from_namespace(ControlQualityConfig, namespace))
+
+
 COMMANDS = (
     ("build", "regenerate the toy models from a seed in resumable stages (data, tokenizer, clip, robust_clip, vae, "
               "latents, unet, pipeline, adapter, simple_adapter, quality, controlnet, package); finished stages are "
@@ -54,6 +62,9 @@ COMMANDS = (
                "(docs/toy-extras.md)", (ExtrasConfig,), _extras),
     ("quality", "measure the toy quality targets (text-to-image, image prompt alone, unconditional, image + text) "
                 "of a toy pipeline and adapter on a test split folder", (QualityConfig,), _quality),
+    ("control", "measure how well generations follow the toy ControlNet (alone, with the caption, with the "
+                "adapter, with the adapter and a text naming the shape) on a test split folder",
+     (ControlQualityConfig,), _control),
 )
 
 

@@ -11,10 +11,13 @@ first ``n`` test references' true attributes.
 * **with_caption**: the same control with A's caption as the text: every attribute should be A's (the
   text and the control agree; shows the ControlNet does not fight the text).
 * **with_adapter**: control = A's silhouette, image prompt = reference B (a later test reference with
-  another shape and another placement, :func:`partners`), empty text, adapter scale 1 (the quality stage's
-  image-only setting). Shape, size and position should follow A; colour, background and style B
+  another shape and another placement, :func:`partners`), empty text, at ``adapter_scale`` (by default 1,
+  the quality stage's image-only setting). Shape, size and position should follow A; colour, background and style B
   (:data:`FROM_REFERENCE`). Scored per attribute against that mixed target, and as ``control`` (all three
   of A's), ``reference`` (all three of B's) and ``all``.
+* **with_adapter_and_text**: the same, with a text naming A's shape (``a circle``): how a user combines
+  them, the reference for the look, the control for the layout and the text for the object. Scored as
+  ``with_adapter``.
 
 The issue's target is >= 80% for each of these attributes. Generations use the model's own scheduler,
 ``steps`` steps, guidance 3 (as :mod:`imprompt.toy.quality`) and seed i for reference i.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,11 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import ConfigError, option
+from ..files import write_text
 from . import shapes
+from .config import path_option
 from .judge import attribute_hits, read_many
 from .shapes import Attributes
 
-PARTS: tuple[str, ...] = ("alone", "with_caption", "with_adapter")
+PARTS: tuple[str, ...] = ("alone", "with_caption", "with_adapter", "with_adapter_and_text")
+WITH_ADAPTER = ("with_adapter", "with_adapter_and_text")
 CONTROLLED: tuple[str, ...] = ("shape", "size", "position")  # what a silhouette fixes
 FROM_REFERENCE: tuple[str, ...] = ("color", "background", "style")  # what it leaves to the text or image prompt
 TARGET = 0.8
@@ -98,16 +106,18 @@ def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seed
 def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path,
             adapter_file: str | Path | None = None, image_encoder: str | Path | None = None, n: int = 100,
             steps: int = 20, guidance: float = 3.0, control_scale: float = 1.0, parts: Sequence[str] = PARTS,
-            progress: bool = True) -> dict:
+            adapter_scale: float = 1.0, progress: bool = True) -> dict:
     """The parts of the module docstring on the first ``n`` test references; a JSON-ready dict. The
-    ``with_adapter`` part needs ``adapter_file`` (and its image encoder, by default the folder beside it)."""
+    ``with_adapter`` parts need ``adapter_file`` (and its image encoder, by default the folder beside it)."""
     from .quality import load
 
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
-    if "with_adapter" in parts and adapter_file is None:
-        raise ValueError("the with_adapter part needs adapter_file (the toy ip_adapter.safetensors)")
+    adapted = [p for p in parts if p in WITH_ADAPTER]
+    if adapted and adapter_file is None:
+        raise ValueError(f"{' and '.join(adapted)} need{'s' if len(adapted) == 1 else ''} adapter_file "
+                         "(the toy ip_adapter.safetensors)")
     folder = Path(test_folder)
     if not (folder / "metadata.jsonl").is_file():
         raise FileNotFoundError(f"{folder} has no metadata.jsonl; give a split folder written by `imprompt toy build` "
@@ -118,7 +128,9 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
     seeds = list(range(len(rows)))
     report: dict = {"n": len(rows), "steps": steps, "guidance": guidance, "control_scale": control_scale,
                     "target": TARGET}
-    pipe, adapter, encoder = load(pipeline, adapter_file if "with_adapter" in parts else None, image_encoder,
+    if adapted:
+        report["adapter_scale"] = adapter_scale
+    pipe, adapter, encoder = load(pipeline, adapter_file if adapted else None, image_encoder,
                                   controlnet=controlnet)
 
     def timed(name, fn):
@@ -137,16 +149,71 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
         report["with_caption"] = timed("with_caption", lambda: score(read_many(controlled(
             pipe, controls, [c for _, c, _ in rows], seeds, steps, guidance, control_scale)), truth,
             {"control": CONTROLLED, "text": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
-    if "with_adapter" in parts:
+    if adapted:
         from ..adapter.attach import attach
 
         partner = partners(truth)
         references = [Image.open(folder / rows[j][0]).convert("RGB") for j in partner]
         expected = [mixed(a, truth[j]) for a, j in zip(truth, partner)]
+        texts = {"with_adapter": [""] * len(rows), "with_adapter_and_text": [f"a {a.shape}" for a in truth]}
         with attach(pipe.unet, adapter) as attachment:
-            report["with_adapter"] = timed("with_adapter", lambda: score(read_many(controlled(
-                pipe, controls, [""] * len(rows), seeds, steps, guidance, control_scale, attachment, encoder,
-                references)), expected,
-                {"control": CONTROLLED, "reference": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
+            for part in adapted:
+                report[part] = timed(part, lambda part=part: score(read_many(controlled(
+                    pipe, controls, texts[part], seeds, steps, guidance, control_scale, attachment, encoder,
+                    references, adapter_scale)), expected,
+                    {"control": CONTROLLED, "reference": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
     return report
 
+
+
+def _shipped(name: str) -> Path:
+    from . import toy_paths
+
+    return toy_paths()[name]
+
+
+@dataclass
+class ControlQualityConfig:
+    """``imprompt toy control``: how well generations follow a toy ControlNet (the parts of the module docstring)."""
+
+    pipeline: Path = field(default_factory=lambda: _shipped("model"), metadata=path_option(
+        "diffusers pipeline folder of the toy model (default: the shipped one)"))
+    controlnet: Path = field(default_factory=lambda: _shipped("controlnet"), metadata=path_option(
+        "the toy ControlNet's folder (default: the shipped one)"))
+    adapter: Path = field(default_factory=lambda: _shipped("adapter"), metadata=path_option(
+        "ip_adapter.safetensors of the with_adapter parts (default: the shipped one)"))
+    image_encoder: Path | None = field(default=None, metadata=path_option(
+        "image encoder folder (default: image_encoder/ beside the adapter file)"))
+    test: Path = field(default=Path("build/toy/data/test"), metadata=path_option(
+        "a split folder written by the toy build (images + metadata.jsonl)"))
+    n: int = field(default=100, metadata=option("test references", short="-n"))
+    steps: int = field(default=20, metadata=option("sampling steps"))
+    guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
+    control_scale: float = field(default=1.0, metadata=option("ControlNet conditioning scale"))
+    adapter_scale: float = field(default=1.0, metadata=option("image prompt scale of the with_adapter parts"))
+    parts: list[str] = field(default_factory=lambda: ["alone", "with_caption"], metadata=option(
+        "parts to measure (repeat the flag; default: alone, with_caption)", choices=PARTS))
+    threads: int = field(default=1, metadata=option("torch threads"))
+    out: Path | None = field(default=None, metadata=path_option("also write the report as JSON here"))
+
+    def __post_init__(self):
+        for name in ("pipeline", "controlnet", "adapter", "image_encoder", "test", "out"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        for name in ("n", "steps", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def run(config: ControlQualityConfig) -> dict:
+    """Measure, print the report as JSON (and write it to ``config.out``)."""
+    torch.set_num_threads(config.threads)
+    torch.set_flush_denormal(True)
+    report = measure(config.pipeline, config.controlnet, config.test, config.adapter, config.image_encoder,
+                     n=config.n, steps=config.steps, guidance=config.guidance, control_scale=config.control_scale,
+                     parts=config.parts, adapter_scale=config.adapter_scale, progress=False)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if config.out is not None:
+        write_text(config.out, text + "\n")
+    return report
