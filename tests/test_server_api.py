@@ -118,7 +118,8 @@ def test_listings_a1111_clients_read(client):
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["model_name"] for m in models] == ["pipeline"]
     assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in client.get("/sdapi/v1/samplers").json()
-    assert client.get("/controlnet/model_list").json() == {"model_list": ["ip_adapter"]}
+    # the ControlNet extension lists adapters and ControlNets together: the toy's adapter and its ControlNet
+    assert client.get("/controlnet/model_list").json() == {"model_list": ["ip_adapter", "controlnet"]}
     assert "ip-adapter_clip_h" in client.get("/controlnet/module_list").json()["module_list"]
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "pipeline"
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0

@@ -118,6 +118,13 @@ def test_build_stages_smoke(tmp_path):
     paths = toy_paths(dest)
     assert paths["image_encoder"] == dest / "image_encoder" and not (dest / "pipeline" / "image_encoder").exists()
     assert CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).config.image_size == 32
+    # The ControlNet ships in fp8: each weight is the work folder's rounded to e4m3fn.
+    from diffusers import ControlNetModel
+
+    trained = ControlNetModel.from_pretrained(cfg.work / "controlnet" / "model").state_dict()
+    packed = ControlNetModel.from_pretrained(paths["controlnet"], torch_dtype=torch.float32).state_dict()
+    assert packed.keys() == trained.keys()
+    assert all(torch.equal(packed[k], v.to(torch.float8_e4m3fn).float()) for k, v in trained.items())
     scoring = models.load_shared_tower_clip(paths["clip"])
     assert torch.equal(scoring.vision_model.embeddings.patch_embedding.weight,
                        vision.vision_model.embeddings.patch_embedding.weight.half().float())

@@ -7,8 +7,10 @@ import os
 import pickle
 import stat
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imprompt.cli import main
 from imprompt.toy import toy_paths
@@ -90,6 +92,8 @@ def test_build_writes_files_and_folders_with_umask_permissions(tmp_path):
     (["derive", "--base", "no/such/folder"], "no/such/folder"),
     (["derive", "--lr", "nan"], "lr must be a finite number"),
     (["quality", "--test", "no/such/split"], "no metadata.jsonl"),
+    (["control", "--test", "no/such/split"], "no metadata.jsonl"),
+    (["control", "--control-scale", "nan"], "control_scale must be a finite number"),
 ])
 def test_toy_command_errors_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -97,3 +101,25 @@ def test_toy_command_errors_are_one_line(argv, expected, capsys, tmp_path, monke
     err = capsys.readouterr().err
     assert err.startswith(f"imprompt toy {argv[0]}: error: ") and err.count("\n") == 1 and expected in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_shipped_package_fits_its_budget_with_the_controlnet_in_fp8():
+    """Issue 16: the toy ControlNet ships inside the 25 MiB budget, in fp8 (e4m3fn), and loads as fp32 for the
+    shipped UNet (its residuals have the UNet's channels: one short generation through the ControlNet pipeline)."""
+    from safetensors import safe_open
+
+    from imprompt.generation.pipelines import load_controlnet, load_pipeline
+    from imprompt.toy import PACKAGE_DIR
+    from imprompt.toy.package import MAX_BYTES
+    from imprompt.toy.reader import silhouette_of
+
+    paths = toy_paths()
+    assert sum(p.stat().st_size for p in PACKAGE_DIR.rglob("*") if p.is_file()) <= MAX_BYTES
+    with safe_open(paths["controlnet"] / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F8_E4M3"}
+    net = load_controlnet(paths["controlnet"], torch.float32, paths["model"] / "unet" / "config.json")
+    assert net.dtype == torch.float32
+    pipe = load_pipeline(paths["model"], controlnet=paths["controlnet"])
+    control = silhouette_of(Image.open(next(paths["references"].glob("*.png"))))
+    image = pipe("a circle", image=control, num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()

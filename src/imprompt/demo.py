@@ -1,14 +1,15 @@
 """``make demo``: the main job on the bundled toy world, on a CPU.
 
-For a few shipped reference images, it generates with the image prompt alone and with two
-image + text prompts (the text changes the background, or the colour), writes the PNGs (with their
+For a few shipped reference images, it generates with the image prompt alone, with two
+image + text prompts (the text changes the background, or the colour), and with the toy ControlNet
+(the layout of another shipped picture, its silhouette read by the ``toy_silhouette`` preprocessor,
+and a text naming that picture's shape; the reference gives the rest). It writes the PNGs (with their
 parameters) and one labelled contact sheet, and prints how well each generation matches: the
-attribute reader checks every attribute against what the reference and the text ask for.
+attribute reader checks every attribute against what the reference, the text and the control ask for.
 
-Measured with ``time .venv/bin/python -m imprompt.demo`` on an idle 2-core CPU: 20 s in all, of which
-about 12 s load the models and generate (the time the demo prints) and the rest imports torch,
-diffusers and transformers. On the same machine shared with other test runs (load average 5) it took
-4 minutes.
+Measured with ``time .venv/bin/python -m imprompt.demo`` on an idle 2-core CPU: 29 s in all, of which
+about 22 s load the models and generate the 16 images (the time the demo prints) and the rest imports
+torch, diffusers and transformers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def plan(reference: Attributes, rng: random.Random) -> list[tuple[str, str, Attr
     return [("image only", "", reference)] + [(f"+ '{e.text}'", e.text, e.expected) for e in edits]
 
 
+def layout_partner(catalogue: list[dict], i: int) -> int:
+    """The first shipped reference after ``i`` (cyclically) with another shape: its layout is the control."""
+    for k in range(1, len(catalogue)):
+        j = (i + k) % len(catalogue)
+        if catalogue[j]["shape"] != catalogue[i]["shape"]:
+            return j
+    raise ValueError("the shipped references all have one shape; the ControlNet column needs two")
+
+
 @dataclass
 class DemoConfig:
     output: str = field(default="outputs/demo", metadata=option("folder for the PNGs and the contact sheet"))
@@ -42,6 +52,8 @@ class DemoConfig:
     scale: float = field(default=0.5, metadata=option("image prompt scale for the image + text prompts"))
     steps: int = field(default=20, metadata=option("denoising steps"))
     guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
+    # docs/toy-controlnet.md: the toy ControlNet holds the shape more often above 1
+    control_scale: float = field(default=1.5, metadata=option("ControlNet conditioning scale of the ControlNet column"))
 
     def check(self) -> None:
         if not 1 <= self.references <= 16:
@@ -66,8 +78,10 @@ def run(args: DemoConfig) -> int:
 
     from . import GenerationSettings, ImageEncoder, ImagePrompt, attach, generate, load_adapter, load_image, load_pipeline
     from .files import check_writable_folder
+    from .generation.pipelines import load_controlnet, pipeline_class
     from .generation.pnginfo import format_parameters, save_png
     from .sheets import contact_sheet
+    from .toy.reader import silhouette_of
 
     args.check()
     check_writable_folder(args.output, "--output")
@@ -84,30 +98,60 @@ def run(args: DemoConfig) -> int:
     pipe = load_pipeline(paths["model"])
     adapter = load_adapter(paths["adapter"], torch.float32)
     encoder = ImageEncoder.from_pretrained(paths["image_encoder"])
-    catalogue = json.loads((paths["references"] / "attributes.json").read_text())[: args.references]
+    with_control, control_pipe = paths["controlnet"].is_dir(), None  # a package built before it shipped has none
+    if with_control:  # from_pipe shares the models: the adapter attached below steers both pipelines
+        net = load_controlnet(paths["controlnet"], torch.float32, paths["model"] / "unet" / "config.json")
+        control_pipe = pipeline_class(type(pipe).__name__, "text2img", controlnet=True).from_pipe(pipe, controlnet=net)
+        control_pipe.set_progress_bar_config(disable=True)
+    shipped = json.loads((paths["references"] / "attributes.json").read_text())
+    catalogue = shipped[: args.references]
     fields = {f.name for f in dataclasses.fields(Attributes)}
     out = Path(args.output)
     rng = random.Random("imprompt-demo")
     rows, labels, table = [], [], []
+
+    def attributes(item: dict) -> Attributes:
+        return Attributes(**{k: v for k, v in item.items() if k in fields})
+
+    def one(attachment, i: int, j: int, name: str, label: str, text: str, scale: float, expected: Attributes,
+            reference, control=None):
+        """Generation ``j`` of reference ``i`` (seed i), saved with its parameters and scored."""
+        settings = GenerationSettings(prompt=text, steps=args.steps, seed=i, guidance=args.guidance,
+                                      controlnet_scale=args.control_scale)
+        image = generate(control_pipe if control is not None else pipe, attachment, settings,
+                         [ImagePrompt([reference], scale=scale)], [encoder], control_image=control)[0]
+        table.append((name, label, content_hits(read(image), expected)))
+        parameters = {"Steps": args.steps, "CFG scale": args.guidance, "Seed": i,
+                      "Size": f"{image.width}x{image.height}", "Model": "imprompt-toy",
+                      "IP-Adapter 0": f"Model: toy, Weight: {scale:g}, Images: {name}"}
+        if control is not None:
+            parameters["ControlNet 0"] = f"Model: toy, Weight: {args.control_scale:g}, Preprocessor: toy_silhouette"
+        save_png(image, out / f"{i:02d}-{j}.png", format_parameters(text, "", parameters))
+        return image
+
     with attach(pipe.unet, adapter) as attachment:
         for i, item in enumerate(catalogue):
-            reference_attrs = Attributes(**{k: v for k, v in item.items() if k in fields})
+            reference_attrs = attributes(item)
             reference = load_image(paths["references"] / item["file"])
             row = [reference]
             for j, (label, text, expected) in enumerate(plan(reference_attrs, rng)):
-                scale = 1.0 if not text else args.scale
-                settings = GenerationSettings(prompt=text, steps=args.steps, seed=i, guidance=args.guidance)
-                image = generate(pipe, attachment, settings, [ImagePrompt([reference], scale=scale)], [encoder])[0]
-                matches = content_hits(read(image), expected)
-                table.append((item["file"], label, matches))
-                info = format_parameters(text, "", {"Steps": args.steps, "CFG scale": args.guidance, "Seed": i,
-                                                    "Size": f"{image.width}x{image.height}", "Model": "imprompt-toy",
-                                                    "IP-Adapter 0": f"Model: toy, Weight: {scale:g}, Images: {item['file']}"})
-                save_png(image, out / f"{i:02d}-{j}.png", info)
-                row.append(image)
+                row.append(one(attachment, i, j, item["file"], label, text, 1.0 if not text else args.scale,
+                               expected, reference))
+            if with_control:
+                # The layout (shape, size, position) of another shipped picture, the rest from the reference.
+                partner = shipped[layout_partner(shipped, i)]
+                layout = attributes(partner)
+                control = silhouette_of(load_image(paths["references"] / partner["file"]))
+                expected = dataclasses.replace(reference_attrs, shape=layout.shape, size=layout.size,
+                                               position=layout.position)
+                text = f"a {layout.shape}"
+                row += [control, one(attachment, i, 3, item["file"], f"+ control + '{text}'", text, args.scale,
+                                     expected, reference, control)]
             rows.append(row)
             labels.append(item["file"].removesuffix(".png"))
-    sheet = contact_sheet(rows, labels, ["reference", "image only", "+ text: background", "+ text: colour"], cell=96)
+    columns = ["reference", "image only", "+ text: background", "+ text: colour"]
+    columns += ["control (layout)", "+ control + shape"] if with_control else []
+    sheet = contact_sheet(rows, labels, columns, cell=96)
     save_png(sheet, out / "contact_sheet.png", "imprompt demo contact sheet")
 
     print(f"{'reference':38} {'prompt':28} " + " ".join(f"{a:>10}" for a in CONTENT))

@@ -23,7 +23,8 @@ def toy_paths(package: Path | None = None) -> dict[str, Path]:
     package = package or PACKAGE_DIR
     return {"model": package / "pipeline", "adapter": package / "ip_adapter.safetensors",
             "image_encoder": package / "image_encoder", "references": package / "references",
-            "clip": package / "clip", "simple_adapter": package / "simple_adapter.safetensors"}
+            "clip": package / "clip", "simple_adapter": package / "simple_adapter.safetensors",
+            "controlnet": package / "controlnet"}
 
 
 def toy_available(package: Path | None = None) -> bool:

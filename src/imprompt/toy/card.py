@@ -31,7 +31,10 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         "`imprompt eval`: its config, tokenizer, image processor and the two weights the towers lack; the towers are",
         "`pipeline/text_encoder` and `image_encoder` (`towers.json`; loaded by",
         "`imprompt.toy.models.load_shared_tower_clip`).",
-        "Weights are stored in fp16 (loaders cast them to the dtype asked for; imprompt loads fp32).", "",
+        "`controlnet/` is a toy ControlNet (`ControlNetModel.from_pretrained`) whose control image is the shape's",
+        "silhouette (`--control-preprocess toy_silhouette` makes one from any toy picture).",
+        "Weights are stored in fp16, the ControlNet's in fp8 e4m3fn (loaders cast them to the dtype asked for;",
+        "imprompt loads fp32).", "",
         "## How they were made", "",
         f"Seed {cfg.seed}; train split {cfg.train_size} images. Model sizes: `{spec}`.", "",
         "| stage | steps | batch | train time (s) | notes |", "|---|---|---|---|---|",
@@ -43,6 +46,9 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"| UNet (epsilon, 10% caption dropout, EMA {cfg.ema_decay}) | {get('unet', 'steps')} | {cfg.unet_batch} | {get('unet', 'train_seconds')} | lr {cfg.unet_lr} |",
         f"| IP-Adapter linear (`imprompt.training`) | {get('adapter', 'steps')} | 64 | {get('adapter', 'train_seconds_this_run')} | lr {cfg.adapter_lr}, partial captions; resumed runs count only the last |",
         f"| simple adapter (paper 4.4.1, `--variant shared`) | {get('simple_adapter', 'steps')} | 64 | {get('simple_adapter', 'train_seconds_this_run')} | same data, lr and seed |",
+        f"| ControlNet ({get('controlnet', 'variant')}: {get('controlnet', 'parameters')} weights, UNet frozen, "
+        f"{cfg.controlnet_caption_dropout:.0%} caption dropout) | {get('controlnet', 'steps')} | {cfg.controlnet_batch} | "
+        f"{get('controlnet', 'train_seconds')} | lr {cfg.controlnet_lr}, constant; the shapes' silhouettes as control |",
         "",
         "The adapters train on `adapter/data/train.jsonl` (`adapter_stages.adapter_data`): the train images with *partial*",
         "captions (`shapes.partial_caption`: each of shape, colour, style and background named with probability",
@@ -61,6 +67,9 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"- Image prompt alone (empty text, scale 1.0): `{json.dumps(get('quality', 'image_only'))}`",
         f"- Unconditional (no text, no image) vs the same references: `{json.dumps(get('quality', 'unconditional'))}`",
         f"- Image + text (multimodal), by scale: `{json.dumps(get('quality', 'multimodal'))}`",
+        f"- ControlNet (`controlnet/`, fp8 e4m3fn weights), empty text / the caption, control scale "
+        f"{get('controlnet', 'quality', 'control_scale')}: `{json.dumps(get('controlnet', 'quality', 'alone'))}` / "
+        f"`{json.dumps(get('controlnet', 'quality', 'with_caption'))}` (`imprompt toy control`; docs/toy-controlnet.md)",
         "", f"Quality settings: `{json.dumps({k: get('quality', k) for k in ('n', 'steps', 'guidance')})}` "
         "(test split, DPM-Solver++; see `imprompt.toy.quality`). Targets: text-to-image and image-only colour and",
         "background >= 90%, shape >= 80%; multimodal >= 75% each.", "",

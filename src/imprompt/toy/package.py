@@ -6,6 +6,7 @@ Layout (what :func:`imprompt.toy.toy_paths` names)::
     image_encoder/              CLIPVisionModelWithProjection + CLIPImageProcessor, beside the adapters:
                                 the official layout, where an adapter file finds its encoder next to it
     ip_adapter.safetensors      the linear IP-Adapter (official key format)
+    controlnet/                 ControlNetModel.from_pretrained folder: the toy ControlNet (silhouette control), fp8
     simple_adapter.safetensors  the simple adapter (paper 4.4.1), the evaluation's ablation
     clip/                       the scoring CLIP, sharing the pipeline's text tower and the image encoder
     references/                 example reference images and attributes.json
@@ -35,6 +36,17 @@ def _half_copy(component, folder: Path) -> None:
     """Save a diffusers/transformers model with fp16 weights (loaders cast back to the dtype asked for)."""
     component.to(torch.float16).save_pretrained(folder)
     component.to(torch.float32)
+
+
+def save_controlnet(source: Path, folder: Path) -> None:
+    """The toy ControlNet as a diffusers folder with float8 (e4m3fn) weights: 1.9 MB where fp16 takes 3.9 MB,
+    which does not fit the package budget beside the rest. fp8 e4m3fn is how the field halves fp16 checkpoints
+    (ComfyUI and diffusers read it and cast to the dtype asked for); ``ControlNetModel.from_pretrained`` loads
+    it as fp32. Its 3 mantissa bits round each weight by up to 6%; docs/toy-controlnet.md measures the
+    generations against the fp32 ControlNet's."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_pretrained(source, torch_dtype=torch.float32).to(torch.float8_e4m3fn).save_pretrained(folder)
 
 
 def _pick_references(cfg: BuildConfig, folder: Path) -> list[dict]:
@@ -78,6 +90,7 @@ def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
                      staging / "ip_adapter.safetensors")
         save_adapter(load_shared_adapter(workdir.adapter_file(cfg.work, "simple_adapter"), dtype=torch.float16),
                      staging / "simple_adapter.safetensors")
+        save_controlnet(cfg.work / "controlnet" / "model", staging / "controlnet")
         # The scoring CLIP (imprompt eval's --clip-model) shares the pipeline's text tower and the image encoder.
         models.save_shared_tower_clip(CLIPModel.from_pretrained(cfg.work / "clip" / "model"), staging / "clip",
                                       dtype=torch.float16)
