@@ -122,7 +122,7 @@ def test_build_stages_smoke(tmp_path):
     from diffusers import ControlNetModel
 
     trained = ControlNetModel.from_pretrained(cfg.work / "controlnet" / "model").state_dict()
-    packed = ControlNetModel.from_pretrained(paths["controlnet"], torch_dtype=torch.float32).state_dict()
+    packed = ControlNetModel.from_pretrained(paths["controlnet"], dtype=torch.float32).state_dict()
     assert packed.keys() == trained.keys()
     assert all(torch.equal(packed[k], v.to(torch.float8_e4m3fn).float()) for k, v in trained.items())
     scoring = models.load_shared_tower_clip(paths["clip"])
