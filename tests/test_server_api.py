@@ -348,3 +348,25 @@ def test_a_queued_tuning_job_reports_its_steps_and_can_be_cancelled(client):
     client.post(f"/v1/jobs/{long['id']}/cancel")
     stopped = app_wait(client, long["id"])
     assert stopped["state"] == "cancelled" and 1 <= stopped["step"] < 400
+
+
+def test_the_shipped_toy_controlnet_through_the_native_api(client):
+    """Issue 16: the package's ControlNet is listed by name and runs with the toy_silhouette preprocessor; the
+    returned map is the silhouette the reader draws, and the generation puts the shape where the map says."""
+    from imprompt.toy.judge import read
+    from imprompt.toy.reader import silhouette_of
+
+    folder = toy.toy_paths()["references"]
+    # the layout (large, centre) and the look (small, right) differ: a generation copying the look is caught
+    layout, look = folder / "solid-yellow-square-on-green.png", folder / "dotted-cyan-circle-on-red.png"
+    response = client.post("/v1/generate", json={
+        "prompt": "a square", "steps": 20, "seed": 0, "guidance": 3, "save_control_map": True,
+        "image_prompts": [{"adapter": "ip_adapter", "images": [b64(look)], "scale": 0.5}],
+        "controlnets": [{"controlnet": "controlnet", "image": b64(layout), "scale": 1.5,
+                         "preprocess": "toy_silhouette"}]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    np.testing.assert_array_equal(pixels_of(body["control_maps"][0]["png"]),
+                                  np.asarray(silhouette_of(Image.open(layout)).convert("RGB")))
+    generated = read(pixels_of(body["images"][0]["png"]))
+    assert (generated.size, generated.position) == ("large", "center")
