@@ -46,7 +46,9 @@ def save_controlnet(source: Path, folder: Path) -> None:
     generations against the fp32 ControlNet's."""
     from diffusers import ControlNetModel
 
-    ControlNetModel.from_pretrained(source, dtype=torch.float32).to(torch.float8_e4m3fn).save_pretrained(folder)
+    net = ControlNetModel.from_pretrained(source, dtype=torch.float32)
+    net.register_to_config(_name_or_path="controlnet")  # not the work folder's absolute path
+    net.to(torch.float8_e4m3fn).save_pretrained(folder)
 
 
 def _pick_references(cfg: BuildConfig, folder: Path) -> list[dict]:
