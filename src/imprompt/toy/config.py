@@ -91,8 +91,8 @@ class BuildConfig:
     controlnet_steps: int = _int(4000, "ControlNet training steps (UNet frozen, silhouette control)")
     controlnet_batch: int = _int(64, "ControlNet batch size")
     controlnet_lr: float = field(default=2e-4, metadata=option("ControlNet learning rate (constant after a warm-up)"))
-    # docs/toy-controlnet.md: shape alone 0.31 at 10%, 0.63 at 50% (the ControlNet paper's 3.3), 0.73 at 100%
-    # (the shipped run); with the caption the control is followed at 0.93-0.99 after any of them.
+    # docs/toy-controlnet.md, 2,000 steps: shape alone 0.31 at 10%, 0.63 at 50% (the ControlNet paper's 3.3), 0.73
+    # at 100%; with the caption the control is followed at 0.93-0.99 after any of them.
     controlnet_caption_dropout: float = field(default=1.0, metadata=option(
         "share of ControlNet training captions replaced by the empty text (the ControlNet paper, 3.3, drops "
         "half; the toy drops all, so that the control, not the caption, carries the shape)"))
