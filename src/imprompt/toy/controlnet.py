@@ -16,8 +16,8 @@ structural control", RQ3, measured in :mod:`imprompt.toy.control_quality`).
   random streams (:func:`imprompt.toy.loop.denoising_step`), and every caption dropped (the ControlNet
   paper, section 3.3, drops half so that the control, not the caption, carries the shape; on the toy
   the shape followed an empty-text control 31% of the time at the UNet's 10%, 63% at half, 73% at all;
-  2,000 steps each). Resumable through :class:`~imprompt.toy.loop.TrainingLoop`; saved as a diffusers folder ``controlnet/model``, which
-  :func:`imprompt.load_pipeline` takes as ``controlnet=``.
+  2,000 steps each). Resumable through :class:`~imprompt.toy.loop.TrainingLoop`; saved as a diffusers
+  folder ``controlnet/model``, which :func:`imprompt.load_pipeline` takes as ``controlnet=``.
 """
 
 from __future__ import annotations
