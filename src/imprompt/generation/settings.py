@@ -64,13 +64,12 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (0 < value <= MAX_SIDE and value % 8 == 0):
                 raise ValueError(f"{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {value}")
-        for name in ("guidance", "strength", "controlnet_scale", "control_guidance_start", "control_guidance_end"):
+        for name in ("guidance", "image_guidance", "strength", "controlnet_scale", "control_guidance_start",
+                     "control_guidance_end"):
             value = getattr(self, name)
-            for item in value if isinstance(value, (list, tuple)) else [value]:
+            for item in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
                 if not math.isfinite(item):
                     raise ValueError(f"{name} must be a finite number, got {item}")
-        if self.image_guidance is not None and not math.isfinite(self.image_guidance):
-            raise ValueError(f"image_guidance must be a finite number, got {self.image_guidance}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
