@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from imprompt.toy import build, judge, models, shapes, toy_paths
+from imprompt.toy import build, compose, judge, models, shapes, toy_paths
 from imprompt.toy import tokenizer as toy_tokenizer
 from imprompt.toy.config import STAGES, BuildConfig, ConfigError, StageSelection
 from imprompt.toy.loop import TrainingLoop
@@ -70,7 +70,7 @@ def test_build_stages_smoke(tmp_path):
                       vae_shape_weight=4, unet_steps=2,
                       unet_batch=8, adapter_steps=1, adapter_loosened_p=0.5,
                       quality_samples=2, quality_steps=2, controlnet_steps=2, controlnet_batch=8,
-                      controlnet_quality_samples=2, progress=False)
+                      controlnet_quality_samples=6, controlnet_compose_steps=2, progress=False)
     results = build.run(cfg, StageSelection(until="quality"))
     assert set(results) == set(STAGES[:STAGES.index("quality") + 1])
     assert results["tokenizer"]["longest_caption_tokens"] <= toy_tokenizer.MAX_LENGTH
@@ -96,6 +96,9 @@ def test_build_stages_smoke(tmp_path):
     control = build.run(cfg, StageSelection(stage="controlnet"))["controlnet"]
     assert control["steps"] == 2 and set(control["quality"]["alone"]) >= {"shape", "size", "position"}
     assert (cfg.work / "controlnet" / "model" / "config.json").is_file()
+    composed = build.run(cfg, StageSelection(stage="controlnet_compose"))["controlnet_compose"]
+    assert composed["steps"] == 2 and composed["pictures"] == len(compose.combinations("train"))
+    assert set(composed["quality"]["with_adapter"]) >= {"shape", "color", "background", "style", "all"}
 
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -118,10 +121,12 @@ def test_build_stages_smoke(tmp_path):
     paths = toy_paths(dest)
     assert paths["image_encoder"] == dest / "image_encoder" and not (dest / "pipeline" / "image_encoder").exists()
     assert CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).config.image_size == 32
-    # The ControlNet ships in fp8: each weight is the work folder's rounded to e4m3fn.
+    # The ControlNet ships in fp8: each weight is the work folder's (fine-tuned beside the adapter) rounded to e4m3fn.
     from diffusers import ControlNetModel
 
-    trained = ControlNetModel.from_pretrained(cfg.work / "controlnet" / "model").state_dict()
+    trained = ControlNetModel.from_pretrained(cfg.work / "controlnet_compose" / "model").state_dict()
+    alone = ControlNetModel.from_pretrained(cfg.work / "controlnet" / "model").state_dict()
+    assert not all(torch.equal(alone[k], v) for k, v in trained.items())
     packed = ControlNetModel.from_pretrained(paths["controlnet"], dtype=torch.float32).state_dict()
     assert packed.keys() == trained.keys()
     assert all(torch.equal(packed[k], v.to(torch.float8_e4m3fn).float()) for k, v in trained.items())
@@ -198,7 +203,7 @@ def _simulate(jobs: int, durations: dict[str, int], done=()) -> tuple[list[tuple
 
 def test_build_schedule_runs_independent_stages_side_by_side():
     durations = {"clip": 10, "robust_clip": 5, "vae": 28, "unet": 40, "adapter": 29, "simple_adapter": 28, "quality": 5,
-                 "controlnet": 30}
+                 "controlnet": 30, "controlnet_compose": 20}
     starts, total = _simulate(2, durations)
     started = {stage: (t, threads) for t, stage, threads in starts}
     assert [s for _, s, _ in starts] != list(STAGES)  # not the one-after-the-other order
@@ -224,4 +229,4 @@ def test_build_schedule_runs_independent_stages_side_by_side():
 def test_build_schedule_treats_stages_outside_the_build_as_done():
     starts, _ = _simulate(2, {}, done=STAGES[:STAGES.index("pipeline") + 1])
     assert [(t, s) for t, s, _ in starts] == [(0, "adapter"), (0, "simple_adapter"), (1, "quality"), (1, "controlnet"),
-                                              (2, "package")]
+                                              (2, "controlnet_compose"), (3, "package")]

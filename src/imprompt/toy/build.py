@@ -20,6 +20,8 @@ killed build resumes where it stopped::
     quality    the quality targets on the test split (imprompt.toy.quality)
     controlnet a ControlNet on the shapes' silhouettes, UNet frozen (imprompt.toy.controlnet); how well
                generations follow the control (imprompt.toy.control_quality)
+    controlnet_compose  the ControlNet fine-tuned with the adapter in the loop (imprompt.toy.compose), so
+               that its layout holds beside an image prompt of another shape; measured alone and beside it
     package    fp16 safetensors + tokenizer + configs + example references + MODEL_CARD.md -> toy/data/
 
 With ``jobs`` > 1 (the default is 2, one per core of the development machine), stages that do not
@@ -30,7 +32,7 @@ core far better than two (a two-thread toy UNet step is not twice as fast), so t
 each beat the same stages one after the other with two threads each.
 
 The stages live in :mod:`~imprompt.toy.stages` (base models), :mod:`~imprompt.toy.adapter_stages`,
-:mod:`~imprompt.toy.controlnet` and :mod:`~imprompt.toy.package`; their settings are
+:mod:`~imprompt.toy.controlnet`, :mod:`~imprompt.toy.compose` and :mod:`~imprompt.toy.package`; their settings are
 :class:`~imprompt.toy.config.BuildConfig`.
 """
 
@@ -45,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from . import adapter_stages, controlnet, package, robust_clip, stages, workdir
+from . import adapter_stages, compose, controlnet, package, robust_clip, stages, workdir
 from .config import STAGES, BuildConfig, StageSelection
 
 RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
@@ -53,7 +55,8 @@ RUNNERS: dict[str, Callable[[BuildConfig], dict]] = {
     "robust_clip": robust_clip.stage_robust_clip, "vae": stages.stage_vae, "latents": stages.stage_latents,
     "unet": stages.stage_unet, "pipeline": stages.stage_pipeline, "adapter": adapter_stages.stage_adapter,
     "simple_adapter": adapter_stages.stage_simple_adapter, "quality": adapter_stages.stage_quality,
-    "controlnet": controlnet.stage_controlnet, "package": package.stage_package,
+    "controlnet": controlnet.stage_controlnet, "controlnet_compose": compose.stage_controlnet_compose,
+    "package": package.stage_package,
 }
 assert tuple(RUNNERS) == STAGES
 
@@ -62,7 +65,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "tokenizer": ("data",), "clip": ("tokenizer",), "robust_clip": ("clip",), "vae": ("data",),
     "latents": ("clip", "vae"), "unet": ("latents",), "pipeline": ("unet", "robust_clip"), "adapter": ("pipeline",),
     "simple_adapter": ("pipeline",), "quality": ("adapter",), "controlnet": ("pipeline",),
-    "package": ("quality", "simple_adapter", "controlnet"),
+    "controlnet_compose": ("controlnet", "adapter"), "package": ("quality", "simple_adapter", "controlnet_compose"),
 }
 assert tuple(DEPENDS) == STAGES and all(STAGES.index(d) < STAGES.index(s) for s in STAGES for d in DEPENDS[s])
 

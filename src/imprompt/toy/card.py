@@ -49,6 +49,9 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"| ControlNet ({get('controlnet', 'variant')}: {get('controlnet', 'parameters')} weights, UNet frozen, "
         f"{cfg.controlnet_caption_dropout:.0%} caption dropout) | {get('controlnet', 'steps')} | {cfg.controlnet_batch} | "
         f"{get('controlnet', 'train_seconds')} | lr {cfg.controlnet_lr}, constant; the shapes' silhouettes as control |",
+        f"| ControlNet fine-tuned with the adapter in the loop (`imprompt.toy.compose`; the shipped one) | "
+        f"{get('controlnet_compose', 'steps')} | {cfg.controlnet_batch} | {get('controlnet_compose', 'train_seconds')} | "
+        f"lr {cfg.controlnet_compose_lr}, constant; control A, image prompt B, target A's layout in B's look |",
         "",
         "The adapters train on `adapter/data/train.jsonl` (`adapter_stages.adapter_data`): the train images with *partial*",
         "captions (`shapes.partial_caption`: each of shape, colour, style and background named with probability",
@@ -69,7 +72,10 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"- Image + text (multimodal), by scale: `{json.dumps(get('quality', 'multimodal'))}`",
         f"- ControlNet (`controlnet/`, fp8 e4m3fn weights), empty text / the caption, control scale "
         f"{get('controlnet', 'quality', 'control_scale')}: `{json.dumps(get('controlnet', 'quality', 'alone'))}` / "
-        f"`{json.dumps(get('controlnet', 'quality', 'with_caption'))}` (`imprompt toy control`; docs/toy-controlnet.md)",
+        f"`{json.dumps(get('controlnet', 'quality', 'with_caption'))}` before the fine-tuning beside the adapter; after it, "
+        f"alone / beside an image prompt of another shape (scale 1, empty text): "
+        f"`{json.dumps(get('controlnet_compose', 'quality', 'alone'))}` / "
+        f"`{json.dumps(get('controlnet_compose', 'quality', 'with_adapter'))}` (`imprompt toy control`; docs/toy-controlnet.md)",
         "", f"Quality settings: `{json.dumps({k: get('quality', k) for k in ('n', 'steps', 'guidance')})}` "
         "(test split, DPM-Solver++; see `imprompt.toy.quality`). Targets: text-to-image and image-only colour and",
         "background >= 90%, shape >= 80%; multimodal >= 75% each.", "",

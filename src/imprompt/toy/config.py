@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import ConfigError, option
 
 STAGES: tuple[str, ...] = ("data", "tokenizer", "clip", "robust_clip", "vae", "latents", "unet", "pipeline",
-                           "adapter", "simple_adapter", "quality", "controlnet", "package")
+                           "adapter", "simple_adapter", "quality", "controlnet", "controlnet_compose", "package")
 CONTROLNET_VARIANTS: tuple[str, ...] = ("light", "full")  # the keys of imprompt.toy.controlnet.VARIANTS
 
 
@@ -97,12 +97,19 @@ class BuildConfig:
         "share of ControlNet training captions replaced by the empty text (the ControlNet paper, 3.3, drops "
         "half; the toy drops all, so that the control, not the caption, carries the shape)"))
     controlnet_quality_samples: int = _int(100, "test references of the ControlNet stage's measurement")
+    # docs/toy-controlnet.md: beside an image prompt of another shape (scale 1, empty text) the control's shape
+    # held 0.03 of the time before this fine-tuning (imprompt.toy.compose); 0 steps ships the ControlNet stage's.
+    controlnet_compose_steps: int = _int(3000, "steps of the ControlNet's fine-tuning with the adapter in the loop")
+    controlnet_compose_lr: float = field(default=1e-4, metadata=option(
+        "learning rate of the ControlNet's fine-tuning with the adapter (constant)"))
     checkpoint_seconds: float = field(default=120.0, metadata=option("seconds between a training stage's checkpoints"))
     clip_max_minutes: float = field(default=10.0, metadata=option("cap on the CLIP stage's training time"))
     vae_max_minutes: float = field(default=28.0, metadata=option("cap on the VAE stage's training time"))
     unet_max_minutes: float = field(default=40.0, metadata=option("cap on the UNet stage's training time"))
     # 4,000 steps took 76 min on one thread of a shared CPU; the stage runs beside the adapters' (issue 15's build time)
     controlnet_max_minutes: float = field(default=80.0, metadata=option("cap on the ControlNet stage's training time"))
+    controlnet_compose_max_minutes: float = field(default=40.0, metadata=option(
+        "cap on the ControlNet's fine-tuning time beside the adapter"))
     progress: bool = field(default=True, metadata=option("progress bars"))
 
     def __post_init__(self):
@@ -113,11 +120,12 @@ class BuildConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("clip_steps", "robust_clip_steps", "vae_steps", "unet_steps", "unet_warmup", "adapter_steps",
-                     "controlnet_steps", "checkpoint_seconds"):
+                     "controlnet_steps", "controlnet_compose_steps", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("clip_lr", "robust_clip_lr", "vae_lr", "unet_lr", "adapter_lr", "controlnet_lr",
-                     "clip_max_minutes", "vae_max_minutes", "unet_max_minutes", "controlnet_max_minutes"):
+                     "controlnet_compose_lr", "clip_max_minutes", "vae_max_minutes", "unet_max_minutes",
+                     "controlnet_max_minutes", "controlnet_compose_max_minutes"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.controlnet_variant not in CONTROLNET_VARIANTS:
@@ -131,7 +139,7 @@ class BuildConfig:
             raise ConfigError(f"vae_shape_weight must be a finite number >= 0, got {self.vae_shape_weight}")
 
     def max_seconds(self, stage: str) -> float:
-        """The training-time cap of a stage (only CLIP, the VAE, the UNet and the ControlNet have one)."""
+        """The training-time cap of a stage (only CLIP, the VAE, the UNet and the ControlNet stages have one)."""
         minutes = getattr(self, f"{stage}_max_minutes", None)
         return float("inf") if minutes is None else 60.0 * minutes
 

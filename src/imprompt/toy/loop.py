@@ -63,7 +63,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def denoising_step(unet, optimizer: torch.optim.Optimizer, noise_scheduler, latents: torch.Tensor, text: torch.Tensor,
                    empty: torch.Tensor, caption_dropout: float, seed: int, step: int, controlnet=None,
-                   control: torch.Tensor | None = None) -> float:
+                   control: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None) -> float:
     """One step of text-conditioned diffusion training (paper section 3.3's objective for the UNet itself).
 
     From the step's random stream: which captions are replaced by the empty one, the noise and uniform
@@ -75,6 +75,8 @@ def denoising_step(unet, optimizer: torch.optim.Optimizer, noise_scheduler, late
     "Adding Conditional Control to Text-to-Image Diffusion Models", section 3.3: the same epsilon loss,
     the ControlNet seeing the same text and timestep); ``optimizer`` then holds the ControlNet's
     parameters and the UNet stays frozen. The random stream is the same either way.
+    ``cross_attention_kwargs`` go to the UNet (an attached adapter's image prompts,
+    :meth:`imprompt.adapter.attach.Attachment.prompt_call`; the ControlNet never sees them).
     """
     generator = step_generator(seed, step, 0)
     drop = torch.rand(len(latents), generator=generator) < caption_dropout
@@ -89,7 +91,7 @@ def denoising_step(unet, optimizer: torch.optim.Optimizer, noise_scheduler, late
             raise ValueError(f"a ControlNet step needs one control image per latent ({len(latents)}), found {found}")
         down, mid = controlnet(noisy, timesteps, text, controlnet_cond=control, return_dict=False)
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    prediction = unet(noisy, timesteps, text, **residuals).sample
+    prediction = unet(noisy, timesteps, text, cross_attention_kwargs=cross_attention_kwargs, **residuals).sample
     loss = F.mse_loss(prediction, diffusion_target(noise_scheduler, latents, noise, timesteps))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

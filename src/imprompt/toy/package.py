@@ -6,7 +6,8 @@ Layout (what :func:`imprompt.toy.toy_paths` names)::
     image_encoder/              CLIPVisionModelWithProjection + CLIPImageProcessor, beside the adapters:
                                 the official layout, where an adapter file finds its encoder next to it
     ip_adapter.safetensors      the linear IP-Adapter (official key format)
-    controlnet/                 ControlNetModel.from_pretrained folder: the toy ControlNet (silhouette control), fp8
+    controlnet/                 ControlNetModel.from_pretrained folder: the toy ControlNet (silhouette control,
+                                fine-tuned beside the adapter: imprompt.toy.compose), fp8
     simple_adapter.safetensors  the simple adapter (paper 4.4.1), the evaluation's ablation
     clip/                       the scoring CLIP, sharing the pipeline's text tower and the image encoder
     references/                 example reference images and attributes.json
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_dir
-from . import PACKAGE_DIR, models, workdir
+from . import PACKAGE_DIR, compose, models, workdir
 from .card import model_card
 from .config import STAGES, BuildConfig
 
@@ -92,7 +93,7 @@ def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
                      staging / "ip_adapter.safetensors")
         save_adapter(load_shared_adapter(workdir.adapter_file(cfg.work, "simple_adapter"), dtype=torch.float16),
                      staging / "simple_adapter.safetensors")
-        save_controlnet(cfg.work / "controlnet" / "model", staging / "controlnet")
+        save_controlnet(compose.model_folder(cfg.work), staging / "controlnet")
         # The scoring CLIP (imprompt eval's --clip-model) shares the pipeline's text tower and the image encoder.
         models.save_shared_tower_clip(CLIPModel.from_pretrained(cfg.work / "clip" / "model"), staging / "clip",
                                       dtype=torch.float16)

@@ -11,6 +11,7 @@ Layout (``work`` is ``BuildConfig.work``)::
     pipeline/                        the diffusers pipeline, and pipeline/image_encoder (robust_clip's vision tower)
     adapter/run, simple_adapter/run  imprompt.training output folders (ip_adapter.safetensors)
     controlnet/model                 the toy ControlNet (diffusers folder; controlnet/ also holds checkpoint.pt)
+    controlnet_compose/model         the same fine-tuned with the adapter in the loop (what the package ships)
     <stage>/done.json                written when a stage finishes: what it did and scored
 """
 
