@@ -30,7 +30,7 @@ def test_demo_adds_the_controlnet_column(tmp_path, capsys):
     controlled = Image.open(tmp_path / "00-3.png").info["parameters"]
     assert controlled.startswith(f"a {partner['shape']}\n")
     assert 'ControlNet 0: "Model: toy, Weight: 1.5, Preprocessor: toy_silhouette"' in controlled
-    assert "Weight: 0.5" in controlled  # the image prompt at the image + text scale
+    assert "IP-Adapter 0: \"Model: toy, Weight: 1," in controlled  # the image prompt at the column's own scale
     assert "ControlNet" not in Image.open(tmp_path / "00-0.png").info["parameters"]
     out = capsys.readouterr().out
     assert f"+ control + 'a {partner['shape']}'" in out and "/16 attributes as asked" in out

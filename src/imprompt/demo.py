@@ -52,9 +52,10 @@ class DemoConfig:
     scale: float = field(default=0.5, metadata=option("image prompt scale for the image + text prompts"))
     steps: int = field(default=20, metadata=option("denoising steps"))
     guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
-    # The measured setting with an image prompt at 0.5 and a text (docs/toy-results.md, section 6: the control's
-    # shape 83%, size and position 84%)
+    # The measured setting of the ControlNet column: image prompt 1, control 1.5, a text naming the control's shape
+    # (docs/toy-results.md, section 6: the control's shape 86%, size and position 96-99%, the reference's colour 95%)
     control_scale: float = field(default=1.5, metadata=option("ControlNet conditioning scale of the ControlNet column"))
+    control_image_scale: float = field(default=1.0, metadata=option("image prompt scale of the ControlNet column"))
 
     def check(self) -> None:
         if not 1 <= self.references <= 16:
@@ -146,8 +147,8 @@ def run(args: DemoConfig) -> int:
                 expected = dataclasses.replace(reference_attrs, shape=layout.shape, size=layout.size,
                                                position=layout.position)
                 text = f"a {layout.shape}"
-                row += [control, one(attachment, i, 3, item["file"], f"+ control + '{text}'", text, args.scale,
-                                     expected, reference, control)]
+                row += [control, one(attachment, i, 3, item["file"], f"+ control + '{text}'", text,
+                                     args.control_image_scale, expected, reference, control)]
             rows.append(row)
             labels.append(item["file"].removesuffix(".png"))
     columns = ["reference", "image only", "+ text: background", "+ text: colour"]
