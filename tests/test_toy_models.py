@@ -99,6 +99,8 @@ def test_build_stages_smoke(tmp_path):
     composed = build.run(cfg, StageSelection(stage="controlnet_compose"))["controlnet_compose"]
     assert composed["steps"] == 2 and composed["pictures"] == len(compose.combinations("train"))
     assert set(composed["quality"]["with_adapter"]) >= {"shape", "color", "background", "style", "all"}
+    assert composed["quality_named"]["control_scale"] == compose.NAMED_CONTROL_SCALE
+    assert set(composed["quality_named"]["with_adapter_and_text"]) >= {"shape", "color", "all"}
 
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection

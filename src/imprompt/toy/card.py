@@ -76,7 +76,10 @@ def model_card(cfg: BuildConfig, stages: dict) -> str:
         f"`{json.dumps(get('controlnet', 'quality', 'with_caption'))}` before the fine-tuning beside the adapter; after it, "
         f"alone / beside an image prompt of another shape (scale 1, empty text): "
         f"`{json.dumps(get('controlnet_compose', 'quality', 'alone'))}` / "
-        f"`{json.dumps(get('controlnet_compose', 'quality', 'with_adapter'))}` (`imprompt toy control`; docs/toy-controlnet.md)",
+        f"`{json.dumps(get('controlnet_compose', 'quality', 'with_adapter'))}`; with a text naming the control's shape, "
+        f"control scale {get('controlnet_compose', 'quality_named', 'control_scale')}: "
+        f"`{json.dumps(get('controlnet_compose', 'quality_named', 'with_adapter_and_text'))}` "
+        "(`imprompt toy control`; docs/toy-controlnet.md)",
         "", f"Quality settings: `{json.dumps({k: get('quality', k) for k in ('n', 'steps', 'guidance')})}` "
         "(test split, DPM-Solver++; see `imprompt.toy.quality`). Targets: text-to-image and image-only colour and",
         "background >= 90%, shape >= 80%; multimodal >= 75% each.", "",

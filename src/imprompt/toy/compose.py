@@ -158,23 +158,29 @@ def train_compose(cfg: BuildConfig) -> dict:
 
         info = loop.run(step)
     net.eval()
-    with atomic_dir(cfg.work / "controlnet_compose" / "model") as staging:
+    with atomic_dir(model_folder(cfg.work)) as staging:
         net.save_pretrained(staging)
     info["pictures"] = len(world)
     return info
 
 
+NAMED_CONTROL_SCALE = 1.5  # the measured setting with a text naming the shape (docs/toy-controlnet.md)
+
+
 def stage_controlnet_compose(cfg: BuildConfig) -> dict:
-    """Fine-tune, then measure the ControlNet alone and beside the adapter (image prompt at scale 1, empty text)."""
+    """Fine-tune, then measure the ControlNet alone and beside the adapter (image prompt at scale 1): with the
+    empty text at control scale 1 (``quality``), and with a text naming the control's shape at
+    :data:`NAMED_CONTROL_SCALE` (``quality_named``)."""
     from . import control_quality
 
     info = train_compose(cfg)
     started = time.perf_counter()
-    info["quality"] = control_quality.measure(
-        cfg.work / "pipeline", cfg.work / "controlnet_compose" / "model", cfg.work / "data" / "test",
-        adapter_file=workdir.adapter_file(cfg.work, "adapter"), image_encoder=workdir.image_encoder(cfg.work),
-        n=cfg.controlnet_quality_samples, steps=cfg.quality_steps, parts=("alone", "with_adapter"),
-        progress=cfg.progress)
+    common = dict(adapter_file=workdir.adapter_file(cfg.work, "adapter"), image_encoder=workdir.image_encoder(cfg.work),
+                  n=cfg.controlnet_quality_samples, steps=cfg.quality_steps, progress=cfg.progress)
+    folders = (cfg.work / "pipeline", model_folder(cfg.work), cfg.work / "data" / "test")
+    info["quality"] = control_quality.measure(*folders, parts=("alone", "with_adapter"), **common)
+    info["quality_named"] = control_quality.measure(*folders, parts=("with_adapter_and_text",),
+                                                    control_scale=NAMED_CONTROL_SCALE, **common)
     info["quality_seconds"] = round(time.perf_counter() - started, 1)
     return info
 

@@ -98,8 +98,8 @@ class BuildConfig:
         "half; the toy drops all, so that the control, not the caption, carries the shape)"))
     controlnet_quality_samples: int = _int(100, "test references of the ControlNet stage's measurement")
     # docs/toy-controlnet.md: with an image prompt of another shape (scale 1), control 1.5 and a text naming the
-    # control's shape, the shape held 0.86 of the time after 6,000 steps (0.03-0.40 before, by setting), the
-    # reference's colour 0.95; alone, shape 0.78 -> 0.82. 0 steps ships the ControlNet stage's model.
+    # control's shape, the shape held 0.86 of the time after 6,000 steps and the reference's colour 0.95 (trained
+    # alone, at best 0.76 with the colour 0.63); alone, shape 0.78 -> 0.82. 0 steps ships the ControlNet stage's.
     controlnet_compose_steps: int = _int(6000, "steps of the ControlNet's fine-tuning with the adapter in the loop")
     controlnet_compose_lr: float = field(default=1e-4, metadata=option(
         "learning rate of the ControlNet's fine-tuning with the adapter (constant)"))
