@@ -206,19 +206,21 @@ def test_measurement_with_the_adapter(tmp_path, monkeypatch):
     original = control_quality.controlled
 
     def recording(*args, **kwargs):
-        calls.append((list(args[2]), args[-1] if len(args) > 10 else kwargs.get("adapter_scale")))
+        calls.append((list(args[2]), args[-1] if len(args) > 10 else kwargs.get("adapter_scale"),
+                      kwargs.get("adapter_start")))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(control_quality, "controlled", recording)
     report = control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test",
                                      adapter_file=tmp_path / "ip_adapter.safetensors", n=3, steps=2,
                                      parts=("with_adapter", "with_adapter_and_text"), adapter_scale=0.5,
-                                     progress=False)
-    assert report["n"] == 3 and report["adapter_scale"] == 0.5 and "alone" not in report
+                                     adapter_start=0.3, progress=False)
+    assert report["n"] == 3 and (report["adapter_scale"], report["adapter_start"]) == (0.5, 0.3)
+    assert "alone" not in report
     for part in ("with_adapter", "with_adapter_and_text"):
         assert set(report[part]) == {"shape", "size", "position", "color", "background", "style", "control",
                                      "reference", "all"}
         assert all(0.0 <= v <= 1.0 for v in report[part].values())
-    assert calls == [([""] * 3, 0.5), ([f"a {s.attributes.shape}" for s in truth], 0.5)]
+    assert calls == [([""] * 3, 0.5, 0.3), ([f"a {s.attributes.shape}" for s in truth], 0.5, 0.3)]
     with pytest.raises(ValueError, match="with_adapter and with_adapter_and_text need adapter_file"):
         control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test", n=3, steps=2)

@@ -148,7 +148,8 @@ def train_compose(cfg: BuildConfig) -> dict:
             text = torch.cat([texts[n] for n in rows.named])
             kwargs = None
             if any(r is not None for r in rows.reference):
-                features = torch.cat([unconditional if r is None else cache["features"][r:r + 1] for r in rows.reference])
+                features = torch.cat([unconditional if r is None else cache["features"][r:r + 1]
+                                      for r in rows.reference])
                 kv = attachment.layer_kv(0, adapter.project(features), scale=rng.uniform(*SCALES),
                                          layer_scales=LayerScales())
                 kwargs = attachment.prompt_call([kv]).cross_attention_kwargs()
