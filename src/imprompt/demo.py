@@ -53,7 +53,7 @@ class DemoConfig:
     steps: int = field(default=20, metadata=option("denoising steps"))
     guidance: float = field(default=3.0, metadata=option("classifier-free guidance scale"))
     # The measured setting of the ControlNet column: image prompt 1, control 1.5, a text naming the control's shape
-    # (docs/toy-results.md, section 6: the control's shape 86%, size and position 96-99%, the reference's colour 95%)
+    # (docs/toy-results.md, section 6: the control's shape 86%, size and position 97-100%, the reference's colour 94%)
     control_scale: float = field(default=1.5, metadata=option("ControlNet conditioning scale of the ControlNet column"))
     control_image_scale: float = field(default=1.0, metadata=option("image prompt scale of the ControlNet column"))
 
