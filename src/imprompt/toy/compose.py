@@ -34,7 +34,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,28 +94,31 @@ def draw_rows(rng: random.Random, world: list[shapes.Attributes], index: dict[sh
 
 
 @torch.no_grad()
-def encode_world(pipe, encoder, world: list[shapes.Attributes], chunk: int = 256) -> dict[str, torch.Tensor]:
-    """Latents (the VAE's posterior mean, scaled), image features and control images of every picture."""
+def encode_world(pipe, encoder, adapter, world: list[shapes.Attributes], chunk: int = 256) -> dict[str, torch.Tensor]:
+    """What the training reads of every picture, computed once: latents (the VAE's posterior mean, scaled),
+    the frozen adapter's image tokens, control images; and ``no_image``, the tokens of the official "no image"
+    features (what guided generation's unconditional half sees)."""
     from ..training.tune import reference_latents
 
-    latents, features, controls = [], [], []
+    output = adapter.variant.encoder_output
+    latents, tokens, controls = [], [], []
     for i in range(0, len(world), chunk):
         part = world[i:i + chunk]
         pictures = [shapes.render(a) for a in part]
+        pixels = encoder.pixels(pictures)
         latents.append(reference_latents(pipe, pictures))
-        features.append(encoder.features(encoder.pixels(pictures), "image_embeds"))
+        tokens.append(adapter.project(encoder.features(pixels, output)))
         controls.append(control_pixels(np.stack([silhouette_array(a) for a in part])))
-    return {"latents": torch.cat(latents), "features": torch.cat(features), "controls": torch.cat(controls)}
+    no_image = adapter.project(encoder.unconditional(pixels[:1], output))
+    return {"latents": torch.cat(latents), "tokens": torch.cat(tokens), "controls": torch.cat(controls),
+            "no_image": no_image}
 
 
-@torch.no_grad()
 def text_states(pipe) -> dict[str | None, torch.Tensor]:
     """The text states of the empty text (key ``None``) and of ``a <shape>`` for every shape."""
-    def encode(text: str) -> torch.Tensor:
-        return pipe.encode_prompt(prompt=text, device="cpu", num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)[0]
+    from ..training.tune import text_conditions
 
-    return {None: encode(""), **{s: encode(f"a {s}") for s in shapes.SHAPES}}
+    return {None: text_conditions(pipe, "")[0], **{s: text_conditions(pipe, f"a {s}")[0] for s in shapes.SHAPES}}
 
 
 def train_compose(cfg: BuildConfig) -> dict:
@@ -130,14 +132,14 @@ def train_compose(cfg: BuildConfig) -> dict:
                                   workdir.image_encoder(cfg.work))
     unet = pipe.unet.eval().requires_grad_(False)
     adapter.requires_grad_(False)
-    net = ControlNetModel.from_pretrained(cfg.work / "controlnet" / "model", dtype=torch.float32).train()
+    net = ControlNetModel.from_pretrained(workdir.controlnet_folder(cfg.work, "controlnet"), dtype=torch.float32)
+    net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.controlnet_compose_lr, weight_decay=0.0)
     loop = training_loop(cfg, "controlnet_compose", cfg.controlnet_compose_steps, {"model": net, "opt": opt})
     world = combinations("train")
     index = {a: i for i, a in enumerate(world)}
-    cache = encode_world(pipe, encoder, world)
+    cache = encode_world(pipe, encoder, adapter, world)
     texts = text_states(pipe)
-    unconditional = torch.zeros_like(cache["features"][:1])  # the official "no image" image_embeds
     noise_scheduler = DDPMScheduler.from_config(models.SCHEDULER_CONFIG)
     empty = texts[None]
 
@@ -148,10 +150,9 @@ def train_compose(cfg: BuildConfig) -> dict:
             text = torch.cat([texts[n] for n in rows.named])
             kwargs = None
             if any(r is not None for r in rows.reference):
-                features = torch.cat([unconditional if r is None else cache["features"][r:r + 1]
-                                      for r in rows.reference])
-                kv = attachment.layer_kv(0, adapter.project(features), scale=rng.uniform(*SCALES),
-                                         layer_scales=LayerScales())
+                tokens = torch.cat([cache["no_image"] if r is None else cache["tokens"][r:r + 1]
+                                    for r in rows.reference])
+                kv = attachment.layer_kv(0, tokens, scale=rng.uniform(*SCALES), layer_scales=LayerScales())
                 kwargs = attachment.prompt_call([kv]).cross_attention_kwargs()
             return denoising_step(unet, opt, noise_scheduler, cache["latents"][rows.target], text, empty, 0.0,
                                   cfg.seed, i, controlnet=net, control=cache["controls"][rows.control],
@@ -159,7 +160,7 @@ def train_compose(cfg: BuildConfig) -> dict:
 
         info = loop.run(step)
     net.eval()
-    with atomic_dir(model_folder(cfg.work)) as staging:
+    with atomic_dir(workdir.controlnet_folder(cfg.work, "controlnet_compose")) as staging:
         net.save_pretrained(staging)
     info["pictures"] = len(world)
     return info
@@ -178,14 +179,10 @@ def stage_controlnet_compose(cfg: BuildConfig) -> dict:
     started = time.perf_counter()
     common = dict(adapter_file=workdir.adapter_file(cfg.work, "adapter"), image_encoder=workdir.image_encoder(cfg.work),
                   n=cfg.controlnet_quality_samples, steps=cfg.quality_steps, progress=cfg.progress)
-    folders = (cfg.work / "pipeline", model_folder(cfg.work), cfg.work / "data" / "test")
+    folders = (cfg.work / "pipeline", workdir.controlnet_folder(cfg.work, "controlnet_compose"),
+               cfg.work / "data" / "test")
     info["quality"] = control_quality.measure(*folders, parts=("alone", "with_adapter"), **common)
     info["quality_named"] = control_quality.measure(*folders, parts=("with_adapter_and_text",),
                                                     control_scale=NAMED_CONTROL_SCALE, **common)
     info["quality_seconds"] = round(time.perf_counter() - started, 1)
     return info
-
-
-def model_folder(work: Path) -> Path:
-    """The ControlNet the package ships: this stage's."""
-    return work / "controlnet_compose" / "model"

@@ -156,7 +156,7 @@ def train_controlnet(cfg: BuildConfig) -> dict:
 
     info = loop.run(step)
     net.eval()
-    with atomic_dir(cfg.work / "controlnet" / "model") as staging:
+    with atomic_dir(workdir.controlnet_folder(cfg.work, "controlnet")) as staging:
         net.save_pretrained(staging)
     info.update(variant=cfg.controlnet_variant, **size_report(net))
     return info
@@ -170,7 +170,7 @@ def stage_controlnet(cfg: BuildConfig) -> dict:
     info = train_controlnet(cfg)
     started = time.perf_counter()
     info["quality"] = control_quality.measure(
-        cfg.work / "pipeline", cfg.work / "controlnet" / "model", cfg.work / "data" / "test",
+        cfg.work / "pipeline", workdir.controlnet_folder(cfg.work, "controlnet"), cfg.work / "data" / "test",
         n=cfg.controlnet_quality_samples, steps=cfg.quality_steps, parts=("alone", "with_caption"),
         progress=cfg.progress)
     info["quality_seconds"] = round(time.perf_counter() - started, 1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_dir
-from . import PACKAGE_DIR, compose, models, workdir
+from . import PACKAGE_DIR, models, workdir
 from .card import model_card
 from .config import STAGES, BuildConfig
 
@@ -93,7 +93,7 @@ def stage_package(cfg: BuildConfig, dest: Path = PACKAGE_DIR) -> dict:
                      staging / "ip_adapter.safetensors")
         save_adapter(load_shared_adapter(workdir.adapter_file(cfg.work, "simple_adapter"), dtype=torch.float16),
                      staging / "simple_adapter.safetensors")
-        save_controlnet(compose.model_folder(cfg.work), staging / "controlnet")
+        save_controlnet(workdir.controlnet_folder(cfg.work, "controlnet_compose"), staging / "controlnet")
         # The scoring CLIP (imprompt eval's --clip-model) shares the pipeline's text tower and the image encoder.
         models.save_shared_tower_clip(CLIPModel.from_pretrained(cfg.work / "clip" / "model"), staging / "clip",
                                       dtype=torch.float16)

@@ -40,6 +40,11 @@ def image_encoder(work: Path) -> Path:
     return work / "pipeline" / "image_encoder"
 
 
+def controlnet_folder(work: Path, stage: str) -> Path:
+    """The ControlNet a ControlNet stage (``controlnet`` or ``controlnet_compose``) saved."""
+    return work / stage / "model"
+
+
 def adapter_file(work: Path, stage: str) -> Path:
     """The adapter trained by an adapter stage (``adapter`` or ``simple_adapter``)."""
     return work / stage / "run" / "ip_adapter.safetensors"
