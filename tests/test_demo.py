@@ -22,9 +22,22 @@ def test_layout_partner_is_the_next_picture_with_another_shape():
         layout_partner(catalogue[:2], 0)
 
 
-@pytest.mark.slow  # about 10 s: five generations on the shipped toy models
-def test_demo_adds_the_controlnet_column(tmp_path, capsys):
-    assert run(DemoConfig(output=str(tmp_path), references=1, steps=4)) == 0
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One default demo run on one reference (about 10 s: five generations on the shipped toy models), and what
+    it printed."""
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("demo"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run(DemoConfig(output=str(out), references=1, steps=4)) == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_adds_the_controlnet_column(demo_run):
+    tmp_path, out = demo_run
     shipped = json.loads((toy_paths()["references"] / "attributes.json").read_text())
     partner = shipped[layout_partner(shipped, 0)]
     controlled = Image.open(tmp_path / "00-3.png").info["parameters"]
@@ -32,5 +45,16 @@ def test_demo_adds_the_controlnet_column(tmp_path, capsys):
     assert 'ControlNet 0: "Model: toy, Weight: 1.5, Preprocessor: toy_silhouette"' in controlled
     assert "IP-Adapter 0: \"Model: toy, Weight: 1," in controlled  # the image prompt at the column's own scale
     assert "ControlNet" not in Image.open(tmp_path / "00-0.png").info["parameters"]
-    out = capsys.readouterr().out
     assert f"+ control + 'a {partner['shape']}'" in out and "/16 attributes as asked" in out
+
+
+@pytest.mark.slow  # plus about 8 s: the demo again without text diffs
+def test_demo_image_and_text_columns_carry_the_text_diff(demo_run, tmp_path):
+    out, _ = demo_run
+    background = Image.open(out / "00-1.png").info["parameters"]
+    text = background.split("\n")[0]
+    assert text.endswith(" background")
+    assert f"-> {text} (0.3)" in background and "Weight: 1," in background
+    assert "Text diff" not in Image.open(out / "00-0.png").info["parameters"]  # the image alone
+    assert run(DemoConfig(output=str(tmp_path / "off"), references=1, steps=4, text_diff=0.0, scale=0.5)) == 0
+    assert "Text diff" not in Image.open(tmp_path / "off" / "00-1.png").info["parameters"]

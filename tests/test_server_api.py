@@ -114,6 +114,22 @@ def test_native_api_and_png_info_round_trip(client):
     assert [i["seed"] for i in result["images"]] == [5]
 
 
+def test_a_text_diff_through_the_native_api_equals_the_clis(client, tmp_path):
+    """The server finds the toy CLIP's text tower as the CLI does, and gives the same pixels."""
+    paths = toy.toy_paths()
+    spec = {"adapter": "ip_adapter", "images": [b64(REFS[0])], "scale": 1.0,
+            "text_diff": "a red circle -> a blue circle", "text_diff_strength": 0.4}
+    served = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 4, "seed": 3, "guidance": 7,
+                                               "image_prompts": [spec]})
+    assert served.status_code == 200, served.text
+    assert "Text diff: a red circle -> a blue circle (0.4)" in served.json()["images"][0]["parameters"]
+    cli = cli_pixels(tmp_path, "--adapter", str(paths["adapter"]), "--image", str(REFS[0]), "--scale", "1",
+                     "--text-diff", "a red circle -> a blue circle", "--text-diff-strength", "0.4")
+    np.testing.assert_array_equal(pixels_of(served.json()["images"][0]["png"]), cli)
+    plain = cli_pixels(tmp_path, "--adapter", str(paths["adapter"]), "--image", str(REFS[0]), "--scale", "1")
+    assert not np.array_equal(plain, cli)
+
+
 def test_listings_a1111_clients_read(client):
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["model_name"] for m in models] == ["pipeline"]

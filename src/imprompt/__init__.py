@@ -33,6 +33,7 @@ _EXPORTS = {
     "GenerationSettings": ".generation.settings",
     "load_pipeline": ".generation.pipelines",
     "ImagePrompt": ".generation.prompts",
+    "TextDiff": ".generation.text_diff", "TextTower": ".generation.text_diff", "text_diff": ".generation.text_diff",
     "TuneOptions": ".training.tune", "tune": ".training.tune",
 }
 

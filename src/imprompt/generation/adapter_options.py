@@ -9,6 +9,7 @@ read what they name.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .embeds import ImageFeatures, load_embeds
 from .pipelines import resolve_model
 from .faceid import load_face_embedding
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt
+from .text_diff import (ARROW, DEFAULT_STRENGTH, TextDiff, TextTower, check_takes_text_diff, parse_text_diff,
+                        text_diff)
 from .tiles import TileOptions
 
 if TYPE_CHECKING:
@@ -62,6 +65,8 @@ class AdapterOptions:
     negative_noise: NegativeNoise | None = None
     embeds: str | None = None  # saved encoder features used instead of images (imprompt encode)
     tiles: TileOptions | None = None
+    text_diff: tuple[str, str] | None = None  # (from, to): DALL-E 2's text diff (imprompt.generation.text_diff)
+    text_diff_strength: float = DEFAULT_STRENGTH
     # FaceID adapters only (imprompt.generation.faceid)
     face_embeddings: tuple[str, ...] = ()  # .npy / .safetensors files, (512,) or (n, 512) each
     lora_scale: float = 1.0
@@ -83,6 +88,8 @@ class AdapterOptions:
             "Negative noise": self.negative_noise.describe() if self.negative_noise else None,
             "Embeds": Path(self.embeds).name if self.embeds else None,
             "Tiles": self.tiles.describe() if self.tiles else None,
+            "Text diff": f"{self.text_diff[0]} {ARROW} {self.text_diff[1]} ({self.text_diff_strength:g})"
+            if self.text_diff else None,
             "Face embeddings": "+".join(Path(p).name for p in self.face_embeddings) or None,
             "LoRA scale": f"{self.lora_scale:g}" if self.lora_scale != 1.0 else None,
             "Shortcut": {True: "on", False: "off", None: None}[self.shortcut],
@@ -201,6 +208,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def _fraction_of_arc(text: str) -> float:
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected the fraction of the way to the text diff's direction, 0 to 1 (0.25-0.5 usual)")
+    return value
+
+
 def _on_off(text: str) -> bool:
     if text.lower() not in ("on", "off", "true", "false", "1", "0"):
         raise ValueError("expected on or off")
@@ -209,7 +223,7 @@ def _on_off(text: str) -> bool:
 
 PER_ADAPTER = ("scale", "combine", "weights", "layers", "start", "end", "mask", "negative_image", "image_encoder",
                "weight_type", "composition_scale", "embeds_scaling", "negative_noise",
-               "embeds", "tiles", "tile_overlap", "tile_sharpen",
+               "embeds", "tiles", "tile_overlap", "tile_sharpen", "text_diff", "text_diff_strength",
                "face_embedding", "lora_scale", "shortcut", "s_scale")
 
 
@@ -242,6 +256,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
     lora_scales = per_adapter(request.lora_scale, count, _scale, 1.0, "lora_scale")
     shortcuts = per_adapter(request.shortcut, count, _on_off, None, "shortcut")
     s_scales = per_adapter(request.s_scale, count, _scale, 1.0, "s_scale")
+    diffs = per_adapter(request.text_diff, count, parse_text_diff, None, "text_diff")
+    diff_strengths = per_adapter(request.text_diff_strength, count, _fraction_of_arc, None, "text_diff_strength")
     if request.mask and len(request.mask) != len(request.image):
         raise ValueError(f"give one --mask per --image: {len(request.image)} images, {len(request.mask)} masks")
     # Masks pair with --image in command-line order, whichever adapter each image goes to.
@@ -294,6 +310,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
         if combine == "subtract" and len(images[i]) < 2:
             raise ValueError(f"--combine subtract (adapter {i}) takes the later images away from the first: "
                              f"give at least two --image {i}=PATH")
+        if diff_strengths[i] is not None and diffs[i] is None:
+            raise ValueError(f"--text-diff-strength for adapter {i} needs a --text-diff {i}='FROM {ARROW} TO'")
         if not starts[i] < ends[i]:
             raise ValueError(f"adapter {i}: --start {starts[i]:g} must be below --end {ends[i]:g}")
         options.append(AdapterOptions(
@@ -304,7 +322,8 @@ def adapter_options(request: GenerateRequest) -> list[AdapterOptions]:
             negative_noise=noises[i],
             embeds=embeds[i][0] if embeds[i] else None, tiles=tile_options,
             face_embeddings=tuple(face_embeddings[i]), lora_scale=lora_scales[i], shortcut=shortcuts[i],
-            s_scale=s_scales[i],
+            s_scale=s_scales[i], text_diff=diffs[i],
+            text_diff_strength=DEFAULT_STRENGTH if diff_strengths[i] is None else diff_strengths[i],
         ))
     return options
 
@@ -361,3 +380,49 @@ def encoder_path(o: AdapterOptions, adapter_file: Path, adapter, catalog: Catalo
         given = Path(o.image_encoder)
         return given if given.is_file() else resolve_model(o.image_encoder, "image encoder")
     return find_encoder(adapter_file, adapter.variant, catalog)
+
+
+def text_diff_tower_path(options: Sequence[AdapterOptions], adapter_files: Sequence[Path], adapters: Sequence,
+                         given: str | None, catalog: Catalog | None) -> Path | None:
+    """Where the text diffs' CLIP text tower is: ``given``, else an adapter's image encoder folder when it
+    holds a whole CLIP (both towers); None: look in the pipeline (SDXL's ``text_encoder_2``)."""
+    if given:
+        return Path(given) if Path(given).exists() else resolve_model(given, "CLIP text tower")
+    for o, file, adapter in zip(options, adapter_files, adapters):
+        if o.text_diff is None or not adapter.variant.uses_image_encoder:
+            continue
+        path = encoder_path(o, file, adapter, catalog)
+        if path is not None and _is_whole_clip(path):
+            return path
+    return None
+
+
+def _is_whole_clip(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+    except (OSError, ValueError, AttributeError):  # no folder / config, or not a JSON object
+        return False
+
+
+def text_diffs(options: Sequence[AdapterOptions], adapters: Sequence, encoders: Sequence[ImageEncoder | None],
+               tower: TextTower | None) -> list[TextDiff | None]:
+    """Each adapter's text diff (None where it has none), its direction embedded by ``tower``, checked
+    against the adapter's kind and its image embeddings' width."""
+    out: list[TextDiff | None] = []
+    for o, adapter, encoder in zip(options, adapters, encoders):
+        if o.text_diff is None:
+            out.append(None)
+            continue
+        check_takes_text_diff(adapter.variant, o.index)
+        width = encoder.output_width("image_embeds") if encoder is not None else None
+        if tower is None:
+            raise ValueError(f"--text-diff for adapter {o.index} needs the CLIP text tower of its image encoder "
+                             f"({width or 'its'}-wide image embeddings), and neither the pipeline nor the image encoder "
+                             "folder has one: give --text-diff-encoder FOLDER (for SD1.5 IP-Adapters, ViT-H: "
+                             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+        if width is not None and tower.width != width:
+            raise ValueError(f"--text-diff-encoder gives {tower.width}-wide text embeddings, but adapter {o.index}'s "
+                             f"image encoder gives {width}-wide image embeddings: a text diff needs the text tower of "
+                             "the image encoder's own CLIP")
+        out.append(text_diff(tower, *o.text_diff, o.text_diff_strength))
+    return out

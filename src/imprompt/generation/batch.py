@@ -37,7 +37,8 @@ from .cache import CachedLoader, EmbeddingCache, ModelCache
 from .controls import split_target
 from .pnginfo import save_png
 from .outputs import infotext
-from .request import GenerateRequest, load_models, prepare, read_inputs, render
+from .loading import load_models
+from .request import GenerateRequest, prepare, read_inputs, render
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -5,7 +5,7 @@
   second request (server) or grid cell (``imprompt grid``) with the same model starts at once.
 - :class:`EmbeddingCache`: CLIP features by the content of the preprocessed pixels (sha256 of the
   tensor), so a reference seen again is not encoded again. Exact: the same pixels give the same tensor.
-- :class:`CachedLoader`: :class:`~imprompt.generation.request.ModelLoader` through both.
+- :class:`CachedLoader`: :class:`~imprompt.generation.loading.ModelLoader` through both.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from ..encoding import ImageEncoder
 from .adapter_options import encoder_path
-from .request import GenerateRequest, ModelLoader
+from .loading import ModelLoader
+from .request import GenerateRequest
 
 
 def module_bytes(obj: Any) -> int:
@@ -109,7 +110,7 @@ class CachingEncoder(ImageEncoder):
 
 
 class CachedLoader(ModelLoader):
-    """:class:`~imprompt.generation.request.ModelLoader` through the server's caches."""
+    """:class:`~imprompt.generation.loading.ModelLoader` through the server's caches."""
 
     def __init__(self, models: ModelCache, embeddings: EmbeddingCache):
         self.models, self.embeddings = models, embeddings
@@ -146,6 +147,10 @@ class CachedLoader(ModelLoader):
 
             out.append(self.models.get(("encoder", self._stamp(path), str(dtype), str(device)), load))
         return out
+
+    def text_tower(self, path: Path, dtype: torch.dtype, device: torch.device):
+        return self.models.get(("text tower", self._stamp(path), str(dtype), str(device)),
+                               lambda: super(CachedLoader, self).text_tower(path, dtype, device))
 
     def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
         key = ("pipeline", self._stamp(Path(request.model)), request.task,

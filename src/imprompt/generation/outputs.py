@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .adapter_options import AdapterOptions
-    from .request import GenerateRequest, Inputs, LoadedModels
+    from .loading import LoadedModels
+    from .request import GenerateRequest, Inputs
 
 
 def save_numbered_png(out_dir: Path, index: int, seed: int, image, text: str) -> tuple[Path, int]:

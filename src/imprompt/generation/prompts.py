@@ -24,6 +24,7 @@ from ..adapter.weight_types import check_weight_type, layer_weights
 from ..encoding import CropMode, ImageEncoder, ImageInputError, check_encoder
 from .negative_noise import NegativeNoise
 from .embeds import ImageFeatures, check_features, encode_references, fill_unconditional
+from .text_diff import TextDiff, check_takes_text_diff
 from .tiles import TileOptions, region_mask
 from .faceid import FaceEmbeddingLike, check_face_embeddings, faceid_tokens
 
@@ -51,6 +52,8 @@ class ImagePrompt:
     ``embeds``: encoder features computed before (``imprompt encode``, diffusers, ComfyUI), used
     instead of ``images``. ``tiles``: each reference is cut into encoder-sized tiles, each a unit
     (:mod:`imprompt.generation.tiles`); ``combine``, ``weights`` and ``masks`` still count references.
+    ``text_diff``: DALL-E 2's edit of the (combined) image embedding by two texts
+    (:mod:`imprompt.generation.text_diff`); adapters that read ``image_embeds`` only.
     """
 
     images: Sequence[Image.Image] = ()
@@ -70,6 +73,7 @@ class ImagePrompt:
     negative_noise: NegativeNoise | None = None
     embeds: ImageFeatures | None = None
     tiles: TileOptions | None = None
+    text_diff: TextDiff | None = None
 
     # FaceID adapters only (imprompt.generation.faceid): insightface face-ID embeddings, (512,) or
     # (n, 512) or a list (None: computed from ``images`` when insightface is installed); the LoRA's
@@ -118,6 +122,8 @@ class ImagePrompt:
             raise ValueError("combine='subtract' takes the later images away from the first: give at least two images")
         check_weight_type(self.weight_type)
         check_embeds_scaling(self.embeds_scaling)
+        if self.text_diff is not None:
+            self.text_diff.check()
         if self.composition_scale is not None and not math.isfinite(self.composition_scale):
             raise ValueError(f"composition_scale must be a finite number, got {self.composition_scale}")
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -214,6 +220,8 @@ def prepare_image_prompt(prompt: ImagePrompt, attachment: Attachment, encoder: I
     adapter = attachment.adapters[prompt.adapter]
     variant = adapter.variant
     features = None  # the CLIP features behind the tokens (None for FaceID's face embeddings)
+    if prompt.text_diff is not None:
+        check_takes_text_diff(variant, prompt.adapter)
     if variant.is_faceid:
         tokens_uncond, tokens_cond = _faceid_tokens(prompt, adapter, encoder)
         if prompt.masks is not None and len(prompt.masks) != tokens_cond.shape[0]:
@@ -285,6 +293,8 @@ def _image_tokens(prompt: ImagePrompt, adapter, encoder: ImageEncoder) -> tuple[
                          f"use combine='concat' with them (got {prompt.combine!r})")
     unit_weights = features.unit_weights(prompt.weights)
     cond = combine_features(features.conditional, prompt.combine, unit_weights)
+    if prompt.text_diff is not None:
+        cond = prompt.text_diff.apply(cond)
     if features.unconditional.shape[0] == 1:  # one for all units (negative images): after combining
         uncond = features.unconditional.expand_as(cond)
     else:

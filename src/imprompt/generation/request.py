@@ -33,30 +33,29 @@ if TYPE_CHECKING:
     from PIL import Image
 
 from ..adapter.attach import attach
-from ..adapter.checkpoint import load_adapter
 from ..adapter.embeds_scaling import EMBEDS_SCALING
 from ..adapter.layers import PRESETS
 from ..adapter.weight_types import WEIGHT_TYPES
 from ..config import option
-from ..encoding import CROP_MODES, ImageEncoder, check_encoder, load_image
+from ..encoding import CROP_MODES, load_image
 from ..files import check_writable_folder, remove_debris
 from ..models.catalog import Catalog, resolve_name, roots_from
 from .acceleration import Acceleration
-from .adapter_options import (AdapterOptions, ImageReader, adapter_options, load_encoders, load_image_prompts,
-                              split_target)
+from .adapter_options import AdapterOptions, ImageReader, adapter_options, load_image_prompts, split_target
 from .controls import as_call_value, control_options
 from .embeds import ImageFeatures, load_embeds
 from .generate import generate
 from .matrix import matrix_grid, matrix_prompts
 from .networks import Networks, prompt_tags
 from .outputs import infotext, next_index, save_control_maps, save_numbered_png
-from .pipelines import (DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, load_pipeline, pick_device, pick_dtype,
-                        resolve_file)
+from .loading import LoadedModels, load_models
+from .pipelines import DTYPE_NAMES, OFFLOAD_MODES, MemoryOptions, pick_device, pick_dtype
 from .pnginfo import save_png
 from .preprocess import PREPROCESSORS
 from .prompts import COMBINE_MODES, DEFAULT_SCALE, ImagePrompt, encode_image_prompts
 from .reference import REFERENCE_MODES, ReferenceOptions
 from .settings import MAX_SEED, GenerationSettings
+from .text_diff import DEFAULT_STRENGTH
 
 DTYPES = DTYPE_NAMES
 MAX_BATCH = 64
@@ -133,6 +132,17 @@ class GenerateRequest(GenerationSettings):
         "(default: on for files named *v2*)"))
     s_scale: list[str] = field(default_factory=list, metadata=option(
         "FaceID-PlusV2: weight of the CLIP part with --shortcut on (s_scale), VALUE or N=VALUE (default 1)"))
+    text_diff: list[str] = field(default_factory=list, metadata=option(
+        "edit the image prompt with two texts (DALL-E 2's text diff, base adapters): 'FROM -> TO', FROM describing "
+        "the reference, TO the change, e.g. 'blue background -> green background'; or N='FROM -> TO'",
+        metavar="'FROM -> TO'"))
+    text_diff_strength: list[str] = field(default_factory=list, metadata=option(
+        f"how far the image embedding turns towards the text diff, 0 to 1 (default {DEFAULT_STRENGTH}; 0.25-0.5 "
+        "usual), or N=VALUE"))
+    text_diff_encoder: str | None = field(default=None, metadata=option(
+        "the CLIP text tower of the image encoder, for --text-diff: a whole CLIP folder or a text model with "
+        "projection (default: the pipeline's, as SDXL's text_encoder_2, or the image encoder folder's)",
+        metavar="PATH"))
     crop: str = field(default="center", metadata=option(
         "reference preprocessing: center crop (CLIP) or pad to square", choices=list(CROP_MODES)))
     init_image: str | None = field(default=None, metadata=option("img2img / inpainting start image", metavar="PATH"))
@@ -311,6 +321,15 @@ def with_toy_defaults(request: GenerateRequest, log: Callable[[str], None]) -> G
     return dataclasses.replace(request, **changes)
 
 
+def with_toy_text_tower(request: GenerateRequest) -> GenerateRequest:
+    """Text diffs on the toy model: its CLIP's text tower (the image encoder's partner) unless one is given."""
+    from .. import toy
+
+    if request.text_diff and not request.text_diff_encoder and toy.is_toy_model(request.model):
+        return dataclasses.replace(request, text_diff_encoder=str(toy.toy_paths()["clip"]))
+    return request
+
+
 @dataclass
 class Inputs:
     """The small inputs of a request, read before any model loads."""
@@ -346,50 +365,6 @@ def reference_options(request: GenerateRequest, inputs: Inputs) -> ReferenceOpti
     return request.reference(inputs.reference) if inputs.reference is not None else None
 
 
-@dataclass
-class LoadedModels:
-    pipe: object
-    adapters: list
-    encoders: list[ImageEncoder]
-    device: torch.device
-    dtype: torch.dtype
-    networks: Networks | None = None  # LoRAs and embeddings by name, for the prompts' tags and words
-
-
-class ModelLoader:
-    """Loads what a request needs, afresh each time (the CLI). The server's loader keeps models between
-    requests (:class:`imprompt.server.engine.CachedLoader`)."""
-
-    def adapter(self, file: Path, dtype: torch.dtype):
-        return load_adapter(file, dtype)
-
-    def encoders(self, options, files, adapters, dtype, device, catalog) -> list[ImageEncoder]:
-        return load_encoders(options, files, adapters, dtype, device, catalog)
-
-    def networks(self, catalog: Catalog | None) -> Networks:
-        return Networks.from_catalog(catalog)
-
-    def pipeline(self, request: GenerateRequest, dtype: torch.dtype, device: torch.device):
-        return load_pipeline(request.model, request.task, controlnet=request.controlnet or None, dtype=dtype,
-                             device=device, memory=request.memory, model_config=request.model_config)
-
-
-def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], catalog: Catalog | None,
-                loader: ModelLoader | None = None) -> LoadedModels:
-    """The adapters, their image encoders (checked against each other), then the pipeline."""
-    loader = loader or ModelLoader()
-    device = pick_device(request.device)
-    dtype = pick_dtype(request.dtype, device)
-    adapter_files = [resolve_file(o.file, "adapter") for o in options]
-    adapters = [loader.adapter(f, dtype) for f in adapter_files]
-    encoders = loader.encoders(options, adapter_files, adapters, dtype, device, catalog)
-    for adapter, encoder in zip(adapters, encoders):
-        if encoder is not None:  # None: a FaceID adapter that reads no CLIP features
-            check_encoder(adapter.variant, encoder)
-    return LoadedModels(loader.pipeline(request, dtype, device), adapters, encoders, device, dtype,
-                        loader.networks(catalog))
-
-
 @dataclass(frozen=True)
 class Rendered:
     """One generated image, its seed and its A1111 parameters text."""
@@ -411,6 +386,7 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
     reference = reference_options(request, inputs)
     acceleration = request.acceleration
     parameters = infotext(request, options, models, inputs)
+    prompts = models.with_text_diffs(inputs.prompts)
     attachment = attach(pipe.unet, models.adapters) if models.adapters else None
     try:
         for first in range(0, request.num_images, request.batch_size):
@@ -419,7 +395,7 @@ def render(request: GenerateRequest, options: Sequence[AdapterOptions], models: 
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             settings = request.settings(seed=None, num_images=len(seeds),
                                         extra={**request.extra, "generator": generators})
-            images = generate(pipe, attachment, settings, inputs.prompts, models.encoders, init_image=inputs.init,
+            images = generate(pipe, attachment, settings, prompts, models.encoders, init_image=inputs.init,
                               mask_image=inputs.mask, control_image=inputs.control, callback=callback,
                               networks=models.networks, reference=reference, acceleration=acceleration)
             yield [Rendered(s, image, parameters(s, image)) for s, image in zip(seeds, images)]
@@ -439,7 +415,7 @@ def prepare(request: GenerateRequest, log: Callable[[str], None] = print, catalo
     if catalog is None:
         roots = roots_from(request.models_dir)
         catalog = Catalog.scan(roots) if roots else None
-    request = with_toy_defaults(resolve_names(request, catalog), log)
+    request = with_toy_text_tower(with_toy_defaults(resolve_names(request, catalog), log))
     from .. import toy
 
     if catalog is None and toy.is_toy_model(request.model):  # the toy world's own LoRA and embedding, by name

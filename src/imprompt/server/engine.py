@@ -29,8 +29,9 @@ from PIL import Image
 from ..generation.cache import CachedLoader, EmbeddingCache, ModelCache
 from ..generation.embeds import ImageFeatures, embeds_file_bytes
 from ..generation.outputs import next_index, save_control_maps, save_numbered_png
-from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, load_models, pick_seed, prepare,
-                                  read_inputs, render)
+from ..generation.loading import load_models
+from ..generation.request import (AdapterOptions, GenerateRequest, Inputs, Rendered, pick_seed, prepare, read_inputs,
+                                  render)
 from ..models.catalog import Catalog
 from ..training.tune import TuneConfig, TuneOptions, prepare_tune, tune_loaded
 from .config import ServerConfig

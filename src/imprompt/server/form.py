@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
+from ..generation.text_diff import DEFAULT_STRENGTH
 from ..training.tune import TuneConfig
 
 MODEL_DEFAULT = "model default"
@@ -36,6 +37,8 @@ class UnitForm:
     mask: Image.Image | None = None  # painted in the page: white = this unit acts there
     negative_image: str | None = None
     embeds: str | None = None  # an uploaded embeds file (imprompt encode / tune) used instead of images
+    text_diff: str = ""  # 'FROM -> TO' (imprompt.generation.text_diff); empty: none
+    text_diff_strength: float = DEFAULT_STRENGTH
 
 
 @dataclass
@@ -82,7 +85,8 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
     reference name`` files an image (or features) for the engine (the name is what PNG info shows).
     Enabled units become adapters 0, 1, ... (``N=`` values); messages name the unit as the page numbers it."""
     values: dict[str, list[str]] = {k: [] for k in ("adapter", "image", "scale", "layers", "start", "end", "mask",
-                                                    "negative_image", "weights", "image_encoder", "embeds")}
+                                                    "negative_image", "weights", "image_encoder", "embeds",
+                                                    "text_diff", "text_diff_strength")}
     units = [(number, u) for number, u in enumerate(form.units, 1) if u.enabled]
     masked = any(u.mask is not None for _, u in units)
     for i, (number, unit) in enumerate(units):
@@ -117,6 +121,9 @@ def form_request(form: Form, lookup: Callable[[str, str], str], read_image: Call
             values["image_encoder"].append(f"{i}={lookup(unit.image_encoder, 'image_encoder')}")
         values["start"].append(f"{i}={unit.start:g}")
         values["end"].append(f"{i}={unit.end:g}")
+        if unit.text_diff.strip():
+            values["text_diff"].append(f"{i}={unit.text_diff.strip()}")
+            values["text_diff_strength"].append(f"{i}={unit.text_diff_strength:g}")
         if unit.negative_image:
             values["negative_image"].append(f"{i}={add_image(read_image(unit.negative_image), 'negative.png')}")
     init = add_image(read_image(form.init_image), Path(form.init_image).name) if form.init_image else None

@@ -40,6 +40,10 @@ class ImagePromptSpec(BaseModel):
     embeds: str | None = Field(None, description="base64 embeds file (imprompt encode / tune, diffusers or ComfyUI "
                                                  ".safetensors or .ipadpt; or a multipart file name) instead of "
                                                  "images")
+    text_diff: str | None = Field(None, description="edit the image prompt with two texts, 'FROM -> TO' (DALL-E 2's "
+                                                    "text diff; base adapters)")
+    text_diff_strength: float | None = Field(None, ge=0.0, le=1.0, description="how far towards the text diff "
+                                             "(default 0.25)")
 
 
 class ReferenceSpec(BaseModel):
@@ -96,6 +100,8 @@ class NativeRequest(BaseModel):
     controlnets: list[ControlNetSpec] = Field(default_factory=list, description="several ControlNets at once")
     save_control_map: bool = Field(False, description="also return the preprocessed control maps")
     accelerate: str | None = Field(None, description="opt-in step skipping: tgate:STEP or deepcache:N (default off)")
+    text_diff_encoder: str | None = Field(None, description="the image encoder's CLIP text tower for text diffs, by "
+                                          "name (default: the pipeline's or the image encoder folder's)")
 
 
 def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, str], str],
@@ -108,7 +114,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
                                                     "start", "end", "mask", "negative_image", "image_encoder",
                                                     "weight_type", "composition_scale", "embeds_scaling",
                                                     "negative_noise", "embeds",
-                                                    "tiles", "tile_overlap", "tile_sharpen")}
+                                                    "tiles", "tile_overlap", "tile_sharpen", "text_diff",
+                                                    "text_diff_strength")}
     any_masks = any(p.masks for p in body.image_prompts)
     for i, spec in enumerate(body.image_prompts):
         where = f"image_prompts[{i}]"
@@ -136,7 +143,8 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
             values["weights"].append(f"{i}=" + ",".join(repr(w) for w in spec.weights))
         if spec.layers:
             values["layers"].append(f"{i}={spec.layers}")
-        for name in ("weight_type", "composition_scale", "embeds_scaling", "negative_noise"):
+        for name in ("weight_type", "composition_scale", "embeds_scaling", "negative_noise", "text_diff",
+                     "text_diff_strength"):
             if getattr(spec, name) is not None:
                 values[name].append(f"{i}={getattr(spec, name)!s}")
         if spec.tiles:
@@ -155,6 +163,7 @@ def native_to_request(body: NativeRequest, model: str, lookup: Callable[[str, st
         init_image=image(body.init_image, "init_image", "RGB") if body.init_image else None,
         mask_image=image(body.mask_image, "mask_image", "L") if body.mask_image else None,
         save_control_map=body.save_control_map, accelerate=body.accelerate,
+        text_diff_encoder=lookup(body.text_diff_encoder, "image_encoder") if body.text_diff_encoder else None,
         **control_values(body, lookup, image), **values,
         **_reference_fields(body.reference, image))
 

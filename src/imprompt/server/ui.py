@@ -24,6 +24,7 @@ from ..adapter.layers import PRESETS  # noqa: E402
 from ..generation.pnginfo import parse_parameters  # noqa: E402
 from ..generation.preprocess import PREPROCESSORS  # noqa: E402
 from ..generation.schedulers import SCHEDULERS  # noqa: E402
+from ..generation.text_diff import DEFAULT_STRENGTH  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
 from .form import (CANVAS, MAX_TUNE_STEPS, MODEL_DEFAULT, ControlForm, Form, UnitForm, add_network,  # noqa: E402, F401
                    form_request, painted_mask)
@@ -89,6 +90,8 @@ class UnitWidgets:
     mask: gr.ImageEditor
     negative_image: gr.Image
     embeds: gr.File
+    text_diff: gr.Textbox
+    text_diff_strength: gr.Slider
     tune: TuneWidgets | None = None
 
     def components(self) -> list:
@@ -100,7 +103,8 @@ class UnitWidgets:
                         float(data[self.scale]), data[self.layers], data[self.custom_layers] or "",
                         data[self.weights] or "", data[self.image_encoder] or None, float(data[self.start]),
                         float(data[self.end]), painted_mask(data[self.mask]), data[self.negative_image],
-                        str(data[self.embeds]) if data[self.embeds] else None)
+                        str(data[self.embeds]) if data[self.embeds] else None, data[self.text_diff] or "",
+                        float(data[self.text_diff_strength]))
 
 
 def unit_widgets(number: int, session: Session) -> UnitWidgets:
@@ -130,7 +134,7 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 mask = gr.ImageEditor(label="Region mask (blank: all)", type="numpy",
                                       value=blank_canvas(), canvas_size=(CANVAS, CANVAS), height=330, sources=(),
                                       brush=WHITE_BRUSH, elem_id=f"unit{number - 1}_mask")
-        with gr.Accordion("More: custom layers, per-image weights, encoder, negative image, saved embeds",
+        with gr.Accordion("More: custom layers, per-image weights, encoder, negative image, saved embeds, text diff",
                           open=False):
             with gr.Row():
                 custom = gr.Textbox(label="Custom layers (block=w,...,default=w)", scale=2)
@@ -141,6 +145,12 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 negative_image = gr.Image(type="filepath", label="Negative image", height=120)
                 embeds = gr.File(file_types=[".safetensors", ".ipadpt"], height=120,
                                  label="Saved embeds (imprompt encode / tune), instead of reference images")
+            # DALL-E 2's text diff (imprompt.generation.text_diff): the image prompt itself is told what changes.
+            with gr.Row():
+                text_diff = gr.Textbox(label="Text diff, base adapters: 'FROM -> TO' (FROM describes the reference)",
+                                       placeholder="blue background -> green background", scale=3,
+                                       elem_id=f"unit{number - 1}_text_diff")
+                text_diff_strength = gr.Slider(0, 1, DEFAULT_STRENGTH, step=0.05, label="Text diff strength", scale=1)
             # E4T-style tuning (docs/tuning.md): a few steps on the references themselves, seconds on the toy
             # model; the result fills the saved embeds above, which then replace the references.
             with gr.Row(equal_height=True):
@@ -153,7 +163,7 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 button = gr.Button("Tune on the references", scale=1, elem_id=f"unit{number - 1}_tune")
             status = gr.Markdown("", elem_id=f"unit{number - 1}_tune_status")
     return UnitWidgets(enabled, adapter, images, scale, layers, custom, weights, encoder, start, end, mask,
-                       negative_image, embeds, TuneWidgets(tune_steps, caption, guard, button, status))
+                       negative_image, embeds, text_diff, text_diff_strength, TuneWidgets(tune_steps, caption, guard, button, status))
 
 
 @dataclass

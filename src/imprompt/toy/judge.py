@@ -38,23 +38,27 @@ CONTENT: tuple[str, ...] = ("shape", "color", "background", "style")
 
 @dataclass(frozen=True)
 class Edit:
-    """Image + text: the text asks for ``changed`` to become ``expected``'s value; the rest stays."""
+    """Image + text: the text asks for ``changed`` to become ``expected``'s value; the rest stays.
+    ``source``: the same words for the reference's own value (the FROM of a text diff, text -> source)."""
 
     changed: str
     text: str
     expected: Attributes
+    source: str = ""
 
 
 def change_background(reference: Attributes, rng: random.Random) -> Edit:
     """A text naming a new background (never the reference's own, nor its shape's colour)."""
     new = rng.choice([b for b in BACKGROUNDS if b not in (reference.background, reference.color)])
-    return Edit("background", f"{new} background", dataclasses.replace(reference, background=new))
+    return Edit("background", f"{new} background", dataclasses.replace(reference, background=new),
+                f"{reference.background} background")
 
 
 def change_color(reference: Attributes, rng: random.Random) -> Edit:
     """A text naming the reference's shape in a new colour (never its own, nor the background's)."""
     new = rng.choice([c for c in COLORS if c not in (reference.color, reference.background)])
-    return Edit("color", f"a {new} {reference.shape}", dataclasses.replace(reference, color=new))
+    return Edit("color", f"a {new} {reference.shape}", dataclasses.replace(reference, color=new),
+                f"a {reference.color} {reference.shape}")
 
 
 EDITS: tuple[Callable[[Attributes, random.Random], Edit], ...] = (change_background, change_color)

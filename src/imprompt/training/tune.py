@@ -389,7 +389,7 @@ def prepare_tune(config: TuneConfig, log: Callable[[str], None] = print, catalog
 
 def tune_loaded(models, images: Sequence[Image.Image], prompt: str, options: TuneOptions, *, crop: str = "center",
                 progress: Callable[[int, float], None] | None = None) -> TuneResult:
-    """:func:`tune` on models loaded for one adapter (``imprompt.generation.request.load_models``)."""
+    """:func:`tune` on models loaded for one adapter (``imprompt.generation.loading.load_models``)."""
     from ..adapter.attach import attach
 
     if len(models.adapters) != 1:
@@ -405,7 +405,8 @@ def run_tune(config: TuneConfig, log: Callable[[str], None] = print) -> Path:
     """Check, load the model, the adapter and its encoder (as ``imprompt generate`` does), tune, write."""
     from ..files import check_writable_folder
     from ..generation.embeds import save_embeds
-    from ..generation.request import load_models, read_inputs
+    from ..generation.loading import load_models
+    from ..generation.request import read_inputs
 
     config.check()
     check_writable_folder(Path(config.output).parent, "--output's folder")
