@@ -222,5 +222,22 @@ def test_measurement_with_the_adapter(tmp_path, monkeypatch):
                                      "reference", "all"}
         assert all(0.0 <= v <= 1.0 for v in report[part].values())
     assert calls == [([""] * 3, 0.5, 0.3), ([f"a {s.attributes.shape}" for s in truth], 0.5, 0.3)]
+
+    # With a text diff: each row's image prompt is told B's shape becomes A's (the CLIP's text tower).
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig(text_config=tm.text_encoder(3).config.to_dict(), vision_config=encoder.config.to_dict(),
+                                projection_dim=encoder.config.projection_dim))
+    clip.save_pretrained(tmp_path / "clip")
+    tm.tokenizer().save_pretrained(tmp_path / "clip")
+    diffs = []
+    monkeypatch.setattr(control_quality, "controlled", lambda *a, **k: diffs.append(k["diffs"]) or original(*a, **k))
+    report = control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test",
+                                     adapter_file=tmp_path / "ip_adapter.safetensors", n=3, steps=2,
+                                     parts=("with_adapter",), progress=False, text_diff=0.3, clip=tmp_path / "clip")
+    partner = control_quality.partners([s.attributes for s in truth])
+    assert report["text_diff"] == 0.3
+    assert [(d.source, d.target, d.strength) for d in diffs[0]] == [
+        (f"a {truth[j].attributes.shape}", f"a {s.attributes.shape}", 0.3) for s, j in zip(truth, partner)]
     with pytest.raises(ValueError, match="with_adapter and with_adapter_and_text need adapter_file"):
         control_quality.measure(tmp_path / "pipeline", tmp_path / "controlnet", tmp_path / "test", n=3, steps=2)

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny_models as tm
-from imprompt.adapter.checkpoint import load_adapter
+from imprompt.adapter.checkpoint import load_adapter, save_adapter
 from imprompt.training.config import TrainConfig, load_config
 from imprompt.training.data import SkipCounter, data_fingerprint, expand_braces, folder_records, open_source
 from imprompt.training.recipe import batch_indices, dropout_masks
@@ -169,6 +169,28 @@ def test_kv_layers_start_as_copies_of_the_text_layers(world, tmp_path):
     first = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
     assert torch.allclose(state["ip_adapter.1.to_k_ip.weight"], unet[f"{first}.to_k.weight"], atol=1e-6)
     assert torch.allclose(state["ip_adapter.1.to_v_ip.weight"], unet[f"{first}.to_v.weight"], atol=1e-6)
+
+
+def test_init_adapter_starts_from_its_weights_and_refuses_another_variant(world, tmp_path):
+    """--init-adapter (the official --pretrained_ip_adapter_path): at a vanishing learning rate the exported
+    adapter is the file it started from (a random start is not); a file of another variant is refused before
+    anything is cached or trained."""
+    pipe = tm.sd15_pipeline()
+    start = tm.random_adapter(pipe.unet, "linear", seed=5, encoder=tm.image_encoder())
+    save_adapter(start, tmp_path / "start.safetensors")
+    result = train(config(world, tmp_path / "from", max_steps=1, learning_rate=1e-12,
+                          init_adapter=str(tmp_path / "start.safetensors")))
+    trained, begun = load_file(result.adapter_file), load_file(tmp_path / "start.safetensors")
+    assert trained.keys() == begun.keys()
+    assert all(torch.allclose(trained[k], begun[k], atol=1e-6) for k in begun)
+    fresh = load_file(train(config(world, tmp_path / "fresh", max_steps=1, learning_rate=1e-12)).adapter_file)
+    assert not torch.allclose(fresh["image_proj.proj.weight"], begun["image_proj.proj.weight"])
+    save_adapter(tm.random_adapter(pipe.unet, "plus", encoder=tm.image_encoder()), tmp_path / "plus.safetensors")
+    with pytest.raises(ValueError, match=r"plus.safetensors is a plus adapter with .*this run builds .*variant"):
+        train(config(world, tmp_path / "wrong", init_adapter=str(tmp_path / "plus.safetensors")))
+    assert not (tmp_path / "wrong" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="--init-adapter .*no such file"):
+        train(config(world, tmp_path / "missing", init_adapter=str(tmp_path / "nothing.safetensors")))
 
 
 _CHILD = """

@@ -19,6 +19,10 @@ first ``n`` test references' true attributes.
   them, the reference for the look, the control for the layout and the text for the object. Scored as
   ``with_adapter``.
 
+With ``text_diff`` > 0 the image prompt of both ``with_adapter`` parts also carries a text diff
+(:mod:`imprompt.generation.text_diff`) from B's shape to A's (``a square -> a circle``, the toy CLIP's text
+tower): the image prompt itself is told that the shape changes.
+
 The issue's target is >= 80% for each of these attributes. Generations use the model's own scheduler,
 ``steps`` steps, guidance 3 (as :mod:`imprompt.toy.quality`) and seed i for reference i.
 """
@@ -86,10 +90,10 @@ def score(read: Sequence[Attributes], expected: Sequence[Attributes],
 def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seeds: Sequence[int], steps: int,
                guidance: float, control_scale: float = 1.0, attachment=None, encoder=None,
                references: Sequence[Image.Image] | None = None, adapter_scale: float = 1.0,
-               adapter_start: float = 0.0) -> list[np.ndarray]:
+               adapter_start: float = 0.0, diffs: Sequence | None = None) -> list[np.ndarray]:
     """One image per (control, text, seed) through :func:`imprompt.generate`; with ``references``, each
     also the image prompt of its row (the adapter attached as ``attachment``, its ``encoder``), acting from
-    ``adapter_start`` of the steps on."""
+    ``adapter_start`` of the steps on, with the row's text diff of ``diffs`` if given."""
     from ..generation.generate import generate
     from ..generation.prompts import ImagePrompt
     from ..generation.settings import GenerationSettings
@@ -98,7 +102,8 @@ def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seed
     for i, (control, text, seed) in enumerate(zip(controls, texts, seeds)):
         settings = GenerationSettings(prompt=text, steps=steps, guidance=guidance, seed=seed,
                                       controlnet_scale=control_scale)
-        prompts = [] if references is None else [ImagePrompt([references[i]], scale=adapter_scale, start=adapter_start)]
+        prompts = [] if references is None else [ImagePrompt([references[i]], scale=adapter_scale, start=adapter_start,
+                                                             text_diff=diffs[i] if diffs else None)]
         images = generate(pipe, attachment, settings, prompts, [encoder] if references is not None else [],
                           control_image=control, output_type="np")
         out.append((np.asarray(images[0]) * 255).round().clip(0, 255).astype(np.uint8))
@@ -108,9 +113,11 @@ def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seed
 def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path,
             adapter_file: str | Path | None = None, image_encoder: str | Path | None = None, n: int = 100,
             steps: int = 20, guidance: float = 3.0, control_scale: float = 1.0, parts: Sequence[str] = PARTS,
-            adapter_scale: float = 1.0, adapter_start: float = 0.0, progress: bool = True) -> dict:
+            adapter_scale: float = 1.0, adapter_start: float = 0.0, progress: bool = True, text_diff: float = 0.0,
+            clip: str | Path | None = None) -> dict:
     """The parts of the module docstring on the first ``n`` test references; a JSON-ready dict. The
-    ``with_adapter`` parts need ``adapter_file`` (and its image encoder, by default the folder beside it)."""
+    ``with_adapter`` parts need ``adapter_file`` (and its image encoder, by default the folder beside it), and
+    with ``text_diff`` the CLIP whose text tower partners that encoder (``clip``)."""
     from .quality import load
 
     unknown = [p for p in parts if p not in PARTS]
@@ -132,6 +139,10 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
                     "target": TARGET}
     if adapted:
         report.update(adapter_scale=adapter_scale, adapter_start=adapter_start)
+        if text_diff:
+            if clip is None:
+                raise ValueError("text_diff needs clip: the CLIP folder whose text tower partners the image encoder")
+            report["text_diff"] = text_diff
     pipe, adapter, encoder = load(pipeline, adapter_file if adapted else None, image_encoder,
                                   controlnet=controlnet)
 
@@ -158,11 +169,17 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
         references = [Image.open(folder / rows[j][0]).convert("RGB") for j in partner]
         expected = [mixed(a, truth[j]) for a, j in zip(truth, partner)]
         texts = {"with_adapter": [""] * len(rows), "with_adapter_and_text": [f"a {a.shape}" for a in truth]}
+        diffs = None
+        if text_diff:
+            from ..generation.text_diff import TextTower, text_diff as make_diff
+
+            tower = TextTower.from_pretrained(clip)
+            diffs = [make_diff(tower, f"a {truth[j].shape}", f"a {a.shape}", text_diff) for a, j in zip(truth, partner)]
         with attach(pipe.unet, adapter) as attachment:
             for part in adapted:
                 report[part] = timed(part, lambda part=part: score(read_many(controlled(
                     pipe, controls, texts[part], seeds, steps, guidance, control_scale, attachment, encoder,
-                    references, adapter_scale, adapter_start=adapter_start)), expected,
+                    references, adapter_scale, adapter_start=adapter_start, diffs=diffs)), expected,
                     {"control": CONTROLLED, "reference": FROM_REFERENCE, "all": CONTROLLED + FROM_REFERENCE}))
     return report
 
@@ -196,13 +213,18 @@ class ControlQualityConfig:
     # docs/toy-controlnet.md: 0.3 lifts the control's shape with an empty text (0.58 -> 0.64 at control 1.5)
     adapter_start: float = field(default=0.0, metadata=option(
         "first fraction of the steps the image prompt acts in, in the with_adapter parts"))
+    text_diff: float = field(default=0.0, metadata=option(
+        "in the with_adapter parts, a text diff from the reference's shape to the control's of this strength "
+        "(0: none)"))
+    clip: Path = field(default_factory=lambda: _shipped("clip"), metadata=path_option(
+        "the CLIP whose text tower partners the image encoder, for --text-diff (default: the shipped one)"))
     parts: list[str] = field(default_factory=lambda: ["alone", "with_caption"], metadata=option(
         "parts to measure (repeat the flag; default: alone, with_caption)", choices=PARTS))
     threads: int = field(default=1, metadata=option("torch threads"))
     out: Path | None = field(default=None, metadata=path_option("also write the report as JSON here"))
 
     def __post_init__(self):
-        for name in ("pipeline", "controlnet", "adapter", "image_encoder", "test", "out"):
+        for name in ("pipeline", "controlnet", "adapter", "image_encoder", "test", "out", "clip"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         for name in ("n", "steps", "threads"):
@@ -210,6 +232,8 @@ class ControlQualityConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.adapter_start < 1:
             raise ConfigError(f"adapter_start must be in [0, 1), got {self.adapter_start}")
+        if not 0 <= self.text_diff <= 1:
+            raise ConfigError(f"text_diff must be 0 (none) to 1, got {self.text_diff}")
 
 
 def run(config: ControlQualityConfig) -> dict:
@@ -219,7 +243,7 @@ def run(config: ControlQualityConfig) -> dict:
     report = measure(config.pipeline, config.controlnet, config.test, config.adapter, config.image_encoder,
                      n=config.n, steps=config.steps, guidance=config.guidance, control_scale=config.control_scale,
                      parts=config.parts, adapter_scale=config.adapter_scale, adapter_start=config.adapter_start,
-                     progress=False)
+                     progress=False, text_diff=config.text_diff, clip=config.clip)
     text = json.dumps(report, indent=2)
     print(text)
     if config.out is not None:

@@ -68,6 +68,26 @@ def check_resume(checkpoint: Path, state: dict, config: TrainConfig, variant: Ad
                          "--output-dir (or without --resume)")
 
 
+def initial_adapter(config: TrainConfig, variant: AdapterVariant) -> IPAdapter | None:
+    """The adapter of ``--init-adapter`` (None without one), refused unless it is of ``variant``: the official
+    ``tutorial_train.py`` starts from such a file with ``--pretrained_ip_adapter_path``. Read before any
+    caching, so that a wrong file costs seconds."""
+    if config.init_adapter is None:
+        return None
+    from ..adapter.checkpoint import load_adapter
+
+    loaded = load_adapter(config.init_adapter)
+    if loaded.variant != variant:
+        mine, theirs = dataclasses.asdict(variant), dataclasses.asdict(loaded.variant)
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        raise ValueError(f"--init-adapter {config.init_adapter} is a {loaded.variant.display_name} adapter with "
+                         + ", ".join(f"{k}={theirs.get(k)}" for k in differ) + "; this run builds "
+                         + ", ".join(f"{k}={mine[k]}" for k in differ) + " (set by "
+                         + ", ".join(sorted({_SETTING_FIELDS.get(k, k) for k in differ}))
+                         + "): give the adapter made for this model and image encoder, or matching settings")
+    return loaded
+
+
 def save_checkpoint(folder: Path, step: int, adapter: IPAdapter, optimizer, scheduler, keep: int, state: dict) -> Path:
     """Write ``step-N/`` (adapter, optimizer, LR scheduler, ``state``) atomically: a kill at any moment
     leaves the previous checkpoints and at most a ``.step-N.*.tmp`` folder, never half a checkpoint."""

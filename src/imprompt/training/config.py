@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..adapter.variants import TRAINING_VARIANTS as VARIANTS
@@ -32,6 +33,10 @@ class TrainConfig:
     variant: str = field(default="linear", metadata=_m("linear (4 tokens, pooled embedding), plus (Resampler), full (MLP), "
                                                        "shared (image tokens appended to the text tokens; paper 4.4.1)",
                                                        choices=list(VARIANTS)))
+    init_adapter: str | None = field(default=None, metadata=_m(
+        "an IP-Adapter checkpoint to start from instead of random weights (the official script's "
+        "--pretrained_ip_adapter_path): fine-tune a released or earlier adapter on this data; it must be of the "
+        "variant this run builds (same UNet, encoder, tokens)", metavar="FILE"))
     num_tokens: int | None = field(default=None, metadata=_m("image tokens (default: 4 linear/shared, 16 plus)"))
     resampler_depth: int = field(default=4, metadata=_m("Resampler layers (plus)"))
     resampler_width: int | None = field(default=None, metadata=_m("Resampler width, a multiple of 64 (default: the UNet's cross-attention width, at most 1280, as the official plus models)"))
@@ -68,6 +73,13 @@ class TrainConfig:
                 raise ValueError(f"training needs --{name.replace('_', '-')} (or '{name}:' in the config file)")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.init_adapter is not None:
+            if self.variant == "shared":
+                raise ValueError("--init-adapter starts a decoupled adapter from a checkpoint; the shared variant "
+                                 "(paper 4.4.1) has no such checkpoints")
+            if not Path(self.init_adapter).is_file():
+                raise ValueError(f"--init-adapter {self.init_adapter!r}: no such file (give an IP-Adapter .safetensors "
+                                 "or .bin)")
         probabilities = (self.drop_image, self.drop_text, self.drop_both)
         if any(p < 0 for p in probabilities) or sum(probabilities) > 1:
             raise ValueError(f"dropout probabilities must be >= 0 and sum to at most 1, got {probabilities}")

@@ -31,7 +31,7 @@ from ..adapter.variants import AdapterVariant
 from ..encoding import ImageEncoder, load_image
 from ..files import check_writable_folder, remove_debris, write_text
 from ..models.catalog import Catalog, resolve_name, roots_from
-from .checkpoint import adapter_settings, check_resume, checkpoints, find_resume, load_checkpoint, save_checkpoint  # noqa: F401 (checkpoints: public here too)
+from .checkpoint import adapter_settings, check_resume, checkpoints, find_resume, initial_adapter, load_checkpoint, save_checkpoint  # noqa: F401 (checkpoints: public here too)
 from .config import TrainConfig
 from .data import SkipCounter, data_fingerprint, open_source
 from .features import CachedFeatures, FeatureCache, FrozenModels
@@ -290,6 +290,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
         if resume is not None:
             check_resume(resume, state, config, variant)
+        initial = initial_adapter(config, variant)
     else:
         frozen = load_frozen(config, accelerator.device)
         denoiser = denoiser_of(frozen)
@@ -298,6 +299,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
         if resume is not None:
             check_resume(resume, state, config, variant)  # before hours of caching, not after
+        initial = initial_adapter(config, variant)
         features = prepare_features(config, frozen, accelerator, log_fn, data, source)
         if not wants_samples(config):
             denoiser, frozen = release(frozen), None  # only the UNet trains on from here
@@ -306,6 +308,9 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
     with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         adapter = IPAdapter(variant, {}) if config.variant == "shared" else adapter_for_unet(unet, variant)
+    if initial is not None and resume is None:  # a resumed run continues its own weights
+        adapter.load_state_dict(initial.state_dict())
+        log_fn(f"starting from the adapter {config.init_adapter}")
     if accelerator.is_main_process:
         remove_debris(out / "checkpoints")  # what a kill during a checkpoint write left
     uncond = {k: v.to(accelerator.device) for k, v in features.unconditional.items()}
