@@ -1,7 +1,7 @@
 """Image + text with image guidance, per-layer image-prompt weights and text diffs; the tables of
 docs/toy-results.md, section 3.
 
-    PYTHONPATH=src python docs/measure_image_guidance.py FOLDER N SETTINGS_JSON [--work W] [--threads T]
+    PYTHONPATH=src python docs/measure_image_guidance.py FOLDER N SETTINGS_JSON [--work W | --adapter FILE] [--threads T]
 
 The first N references of FOLDER (a test split written by ``imprompt toy build``) each get the image +
 text edit of ``imprompt.toy.judge.edit_plan`` (half "<colour> background", half "a <colour> <shape>"),
@@ -48,13 +48,15 @@ def main() -> None:
     parser.add_argument("n", type=int)
     parser.add_argument("settings")
     parser.add_argument("--work", type=Path, default=None, help="a toy build folder (default: the shipped package)")
+    parser.add_argument("--adapter", type=Path, default=None, help="another adapter file on the shipped package's "
+                        "pipeline and image encoder (e.g. one fine-tuned with imprompt train --init-adapter)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     if args.work is None:
         paths = toy_paths()
-        pipe, adapter, encoder = load(paths["model"], paths["adapter"])
+        pipe, adapter, encoder = load(paths["model"], args.adapter or paths["adapter"], paths["image_encoder"])
     else:
         pipe, adapter, encoder = load(args.work / "pipeline", workdir.adapter_file(args.work, "adapter"),
                                       workdir.image_encoder(args.work))

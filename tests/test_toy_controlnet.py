@@ -160,6 +160,13 @@ def test_controlnet_stage_refuses_a_stale_latent_cache(tmp_path):
         controlnet.train_controlnet(BuildConfig(work=work, controlnet_steps=1, controlnet_batch=4, progress=False))
 
 
+def test_layout_words_name_what_the_silhouette_fixes():
+    a = shapes.Attributes(shape="circle", color="red", background="blue", style="solid", size="small", position="left")
+    assert control_quality.layout_words(a) == "a small circle on the left"
+    assert control_quality.layout_words(dataclasses.replace(a, size="large", position="center")) == \
+        "a large circle in the center"
+
+
 def test_partners_differ_in_shape_and_placement():
     truth = [shapes.Attributes("circle", "red", "blue", "solid", "large", "center"),
              shapes.Attributes("circle", "green", "blue", "solid", "small", "left"),  # same shape as 0

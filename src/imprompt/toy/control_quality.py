@@ -21,7 +21,8 @@ first ``n`` test references' true attributes.
 
 With ``text_diff`` > 0 the image prompt of both ``with_adapter`` parts also carries a text diff
 (:mod:`imprompt.generation.text_diff`) from B's shape to A's (``a square -> a circle``, the toy CLIP's text
-tower): the image prompt itself is told that the shape changes.
+tower): the image prompt itself is told that the shape changes; with ``text_diff_layout`` the words name size
+and position too (``a small square on the left -> a large circle in the center``), all that the control fixes.
 
 The issue's target is >= 80% for each of these attributes. Generations use the model's own scheduler,
 ``steps`` steps, guidance 3 (as :mod:`imprompt.toy.quality`) and seed i for reference i.
@@ -110,11 +111,16 @@ def controlled(pipe, controls: Sequence[Image.Image], texts: Sequence[str], seed
     return out
 
 
+def layout_words(a: Attributes) -> str:
+    """The words for what a silhouette fixes: size, shape and position ('a small circle on the left')."""
+    return f"a {a.size} {a.shape} {shapes.POSITION_PHRASES[a.position]}"
+
+
 def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Path,
             adapter_file: str | Path | None = None, image_encoder: str | Path | None = None, n: int = 100,
             steps: int = 20, guidance: float = 3.0, control_scale: float = 1.0, parts: Sequence[str] = PARTS,
             adapter_scale: float = 1.0, adapter_start: float = 0.0, progress: bool = True, text_diff: float = 0.0,
-            clip: str | Path | None = None) -> dict:
+            clip: str | Path | None = None, text_diff_layout: bool = False) -> dict:
     """The parts of the module docstring on the first ``n`` test references; a JSON-ready dict. The
     ``with_adapter`` parts need ``adapter_file`` (and its image encoder, by default the folder beside it), and
     with ``text_diff`` the CLIP whose text tower partners that encoder (``clip``)."""
@@ -143,6 +149,7 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
             if clip is None:
                 raise ValueError("text_diff needs clip: the CLIP folder whose text tower partners the image encoder")
             report["text_diff"] = text_diff
+            report["text_diff_layout"] = text_diff_layout
     pipe, adapter, encoder = load(pipeline, adapter_file if adapted else None, image_encoder,
                                   controlnet=controlnet)
 
@@ -174,7 +181,8 @@ def measure(pipeline: str | Path, controlnet: str | Path, test_folder: str | Pat
             from ..generation.text_diff import TextTower, text_diff as make_diff
 
             tower = TextTower.from_pretrained(clip)
-            diffs = [make_diff(tower, f"a {truth[j].shape}", f"a {a.shape}", text_diff) for a, j in zip(truth, partner)]
+            words = layout_words if text_diff_layout else (lambda a: f"a {a.shape}")
+            diffs = [make_diff(tower, words(truth[j]), words(a), text_diff) for a, j in zip(truth, partner)]
         with attach(pipe.unet, adapter) as attachment:
             for part in adapted:
                 report[part] = timed(part, lambda part=part: score(read_many(controlled(
@@ -216,6 +224,8 @@ class ControlQualityConfig:
     text_diff: float = field(default=0.0, metadata=option(
         "in the with_adapter parts, a text diff from the reference's shape to the control's of this strength "
         "(0: none)"))
+    text_diff_layout: bool = field(default=False, metadata=option(
+        "the text diff names size and position too (all the silhouette fixes), not the shape alone"))
     clip: Path = field(default_factory=lambda: _shipped("clip"), metadata=path_option(
         "the CLIP whose text tower partners the image encoder, for --text-diff (default: the shipped one)"))
     parts: list[str] = field(default_factory=lambda: ["alone", "with_caption"], metadata=option(
@@ -243,7 +253,8 @@ def run(config: ControlQualityConfig) -> dict:
     report = measure(config.pipeline, config.controlnet, config.test, config.adapter, config.image_encoder,
                      n=config.n, steps=config.steps, guidance=config.guidance, control_scale=config.control_scale,
                      parts=config.parts, adapter_scale=config.adapter_scale, adapter_start=config.adapter_start,
-                     progress=False, text_diff=config.text_diff, clip=config.clip)
+                     progress=False, text_diff=config.text_diff, clip=config.clip,
+                     text_diff_layout=config.text_diff_layout)
     text = json.dumps(report, indent=2)
     print(text)
     if config.out is not None:

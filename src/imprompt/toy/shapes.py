@@ -222,7 +222,7 @@ def silhouette(attrs: Attributes) -> Image.Image:
 # ------------------------------------------------------------------------------------------ captions
 
 STYLE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outline": "outlined"}
-_POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
+POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
 _TEMPLATES = (
     "a {thing} on a {background} background",
     "{background} background, {thing}",
@@ -246,7 +246,7 @@ def caption(attrs: Attributes, rng: random.Random) -> str:
         words.insert(0, attrs.size)
     thing = " ".join(words + [attrs.shape])
     if rng.random() < 1 / 3:
-        thing += " " + _POSITION_PHRASES[attrs.position]
+        thing += " " + POSITION_PHRASES[attrs.position]
     return _with_articles(rng.choice(_TEMPLATES).format(thing=thing, background=attrs.background))
 
 
