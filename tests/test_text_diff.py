@@ -86,7 +86,8 @@ def test_apply_keeps_each_length_and_strength_zero_is_identity():
     moved = TextDiff(direction, 0.4).apply(embeds)
     assert torch.allclose(moved.norm(dim=-1), embeds.norm(dim=-1), rtol=1e-5)
     assert torch.allclose(moved / moved.norm(dim=-1, keepdim=True), slerp(embeds, direction, 0.4), atol=1e-6)
-    assert ((moved / moved.norm(dim=-1, keepdim=True)) @ direction > (embeds / embeds.norm(dim=-1, keepdim=True)) @ direction).all()
+    unit = embeds / embeds.norm(dim=-1, keepdim=True)
+    assert ((moved / moved.norm(dim=-1, keepdim=True)) @ direction > unit @ direction).all()
     with pytest.raises(ValueError, match="16 wide but the image embeddings are 24 wide"):
         TextDiff(direction[:16], 0.4).apply(embeds)
     with pytest.raises(ValueError, match="strength is a fraction 0 to 1"):

@@ -417,12 +417,12 @@ def text_diffs(options: Sequence[AdapterOptions], adapters: Sequence, encoders: 
         width = encoder.output_width("image_embeds") if encoder is not None else None
         if tower is None:
             raise ValueError(f"--text-diff for adapter {o.index} needs the CLIP text tower of its image encoder "
-                             f"({width or 'its'}-wide image embeddings), and neither the pipeline nor the image encoder "
-                             "folder has one: give --text-diff-encoder FOLDER (for SD1.5 IP-Adapters, ViT-H: "
-                             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+                             f"({width or 'its'}-wide image embeddings), and neither the pipeline nor the image "
+                             "encoder folder has one: give --text-diff-encoder FOLDER (for SD1.5 IP-Adapters, "
+                             "ViT-H: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
         if width is not None and tower.width != width:
-            raise ValueError(f"--text-diff-encoder gives {tower.width}-wide text embeddings, but adapter {o.index}'s "
-                             f"image encoder gives {width}-wide image embeddings: a text diff needs the text tower of "
-                             "the image encoder's own CLIP")
+            raise ValueError(f"the text diffs' text tower gives {tower.width}-wide text embeddings, but adapter "
+                             f"{o.index}'s image encoder gives {width}-wide image embeddings: a text diff needs the "
+                             "text tower of the image encoder's own CLIP")
         out.append(text_diff(tower, *o.text_diff, o.text_diff_strength))
     return out

@@ -48,7 +48,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     omega = torch.arccos(cos)
     sin = torch.sin(omega)
     safe = sin.abs() > 1e-4
-    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.where(safe, sin, torch.ones_like(sin))
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.where(
+        safe, sin, torch.ones_like(sin))
     linear = (1 - t) * a + t * b
     out = torch.where(safe, spherical, linear)
     return out / out.norm(dim=-1, keepdim=True)
@@ -67,7 +68,8 @@ class TextDiff:
 
     def check(self, width: int | None = None) -> None:
         if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
-            raise ValueError(f"a text diff's strength is a fraction 0 to 1 (DALL-E 2 uses 0.25-0.5), got {self.strength}")
+            raise ValueError(f"a text diff's strength is a fraction 0 to 1 (DALL-E 2 uses 0.25-0.5), "
+                             f"got {self.strength}")
         if self.direction.ndim != 1:
             raise ValueError(f"a text diff's direction is one vector, got shape {tuple(self.direction.shape)}")
         if width is not None and self.direction.shape[0] != width:
@@ -94,8 +96,8 @@ def check_takes_text_diff(variant, index: int) -> None:
     if variant.encoder_output == "image_embeds":
         return
     reads = "face-ID embeddings" if variant.is_faceid else "the image encoder's hidden states"
-    raise ValueError(f"a text diff edits CLIP image embeddings, but adapter {index} is a {variant.display_name} adapter, "
-                     f"which reads {reads}: they have no text counterpart; use a base (or light) adapter")
+    raise ValueError(f"a text diff edits CLIP image embeddings, but adapter {index} is a {variant.display_name} "
+                     f"adapter, which reads {reads}: they have no text counterpart; use a base (or light) adapter")
 
 
 def parse_text_diff(text: str) -> tuple[str, str]:
@@ -154,7 +156,8 @@ class TextTower:
                                       f"whose hidden states are not in the image embeddings' space); {expected}")
             text_config = None
         else:
-            raise CheckpointError(f"{str(path)!r} holds {kind or 'an unknown model'!r}, not a CLIP text tower; {expected}")
+            raise CheckpointError(f"{str(path)!r} holds {kind or 'an unknown model'!r}, not a CLIP text tower; "
+                                  f"{expected}")
         try:
             model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as err:
@@ -186,7 +189,8 @@ class TextTower:
         """(n, width) projected text embeddings, float32 on the CPU."""
         param = next(self.model.parameters())
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        out = self.model(input_ids=tokens.input_ids.to(param.device), attention_mask=tokens.attention_mask.to(param.device))
+        out = self.model(input_ids=tokens.input_ids.to(param.device),
+                         attention_mask=tokens.attention_mask.to(param.device))
         return out.text_embeds.float().cpu()
 
 

@@ -163,7 +163,8 @@ def unit_widgets(number: int, session: Session) -> UnitWidgets:
                 button = gr.Button("Tune on the references", scale=1, elem_id=f"unit{number - 1}_tune")
             status = gr.Markdown("", elem_id=f"unit{number - 1}_tune_status")
     return UnitWidgets(enabled, adapter, images, scale, layers, custom, weights, encoder, start, end, mask,
-                       negative_image, embeds, text_diff, text_diff_strength, TuneWidgets(tune_steps, caption, guard, button, status))
+                       negative_image, embeds, text_diff, text_diff_strength,
+                       TuneWidgets(tune_steps, caption, guard, button, status))
 
 
 @dataclass
