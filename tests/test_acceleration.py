@@ -267,18 +267,12 @@ def test_acceleration_refuses_what_it_cannot_combine_with(world):
 # ------------------------------------------------------------- request, command line, PNG info, server
 
 def test_the_command_line_takes_accelerate_and_records_it_in_png_info(tmp_path, capsys):
-    from imprompt.adapter.checkpoint import save_adapter
     from imprompt.cli import main
     from imprompt.generation.pnginfo import parse_parameters, read_parameters
 
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(tmp_path / "sd")
-    encoder = tm.image_encoder()
-    encoder.save_pretrained(tmp_path / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), tmp_path / "models" / "ip.safetensors")
-    tm.reference_images(1)[0].save(tmp_path / "ref.png")
+    tm.cli_world(tmp_path, adapter="ip.safetensors")
     args = ["generate", "--model", str(tmp_path / "sd"), "--adapter", str(tmp_path / "models" / "ip.safetensors"),
-            "--image", str(tmp_path / "ref.png"), "--prompt", "a red star", "--steps", "4", "--seed", "7"]
+            "--image", str(tmp_path / "ref0.png"), "--prompt", "a red star", "--steps", "4", "--seed", "7"]
     assert main([*args, "--output", str(tmp_path / "out"), "--accelerate", "tgate:2"]) == 0
     png = next((tmp_path / "out").glob("*.png"))
     assert parse_parameters(read_parameters(png))["Acceleration"] == "tgate:2"

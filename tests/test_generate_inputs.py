@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import tiny_models as tm
-from imprompt.adapter.checkpoint import save_adapter
 from imprompt.adapter.layers import LayerScales
 from imprompt.cli import main
 from imprompt.encoding import CheckpointError, ImageEncoder, load_image
@@ -29,15 +28,7 @@ torch.set_flush_denormal(True)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(root / "sd")
-    encoder = tm.image_encoder()
-    encoder.save_pretrained(root / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
-    for i, image in enumerate(tm.reference_images(2)):
-        image.save(root / f"ref{i}.png")
-    return root
+    return tm.cli_world(tmp_path_factory.mktemp("world"), references=2)
 
 
 def _args(world, out, *extra, model=None, adapter=None):

@@ -20,7 +20,6 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
 
 import tiny_models as tm
-from imprompt.adapter.checkpoint import save_adapter
 from imprompt.cli import main
 from imprompt.generation.pnginfo import parse_parameters, read_parameters
 from imprompt.generation.prompts import BatchLayout, ImagePrompt, _image_tokens, prepare_image_prompt
@@ -178,20 +177,13 @@ def test_hidden_state_adapters_refuse_a_text_diff():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, towers):
-    root = tmp_path_factory.mktemp("world")
-    pipe = tm.sd15_pipeline()
-    pipe.save_pretrained(root / "sd")
-    encoder = tm.image_encoder()
-    encoder.save_pretrained(root / "models" / "image_encoder")
-    save_adapter(tm.random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / "ip-base.safetensors")
-    tm.reference_images(1)[0].save(root / "ref.png")
-    return root
+def world(tmp_path_factory):
+    return tm.cli_world(tmp_path_factory.mktemp("world"))
 
 
 def _generate(world, out, *extra):
     return main(["generate", "--model", str(world / "sd"), "--adapter", str(world / "models" / "ip-base.safetensors"),
-                 "--image", str(world / "ref.png"), "--prompt", "a red star", "--steps", "2", "--seed", "7",
+                 "--image", str(world / "ref0.png"), "--prompt", "a red star", "--steps", "2", "--seed", "7",
                  "--output", str(out), *extra])
 
 

@@ -154,6 +154,21 @@ def adapter_world(kind: str = "linear", seed: int = 0):
     return pipe, random_adapter(pipe.unet, kind, seed=seed, encoder=vision), ImageEncoder(vision)
 
 
+def cli_world(root, references: int = 1, adapter: str = "ip-base.safetensors"):
+    """What `imprompt generate` reads, in ``root``: a tiny SD1.5 pipeline ``sd/``, ``models/image_encoder`` and a
+    random linear adapter ``models/<adapter>`` beside it, and ``ref0.png``, ``ref1.png``, ..."""
+    from imprompt.adapter.checkpoint import save_adapter
+
+    pipe = sd15_pipeline()
+    pipe.save_pretrained(root / "sd")
+    encoder = image_encoder()
+    encoder.save_pretrained(root / "models" / "image_encoder")
+    save_adapter(random_adapter(pipe.unet, "linear", encoder=encoder), root / "models" / adapter)
+    for i, image in enumerate(reference_images(references)):
+        image.save(root / f"ref{i}.png")
+    return root
+
+
 def reference_images(n: int = 2, size: int = 48) -> list[Image.Image]:
     generator = torch.Generator().manual_seed(123)
     out = []
