@@ -75,3 +75,35 @@ def test_augmentation_settings_are_validated():
         augment.Augmentation(periods=(5.0, 3.0))
     with pytest.raises(ValueError, match="jpeg_p"):
         augment.Augmentation(jpeg_p=1.5)
+
+
+def test_finer_patches_see_what_the_coarse_tower_sees():
+    """robust_clip_patch 4: the 4-px tower starts where the 8-px one is. On a picture constant over each 8-px
+    patch, every 4-px patch embedding equals its 8-px patch's, and the position embeddings of the finer grid
+    interpolate the coarse ones; the text half is copied as it is."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from imprompt.toy.robust_clip import finer_patches
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    coarse = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    fine = finer_patches(coarse, 4).eval()
+    assert fine.config.vision_config.patch_size == 4
+    blocks = torch.randn(1, 3, 4, 4)
+    picture = blocks.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)  # constant over each 8-px patch
+    with torch.no_grad():
+        big = coarse.vision_model.embeddings.patch_embedding(picture)  # (1, width, 4, 4)
+        small = fine.vision_model.embeddings.patch_embedding(picture)  # (1, width, 8, 8)
+    assert torch.allclose(small, big.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3), atol=1e-5)
+    positions = fine.vision_model.embeddings.position_embedding.weight
+    assert positions.shape == (65, 16)
+    assert torch.equal(positions[0], coarse.vision_model.embeddings.position_embedding.weight[0])
+    assert torch.equal(fine.text_projection.weight, coarse.text_projection.weight)
+    with torch.no_grad():  # the finer tower runs on the same pixels and gives embeddings of the same width
+        assert fine.get_image_features(pixel_values=picture).pooler_output.shape == (1, 8)
+    with pytest.raises(ValueError, match="must divide the tower's own"):
+        finer_patches(coarse, 3)

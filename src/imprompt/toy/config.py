@@ -53,6 +53,8 @@ class BuildConfig:
     robust_clip_steps: int = _int(5000, "steps of the vision tower's distillation onto loosened pictures (robust_clip)")
     robust_clip_batch: int = _int(128, "robust_clip batch size (each item clean and loosened: twice the rows)")
     robust_clip_lr: float = field(default=7e-4, metadata=option("robust_clip learning rate (warm-up, then cosine)"))
+    robust_clip_patch: int = _int(8, "the robust tower's patch size in pixels, a divisor of the clip stage's 8 (4: an 8x8 "
+                                     "grid, about 4x the compute; docs/drawn-references.md)")
     vae_steps: int = _int(3000, "VAE training steps")
     vae_batch: int = _int(32, "VAE batch size")
     vae_lr: float = field(default=1e-3, metadata=option("VAE learning rate (warm-up, then cosine)"))

@@ -18,6 +18,7 @@ which the hidden-state variants read.
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -72,12 +73,49 @@ def robustness(model, tok, sets: dict[str, tuple[np.ndarray, list]]) -> dict:
     return {name: clip_zero_shot(model, tok, images, truth) for name, (images, truth) in sets.items()}
 
 
+def finer_patches(model, patch: int):
+    """A copy of CLIPModel ``model`` whose vision tower reads ``patch``-px patches, ``patch`` a divisor of its own.
+
+    Initialised to see what the old tower sees: each new patch kernel is the old kernel's response to the
+    patch enlarged to the old size (the sum of each f x f block of the old kernel, f = old / new), and the
+    position embeddings are the old grid's, bicubically interpolated to the finer grid (the class token's kept).
+    For an image that is constant over each old patch, the patch embeddings are exactly the old ones.
+    Everything after the embeddings is copied as it is.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    old = model.config.vision_config.patch_size
+    if patch == old:
+        return copy.deepcopy(model)
+    if patch < 1 or old % patch:
+        raise ValueError(f"the patch size must divide the tower's own ({old} px), got {patch}")
+    config = CLIPConfig(**{**model.config.to_dict(), "vision_config": {**model.config.vision_config.to_dict(),
+                                                                        "patch_size": patch}})
+    finer = CLIPModel(config)
+    state = model.state_dict()
+    kernel = state["vision_model.embeddings.patch_embedding.weight"]  # (width, 3, old, old)
+    f, width = old // patch, kernel.shape[0]
+    state["vision_model.embeddings.patch_embedding.weight"] = kernel.reshape(width, 3, patch, f, patch, f).sum((3, 5))
+    positions = state["vision_model.embeddings.position_embedding.weight"]  # (1 + g * g, width)
+    g = math.isqrt(positions.shape[0] - 1)
+    grid = positions[1:].reshape(g, g, width).permute(2, 0, 1)[None]
+    fine = F.interpolate(grid, size=(g * f, g * f), mode="bicubic", align_corners=False)[0]
+    state["vision_model.embeddings.position_embedding.weight"] = torch.cat(
+        [positions[:1], fine.permute(1, 2, 0).reshape(-1, width)])
+    finer.load_state_dict(state)
+    return finer
+
+
 def stage_robust_clip(cfg: BuildConfig) -> dict:
-    """Distil the clip stage's vision tower into one that also reads loosened pictures; text tower kept."""
+    """Distil the clip stage's vision tower into one that also reads loosened pictures; text tower kept.
+    With ``robust_clip_patch`` below the clip stage's patch size the student reads finer patches
+    (:func:`finer_patches`); its hidden states then have more tokens than the teacher's, so only the
+    projected embedding is distilled."""
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(cfg.work / "clip" / "model")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = CLIPModel.from_pretrained(cfg.work / "clip" / "model").eval().requires_grad_(False)
+    model = finer_patches(teacher, cfg.robust_clip_patch).requires_grad_(True)
+    same_tokens = cfg.robust_clip_patch == teacher.config.vision_config.patch_size
     model.text_model.requires_grad_(False)
     model.text_projection.requires_grad_(False)
     model.logit_scale.requires_grad_(False)
@@ -96,8 +134,9 @@ def stage_robust_clip(cfg: BuildConfig) -> dict:
         embeds, hidden = _embed(model, torch.cat([clean[idx], loosened[idx]]))
         # The hidden states are kept for clean pictures only: token by token, a shifted picture's states
         # cannot be its clean twin's (the shape sits in other patches), and asking for them costs capacity.
-        loss = (F.mse_loss(embeds, target_embeds[idx].repeat(2, 1)) / embed_scale
-                + F.mse_loss(hidden[:len(idx)], target_hidden[idx]) / hidden_scale)
+        loss = F.mse_loss(embeds, target_embeds[idx].repeat(2, 1)) / embed_scale
+        if same_tokens:
+            loss = loss + F.mse_loss(hidden[:len(idx)], target_hidden[idx]) / hidden_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
