@@ -70,7 +70,8 @@ class ModelLoader:
 
 def load_models(request: GenerateRequest, options: Sequence[AdapterOptions], catalog: Catalog | None,
                 loader: ModelLoader | None = None) -> LoadedModels:
-    """The adapters, their image encoders (checked against each other), then the pipeline."""
+    """The adapters, their image encoders (checked against each other), then the pipeline; with text diffs, their
+    directions (embedded now: the CLI's text tower is let go before the denoising loop, the server's cached)."""
     loader = loader or ModelLoader()
     device = pick_device(request.device)
     dtype = pick_dtype(request.dtype, device)
