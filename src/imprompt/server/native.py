@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..generation.controls import ControlOptions, request_values
 from ..generation.request import GenerateRequest
 from ..generation.schedulers import SCHEDULERS
+from ..generation.text_diff import DEFAULT_STRENGTH
 from ..training.tune import INITS, TuneConfig, TuneOptions
 from .form import MAX_TUNE_STEPS
 
@@ -43,7 +44,7 @@ class ImagePromptSpec(BaseModel):
     text_diff: str | None = Field(None, description="edit the image prompt with two texts, 'FROM -> TO' (DALL-E 2's "
                                                     "text diff; base adapters)")
     text_diff_strength: float | None = Field(None, ge=0.0, le=1.0, description="how far towards the text diff "
-                                             "(default 0.25)")
+                                             f"(default {DEFAULT_STRENGTH})")
 
 
 class ReferenceSpec(BaseModel):

@@ -22,6 +22,7 @@ training step on 2 cores.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,6 +128,18 @@ def scheduler() -> DPMSolverMultistepScheduler:
 
 
 # ------------------------------------------------------------------ what the models take as input
+
+def vision_tower(clip: CLIPModel):
+    """The vision half of a CLIPModel as the ``CLIPVisionModelWithProjection`` the adapters' image encoder is."""
+    from transformers import CLIPVisionModelWithProjection
+
+    config = copy.deepcopy(clip.config.vision_config)
+    config.projection_dim = clip.config.projection_dim  # the projection's width is the whole model's
+    vision = CLIPVisionModelWithProjection(config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return vision.eval()
+
 
 def clip_pixels(images: np.ndarray) -> torch.Tensor:
     """(N, 32, 32, 3) uint8 images -> the CLIP vision tower's input (what :func:`image_processor` gives)."""

@@ -256,7 +256,7 @@ def stage_unet(cfg: BuildConfig) -> dict:
 def stage_pipeline(cfg: BuildConfig) -> dict:
     """A diffusers StableDiffusionPipeline folder, and robust_clip's vision tower as its image encoder."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPVisionModelWithProjection
+    from transformers import CLIPModel
 
     started = time.perf_counter()
     pipe = StableDiffusionPipeline(
@@ -264,10 +264,7 @@ def stage_pipeline(cfg: BuildConfig) -> dict:
         tokenizer=workdir.load_tokenizer(cfg.work), unet=UNet2DConditionModel.from_pretrained(cfg.work / "unet" / "model"),
         scheduler=models.scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False)
-    clip = CLIPModel.from_pretrained(cfg.work / "robust_clip" / "model")
-    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
-    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
-    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    vision = models.vision_tower(CLIPModel.from_pretrained(cfg.work / "robust_clip" / "model"))
     # The stage's folder is the pipeline itself: it replaces the folder whole (done.json is written after).
     with atomic_dir(cfg.work / "pipeline") as staging:
         pipe.save_pretrained(staging)

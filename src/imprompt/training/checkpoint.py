@@ -57,15 +57,22 @@ def check_resume(checkpoint: Path, state: dict, config: TrainConfig, variant: Ad
     saved = state.get("settings")
     if saved is None:
         return  # written before settings were saved: the state dict load says whether it fits
-    current = adapter_settings(config, variant)
-    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    differ = _differences(saved, adapter_settings(config, variant))
     if differ:
-        fields = sorted({_SETTING_FIELDS.get(k, k) for k in differ})
-        then = ", ".join(f"{k}={saved[k]}" for k in differ)
-        now = ", ".join(f"{k}={current[k]}" for k in differ)
+        then, now, fields = differ
         raise ValueError(f"checkpoint {checkpoint} was trained with {then}; this run has {now} (set by "
-                         f"{', '.join(fields)}): resume with the checkpoint's settings, or train afresh in a new "
+                         f"{fields}): resume with the checkpoint's settings, or train afresh in a new "
                          "--output-dir (or without --resume)")
+
+
+def _differences(then: dict, now: dict) -> tuple[str, str, str] | None:
+    """The settings in which ``then`` and ``now`` differ, as 'k=v, ...' on each side and the config fields that
+    set them; None where they agree (settings only one side has are not compared)."""
+    differ = [k for k in now if k in then and then[k] != now[k]]
+    if not differ:
+        return None
+    return (", ".join(f"{k}={then[k]}" for k in differ), ", ".join(f"{k}={now[k]}" for k in differ),
+            ", ".join(sorted({_SETTING_FIELDS.get(k, k) for k in differ})))
 
 
 def initial_adapter(config: TrainConfig, variant: AdapterVariant) -> IPAdapter | None:
@@ -78,13 +85,10 @@ def initial_adapter(config: TrainConfig, variant: AdapterVariant) -> IPAdapter |
 
     loaded = load_adapter(config.init_adapter)
     if loaded.variant != variant:
-        mine, theirs = dataclasses.asdict(variant), dataclasses.asdict(loaded.variant)
-        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        then, now, fields = _differences(dataclasses.asdict(loaded.variant), dataclasses.asdict(variant))
         raise ValueError(f"--init-adapter {config.init_adapter} is a {loaded.variant.display_name} adapter with "
-                         + ", ".join(f"{k}={theirs.get(k)}" for k in differ) + "; this run builds "
-                         + ", ".join(f"{k}={mine[k]}" for k in differ) + " (set by "
-                         + ", ".join(sorted({_SETTING_FIELDS.get(k, k) for k in differ}))
-                         + "): give the adapter made for this model and image encoder, or matching settings")
+                         f"{then}; this run builds {now} (set by {fields}): give the adapter made for this model "
+                         "and image encoder, or matching settings")
     return loaded
 
 

@@ -290,7 +290,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
         if resume is not None:
             check_resume(resume, state, config, variant)
-        initial = initial_adapter(config, variant)
+        initial = initial_adapter(config, variant) if resume is None else None  # resumed: its own weights
     else:
         frozen = load_frozen(config, accelerator.device)
         denoiser = denoiser_of(frozen)
@@ -299,7 +299,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
         variant = build_variant(config, denoiser.unet.config.cross_attention_dim, width)
         if resume is not None:
             check_resume(resume, state, config, variant)  # before hours of caching, not after
-        initial = initial_adapter(config, variant)
+        initial = initial_adapter(config, variant) if resume is None else None  # resumed: its own weights
         features = prepare_features(config, frozen, accelerator, log_fn, data, source)
         if not wants_samples(config):
             denoiser, frozen = release(frozen), None  # only the UNet trains on from here
@@ -308,7 +308,7 @@ def set_up(config: TrainConfig, log_fn: Callable[[str], None]) -> Run:
     with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         adapter = IPAdapter(variant, {}) if config.variant == "shared" else adapter_for_unet(unet, variant)
-    if initial is not None and resume is None:  # a resumed run continues its own weights
+    if initial is not None:
         adapter.load_state_dict(initial.state_dict())
         log_fn(f"starting from the adapter {config.init_adapter}")
     if accelerator.is_main_process:
